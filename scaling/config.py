@@ -1,0 +1,407 @@
+"""Typed config schemas, registered in Hydra's ConfigStore, and the checks Hydra cannot do.
+
+Hydra rejects unknown keys and wrong types when the config is composed, because
+`conf/config.yaml` extends the `trial_schema` node registered here. `validate()` then checks
+the values (signs, ranges, names, cross-field rules) before anything is imported or
+trained, so a bad value costs a second, not a Ray start-up.
+
+This module imports neither torch, ray nor mlflow: `scaling-study batch_size=-1` must fail fast.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING  # noqa: F401  (re-exported for presets)
+
+RULE_EXPONENTS = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+DATASETS = ("mnist1d", "digits", "synthetic", "mnist", "fashion_mnist", "cifar10")
+MODELS = ("mlp", "cnn", "resnet")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
+INITS = ("default", "xavier", "he")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
+SCHEDULES = ("constant", "step", "exponential", "cosine", "onecycle", "cyclic")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
+MODES = ("min", "max")
+WARMUP_STARTS = ("ref", "zero")
+# Every metric the trial loop reports; a target on anything else could never be met.
+REPORTED_METRICS = (
+    "train/loss", "val/loss", "val/acc", "lr", "samples", "step", "epoch",
+    "time/elapsed_s", "time/samples_per_s", "mem/peak_mb", "gns/b_simple",
+)
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix; its message is one line naming the key and the value."""
+
+    def __init__(self, key: str, value: Any, problem: str):
+        self.key, self.value, self.problem = key, value, problem
+        super().__init__(f"{key}={value!r}: {problem}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist1d"
+    """Dataset: mnist1d | digits | synthetic (generated offline) or mnist | fashion_mnist | cifar10 (read from root)."""
+    n_samples: int = 24000
+    """Samples to generate, for mnist1d and synthetic (train + validation)."""
+    val_fraction: float = 0.2
+    """Fraction held out for validation, split with `seed`."""
+    seed: int = 0
+    """Seed of the data itself and of the split; kept apart from the trial seed so all trials see the same data."""
+    root: str = "data"
+    """Folder holding torchvision-format datasets (mnist, fashion_mnist, cifar10)."""
+    download: bool = False
+    """Let torchvision download into root (needs internet and torchvision)."""
+    cache_dir: str = "${oc.env:SCALING_CACHE,'~/.cache/scaling'}"
+    """Where generated datasets are cached, keyed by their arguments."""
+    n_features: int = 40
+    """Input dimension of the synthetic task."""
+    n_classes: int = 10
+    """Classes of the synthetic task."""
+    noise: float = 0.5
+    """Label noise scale of the synthetic teacher (logit noise std)."""
+    max_train_samples: Optional[int] = None
+    """Truncate the training split (smoke runs of large datasets)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    """Architecture: mlp | cnn | resnet."""
+    width: int = 256
+    """Hidden units (mlp) or base channels (cnn, resnet)."""
+    depth: int = 2
+    """Hidden layers (mlp), conv layers (cnn) or residual blocks per stage (resnet)."""
+    activation: str = "relu"
+    """relu | tanh | sigmoid | gelu."""
+    init: str = "default"
+    """Weight init: default (torch's) | xavier | he."""
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    """sgd | adam | adamw | adagrad | rmsprop, all from torch.optim."""
+    momentum: float = 0.9
+    """SGD and RMSprop momentum."""
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    alpha: float = 0.99
+    """RMSprop smoothing constant."""
+    grad_clip: Optional[float] = None
+    """Clip the global gradient norm to this value (null: off)."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"
+    """constant | step | exponential | cosine | onecycle | cyclic; runs after the warmup."""
+    step_epochs: float = 1.0
+    """step: decay every this many epochs."""
+    gamma: float = 0.5
+    """step: factor per decay; exponential: factor per epoch."""
+    min_lr_fraction: float = 0.0
+    """cosine: final LR as a fraction of the peak."""
+    pct_start: float = 0.3
+    """onecycle: fraction of the schedule spent rising."""
+    div_factor: float = 25.0
+    """onecycle: initial LR = max_lr / div_factor."""
+    final_div_factor: float = 1e4
+    """onecycle: final LR = initial LR / final_div_factor."""
+    base_lr_fraction: float = 0.25
+    """cyclic: base_lr = max_lr x this (Smith: 1/4 to 1/3)."""
+    cycle_epochs: float = 2.0
+    """cyclic: length of one full cycle (up and down), in epochs."""
+    from_lr_find: bool = False
+    """onecycle/cyclic: take max_lr from an LR range test instead of the effective LR."""
+
+
+@dataclass
+class ScalingConfig:
+    rule: str = "linear"
+    """How the LR follows the batch size: none | linear | sqrt."""
+    ref_batch_size: int = 128
+    """Batch size at which ref_lr holds."""
+    ref_lr: Any = 0.05
+    """LR at ref_batch_size (a float, or 'auto': run the LR range test first)."""
+
+
+@dataclass
+class WarmupConfig:
+    epochs: float = 0.0
+    """Linear warmup length in epochs (0: none)."""
+    start: str = "ref"
+    """Warmup starts from ref: ref_lr x lr_multiplier (Goyal et al.) | zero."""
+
+
+@dataclass
+class TargetConfig:
+    metric: str = "val/acc"
+    """Metric whose first crossing of `value` defines the cost to target."""
+    value: float = 0.9
+    mode: str = "max"
+    """max: reached when metric >= value; min: when metric <= value."""
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: Optional[int] = None
+    """Evaluations without improvement of val/loss before stopping (null: off)."""
+    min_delta: float = 0.0
+
+
+@dataclass
+class DivergenceConfig:
+    factor: float = 5.0
+    """A training loss above factor x the initial loss, or a non-finite one, is divergence."""
+
+
+@dataclass
+class GnsConfig:
+    enabled: bool = False
+    """Estimate the gradient noise scale B_simple online (needs micro-batches)."""
+    ema: float = 0.95
+    """Smoothing of the |G|^2 and tr(Sigma) estimates."""
+
+
+@dataclass
+class MemoryConfig:
+    limit_mb: Optional[float] = None
+    """Per-trial memory ceiling; beyond it the trial ends as `oom` (CUDA: allocator fraction)."""
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    """Where runs go; relative sqlite paths resolve against the launch directory."""
+    experiment: str = "scaling"
+    enabled: bool = True
+
+
+@dataclass
+class TrialConfig:
+    """The public contract of a trial: every top-level key here is a study axis."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    gns: GnsConfig = field(default_factory=GnsConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    batch_size: int = 128
+    micro_batch_size: Optional[int] = None
+    """Gradient accumulation when smaller than batch_size (null: one micro-batch)."""
+    lr_multiplier: float = 1.0
+    """Multiplies the rule's LR; the study's LR axis."""
+    lr: Optional[float] = None
+    """null: derived from the scaling rule; a number bypasses the rule."""
+    epochs: float = 4.0
+    """Training budget in epochs (fractions allowed)."""
+    eval_every: float = 0.5
+    """Evaluate (and report) every this many epochs."""
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    name: str = "trial"
+    """Free-form label; used in run names, never in paths."""
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can extend it (`defaults: [trial_schema]`)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="trial_schema", node=TrialConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _positive(key: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
+    bad_type = not isinstance(value, (int, float)) or isinstance(value, bool)
+    if not bad_type and integer and not float(value).is_integer():
+        bad_type = True
+    if bad_type or math.isnan(value) or math.isinf(value):
+        raise ConfigError(key, value, "must be a finite " + ("integer" if integer else "number"))
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, value, "must be " + ("non-negative" if allow_zero else "positive"))
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, value, f"unknown; choose one of {', '.join(choices)}")
+
+
+def _fraction(key: str, value: float, *, open_low: bool = False) -> None:
+    _positive(key, value, allow_zero=not open_low)
+    if value >= 1:
+        raise ConfigError(key, value, "must be below 1")
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError for the first value a user got wrong; pure, imports nothing heavy."""
+    _positive("batch_size", cfg.batch_size, integer=True)
+    if cfg.micro_batch_size is not None:
+        _positive("micro_batch_size", cfg.micro_batch_size, integer=True)
+        if cfg.batch_size % cfg.micro_batch_size:
+            raise ConfigError("micro_batch_size", cfg.micro_batch_size,
+                              f"must divide batch_size={cfg.batch_size}")
+    _positive("lr_multiplier", cfg.lr_multiplier)
+    if cfg.lr is not None:
+        _positive("lr", cfg.lr)
+    _positive("epochs", cfg.epochs)
+    _positive("eval_every", cfg.eval_every)
+    if cfg.eval_every > cfg.epochs:
+        raise ConfigError("eval_every", cfg.eval_every, f"must not exceed epochs={cfg.epochs}")
+    _positive("seed", cfg.seed, integer=True, allow_zero=True)
+    _choice("device", cfg.device, DEVICES)
+    _choice("precision", cfg.precision, PRECISIONS)
+
+    s = cfg.scaling
+    _choice("scaling.rule", s.rule, tuple(RULE_EXPONENTS))
+    _positive("scaling.ref_batch_size", s.ref_batch_size, integer=True)
+    if s.ref_lr != "auto":
+        if isinstance(s.ref_lr, str):
+            try:
+                float(s.ref_lr)
+            except ValueError:
+                raise ConfigError("scaling.ref_lr", s.ref_lr, "must be a positive number or 'auto'") from None
+            raise ConfigError("scaling.ref_lr", s.ref_lr, "must be a number, not a quoted string")
+        _positive("scaling.ref_lr", s.ref_lr)
+
+    _positive("warmup.epochs", cfg.warmup.epochs, allow_zero=True)
+    _choice("warmup.start", cfg.warmup.start, WARMUP_STARTS)
+    if cfg.warmup.epochs >= cfg.epochs:
+        raise ConfigError("warmup.epochs", cfg.warmup.epochs, f"must be shorter than epochs={cfg.epochs}")
+
+    _choice("target.metric", cfg.target.metric, REPORTED_METRICS)
+    _choice("target.mode", cfg.target.mode, MODES)
+    if not isinstance(cfg.target.value, (int, float)) or math.isnan(cfg.target.value):
+        raise ConfigError("target.value", cfg.target.value, "must be a number")
+    if cfg.target.metric == "gns/b_simple" or (cfg.target.metric.startswith("gns/") and not cfg.gns.enabled):
+        raise ConfigError("target.metric", cfg.target.metric, "is not a convergence metric")
+    if cfg.early_stopping.patience is not None:
+        _positive("early_stopping.patience", cfg.early_stopping.patience, integer=True)
+    _positive("early_stopping.min_delta", cfg.early_stopping.min_delta, allow_zero=True)
+    _positive("divergence.factor", cfg.divergence.factor)
+    if cfg.divergence.factor <= 1:
+        raise ConfigError("divergence.factor", cfg.divergence.factor, "must be above 1")
+    if cfg.gns.enabled:
+        _fraction("gns.ema", cfg.gns.ema)
+        mb = cfg.micro_batch_size or cfg.batch_size
+        if cfg.batch_size // mb < 2:
+            raise ConfigError("gns.enabled", True,
+                              "needs at least 2 micro-batches per step: set micro_batch_size below batch_size")
+    if cfg.memory.limit_mb is not None:
+        _positive("memory.limit_mb", cfg.memory.limit_mb)
+
+    _validate_data(cfg.data, cfg.batch_size)
+    _validate_model(cfg.model)
+    _validate_optimizer(cfg.optimizer)
+    _validate_schedule(cfg.schedule)
+
+    _choice("mlflow.tracking_uri", cfg.mlflow.tracking_uri.split(":", 1)[0] if ":" in cfg.mlflow.tracking_uri else "file",
+            ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks"))
+    if not cfg.mlflow.experiment.strip():
+        raise ConfigError("mlflow.experiment", cfg.mlflow.experiment, "must not be empty")
+
+
+def _validate_data(d: Any, batch_size: int) -> None:
+    _choice("data.name", d.name, DATASETS)
+    _fraction("data.val_fraction", d.val_fraction, open_low=True)
+    _positive("data.seed", d.seed, integer=True, allow_zero=True)
+    if d.name in ("mnist1d", "synthetic"):
+        _positive("data.n_samples", d.n_samples, integer=True)
+        n_train = d.n_samples - int(round(d.n_samples * d.val_fraction))
+        if d.max_train_samples is not None:
+            n_train = min(n_train, d.max_train_samples)
+        if batch_size > n_train:
+            raise ConfigError("batch_size", batch_size, f"is larger than the training set ({n_train} samples)")
+    if d.name == "synthetic":
+        _positive("data.n_features", d.n_features, integer=True)
+        _positive("data.n_classes", d.n_classes, integer=True)
+        if d.n_classes < 2:
+            raise ConfigError("data.n_classes", d.n_classes, "must be at least 2")
+        _positive("data.noise", d.noise, allow_zero=True)
+    if d.max_train_samples is not None:
+        _positive("data.max_train_samples", d.max_train_samples, integer=True)
+
+
+def _validate_model(m: Any) -> None:
+    _choice("model.name", m.name, MODELS)
+    _positive("model.width", m.width, integer=True)
+    _positive("model.depth", m.depth, integer=True, allow_zero=m.name == "mlp")
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    _choice("model.init", m.init, INITS)
+
+
+def _validate_optimizer(o: Any) -> None:
+    _choice("optimizer.name", o.name, OPTIMIZERS)
+    _positive("optimizer.momentum", o.momentum, allow_zero=True)
+    if o.momentum >= 1:
+        raise ConfigError("optimizer.momentum", o.momentum, "must be below 1")
+    if o.nesterov and (o.name != "sgd" or o.momentum == 0):
+        raise ConfigError("optimizer.nesterov", o.nesterov, "needs optimizer=sgd with momentum > 0")
+    _positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
+    _fraction("optimizer.beta1", o.beta1)
+    _fraction("optimizer.beta2", o.beta2)
+    _positive("optimizer.eps", o.eps)
+    _fraction("optimizer.alpha", o.alpha)
+    if o.grad_clip is not None:
+        _positive("optimizer.grad_clip", o.grad_clip)
+
+
+def _validate_schedule(s: Any) -> None:
+    _choice("schedule.name", s.name, SCHEDULES)
+    _positive("schedule.step_epochs", s.step_epochs)
+    _positive("schedule.gamma", s.gamma)
+    if s.gamma > 1:
+        raise ConfigError("schedule.gamma", s.gamma, "must be at most 1 (a decay)")
+    _positive("schedule.min_lr_fraction", s.min_lr_fraction, allow_zero=True)
+    if s.min_lr_fraction > 1:
+        raise ConfigError("schedule.min_lr_fraction", s.min_lr_fraction, "must be at most 1")
+    _fraction("schedule.pct_start", s.pct_start, open_low=True)
+    _positive("schedule.div_factor", s.div_factor)
+    _positive("schedule.final_div_factor", s.final_div_factor)
+    _fraction("schedule.base_lr_fraction", s.base_lr_fraction, open_low=True)
+    _positive("schedule.cycle_epochs", s.cycle_epochs)
+
+
+# --------------------------------------------------------------------------- derived values
+
+
+def lr_exponent(rule: str) -> float:
+    """Return alpha of the rule: lr grows as (batch_size / ref_batch_size) ** alpha."""
+    return RULE_EXPONENTS[rule]
+
+
+def effective_lr(cfg: Any, ref_lr: Optional[float] = None) -> float:
+    """Return the LR a trial trains with: `lr` if set, else ref_lr x multiplier x (B / B_ref) ** alpha."""
+    if cfg.lr is not None:
+        return float(cfg.lr)
+    s = cfg.scaling
+    base = float(ref_lr if ref_lr is not None else s.ref_lr)
+    return base * cfg.lr_multiplier * (cfg.batch_size / s.ref_batch_size) ** lr_exponent(s.rule)
+
+
+def warmup_start_lr(cfg: Any, ref_lr: Optional[float] = None) -> float:
+    """Return the LR the warmup starts from: ref_lr x multiplier (Goyal et al.), or 0."""
+    if cfg.warmup.start == "zero":
+        return 0.0
+    if cfg.lr is not None and cfg.scaling.ref_lr == "auto" and ref_lr is None:
+        return float(cfg.lr)
+    base = float(ref_lr if ref_lr is not None else cfg.scaling.ref_lr)
+    return base * cfg.lr_multiplier
