@@ -1,0 +1,229 @@
+"""Batch-size-stratified ASHA: successive halving whose promotions are decided within a stratum.
+
+In a batch-size x LR study, plain ASHA ranks every trial at a rung against every other one.
+Large batches are worse early per sample seen, so plain ASHA prunes a whole batch size before
+its best LR had the budget to win. Here each stratum (by default: every swept axis except the
+LR multiplier, `lr` and `seed`) keeps its own rungs, so an LR competes only with LRs of the
+same batch size (and rule, warmup, ...).
+
+Reused from Ray Tune's `async_hyperband._Bracket` (one per stratum): `on_result`, i.e. a trial
+is judged once per rung, at its first report whose time >= the rung (so evaluations every 0.5
+epoch and a rung at 1.33 work), and stopped when its value is below the rung's
+(1 - 1/rf) percentile of the values recorded there before it. Changed, and why:
+- rungs are computed here as grace_period * rf**k < max_t with a tolerance: Ray's
+  `int(log(max_t/min_t)/log(rf)) + 1` can lose a rung to rounding (log(9)/log(3) < 2 happens)
+  and adds a useless rung at max_t itself, where the trial is stopped anyway;
+- NaN/inf values and trial_status diverged/oom/error stop the trial at once and are recorded
+  as -inf (the worst value), never skipped: Ray lets a NaN trial continue;
+- `cutoff` survives -inf: linear interpolation next to -inf gives NaN or -inf, and then the
+  nearest recorded value above is the cutoff (so a diverged trial never becomes it);
+- `on_trial_complete` records nothing: every result already went through `on_trial_result`,
+  and Ray's re-recording could file a later, better value under an earlier rung.
+
+Why a stratum is never pruned whole: a trial is stopped by this scheduler only when it is
+judged at a rung (which records its value), when it diverges, or at max_t. Take a stratum and
+the highest rung k at which any of its trials was judged, and let t* be the trial with the
+largest value recorded at k (the first of equals). When t* was judged, every value recorded
+at k before it was <= its own, and the cutoff, a percentile of those values (linear, or the
+nearest recorded value above), is <= their maximum, so t* got CONTINUE. No trial of the
+stratum is ever judged above k, so nothing stops t* before max_t unless it diverges. If no
+trial was ever judged, none was pruned. Hence each stratum runs at least one trial to max_t.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import pickle
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+from ray.tune.experiment import Trial
+from ray.tune.result import DEFAULT_METRIC
+from ray.tune.schedulers.async_hyperband import _Bracket
+from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
+
+BAD_STATUSES = ("diverged", "oom", "error")
+# Axes that are the LR under study or a replicate, never a stratum; matched on the last part.
+NON_STRATUM_KEYS = frozenset({"lr_multiplier", "lr", "seed"})
+Stratum = tuple  # ((key, value), ...) in group_by order; () when unstratified
+
+
+def get_dotted(config: Dict[str, Any], key: str, default: Any = None) -> Any:
+    """Return config["a"]["b"] for key "a.b" (or config["a.b"] if present flat), else default."""
+    if key in config:
+        return config[key]
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def rung_levels(grace_period: float, max_t: float, reduction_factor: float) -> list[float]:
+    """Return the rungs grace_period * rf**k that lie strictly below max_t, ascending."""
+    rungs, k = [], 0
+    while grace_period * reduction_factor**k < max_t * (1 - 1e-9):
+        rungs.append(grace_period * reduction_factor**k)
+        k += 1
+    return rungs
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One judgement: at a rung (reason "rung") or on a non-finite/failed result ("diverged")."""
+
+    trial_id: str
+    stratum: Stratum
+    rung: Optional[float]  # None: the trial diverged before its first rung
+    time: Optional[float]  # the time_attr of the report judged (>= rung)
+    value: float  # the metric as reported (NaN/inf kept as is)
+    action: str  # "continue" | "stop"
+    reason: str = "rung"
+
+
+class _StratumBracket(_Bracket):
+    """Ray's bracket with explicit float rungs and a cutoff that tolerates -inf."""
+
+    def __init__(self, rungs: Sequence[float], reduction_factor: float):
+        self.rf = reduction_factor
+        self._rungs = [(float(r), {}) for r in sorted(rungs, reverse=True)]  # Ray keeps them descending
+        self._stop_last_trials = True
+
+    def cutoff(self, recorded: Dict[str, float]) -> Optional[float]:
+        """Return the value a trial must reach to continue, or None when nothing is recorded."""
+        if not recorded:
+            return None
+        values, q = list(recorded.values()), (1 - 1 / self.rf) * 100
+        with np.errstate(invalid="ignore"):
+            cut = float(np.percentile(values, q))
+        # Interpolating towards -inf gives -inf or NaN; take the recorded value above instead.
+        return cut if math.isfinite(cut) else float(np.percentile(values, q, method="higher"))
+
+
+class StratifiedASHA(FIFOScheduler):
+    """Asynchronous successive halving with one set of rungs per stratum of the grid."""
+
+    def __init__(
+        self,
+        metric: Optional[str] = None,
+        mode: Optional[str] = None,
+        time_attr: str = "epoch",
+        max_t: float = 10.0,
+        grace_period: float = 1.0,
+        reduction_factor: float = 3,
+        group_by: Optional[list[str]] = None,
+        axes: Optional[list[str]] = None,
+        stratified: bool = True,
+    ):
+        if not 0 < grace_period <= max_t:
+            raise ValueError(f"need 0 < grace_period ({grace_period}) <= max_t ({max_t})")
+        if reduction_factor <= 1:
+            raise ValueError(f"reduction_factor must be > 1, got {reduction_factor}")
+        if mode is not None and mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        super().__init__()
+        self._metric, self._mode, self._time_attr = metric, mode, time_attr
+        self._max_t, self._rf = float(max_t), float(reduction_factor)
+        self.rungs = rung_levels(grace_period, max_t, reduction_factor)
+        if not stratified:
+            self.group_by: list[str] = []
+        elif group_by is not None:
+            self.group_by = list(group_by)
+        elif axes is not None:
+            self.group_by = [a for a in axes if a.split(".")[-1] not in NON_STRATUM_KEYS]
+        else:  # no grid given: batch size is the one axis that must never be pruned whole
+            self.group_by = ["batch_size"]
+        self._brackets: dict[Stratum, _StratumBracket] = {}
+        self._strata: dict[str, Stratum] = {}  # trial_id -> stratum
+        self.decisions: list[Decision] = []
+        self.pruned_trial_ids: set[str] = set()  # stopped at a rung: label "pruned"
+        self.diverged_trial_ids: set[str] = set()  # stopped on NaN/inf/bad trial_status
+
+    @property
+    def _metric_op(self) -> Optional[float]:
+        return {"max": 1.0, "min": -1.0}.get(self._mode or "")
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
+        """Return False if metric/mode were already set here (Tune then reports the conflict)."""
+        if (self._metric and metric) or (self._mode and mode):
+            return False
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        if self._metric is None and self._mode:
+            self._metric = DEFAULT_METRIC
+        return True
+
+    def stratum_of(self, config: Dict[str, Any]) -> Stratum:
+        """Return the stratum key of a trial config: ((key, value), ...) over group_by."""
+        def hashable(v: Any) -> Any:
+            return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
+        return tuple((k, hashable(get_dotted(config, k))) for k in self.group_by)
+
+    def _bracket_of(self, trial: Trial) -> tuple[Stratum, _StratumBracket]:
+        if trial.trial_id not in self._strata:  # e.g. a trial restored without on_trial_add
+            self._strata[trial.trial_id] = self.stratum_of(trial.config)
+        stratum = self._strata[trial.trial_id]
+        if stratum not in self._brackets:
+            self._brackets[stratum] = _StratumBracket(self.rungs, self._rf)
+        return stratum, self._brackets[stratum]
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        if not self._metric or not self._metric_op:
+            raise ValueError(
+                f"{type(self).__name__} needs a `metric` ({self._metric}) and a `mode` "
+                f"({self._mode}): pass them here or to tune.TuneConfig()")
+        self._bracket_of(trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: Dict) -> str:
+        """Return STOP or CONTINUE for one reported result, logging rung judgements."""
+        t, raw = result.get(self._time_attr), result.get(self._metric)
+        raw = float(raw) if isinstance(raw, numbers.Real) else None
+        bad = result.get("trial_status") in BAD_STATUSES or (raw is not None and not math.isfinite(raw))
+        stratum, bracket = self._bracket_of(trial)
+        if not bad and (t is None or raw is None):
+            return TrialScheduler.CONTINUE  # nothing to judge (as Ray does)
+        if not bad and t >= self._max_t:
+            return TrialScheduler.STOP  # full budget spent: done, not pruned
+        before = {m for m, rec in bracket._rungs if trial.trial_id in rec}
+        # A bad result goes through the bracket as -inf so that it counts as the worst value
+        # at the rung it crossed (if any), and the trial stops whatever the bracket says.
+        action = bracket.on_result(trial, t, -math.inf if bad else self._metric_op * raw) \
+            if t is not None else TrialScheduler.STOP
+        judged = [m for m, rec in bracket._rungs if trial.trial_id in rec and m not in before]
+        rung = judged[0] if judged else None
+        value = math.nan if raw is None else raw
+        if bad:
+            self.diverged_trial_ids.add(trial.trial_id)
+            self.decisions.append(Decision(trial.trial_id, stratum, rung, t, value, "stop", "diverged"))
+            return TrialScheduler.STOP
+        if rung is not None:
+            if action == TrialScheduler.STOP:
+                self.pruned_trial_ids.add(trial.trial_id)
+            self.decisions.append(Decision(trial.trial_id, stratum, rung, t, value,
+                                           "stop" if action == TrialScheduler.STOP else "continue"))
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: Dict) -> None:
+        pass  # the final result was already judged by on_trial_result
+
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
+        pass  # keep the stratum: decisions and rung records outlive the trial
+
+    def debug_string(self) -> str:
+        """Return one line per stratum with the current cutoff at each rung."""
+        lines = [f"Using StratifiedASHA ({'by ' + ','.join(self.group_by) if self.group_by else 'unstratified'}):"
+                 f" rungs={[round(r, 4) for r in self.rungs]} pruned={len(self.pruned_trial_ids)}"
+                 f" diverged={len(self.diverged_trial_ids)}"]
+        for stratum, b in self._brackets.items():
+            cuts = " | ".join(f"{m:.3g}: n={len(rec)} cut={b.cutoff(rec)}" for m, rec in reversed(b._rungs))
+            lines.append(f"  {dict(stratum)}: {cuts}")
+        return "\n".join(lines)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))

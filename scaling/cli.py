@@ -1,0 +1,170 @@
+"""Console entry points: scaling-train, scaling-study (and, via their modules, report and lr-find).
+
+Each entry point checks the command line *before* Hydra starts: it composes the config,
+validates it and probes the tracking store, so a typo ends in one line naming the key and
+the value (exit 2), with no output folder, no MLflow run and no Ray process left behind.
+HYDRA_FULL_ERROR=1 shows the full traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from scaling.config import ConfigError, register_configs, validate
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "-sc", "--shell-completion",
+              "-p", "--package", "--resolve"}
+MULTIRUN_FLAGS = {"-m", "--multirun"}
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one error line and exit; with HYDRA_FULL_ERROR=1 re-raise for the traceback."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" and sys.exc_info()[0] is not None:
+        raise
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def one_line(exc: BaseException) -> str:
+    """Return a one-line description of a Hydra/OmegaConf composition error."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    head = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MissingConfigException) and exc.options:
+        group = exc.config_name.split("/")[0] if exc.config_name else ""
+        return f"{head.split(': ', 1)[-1]} (options for {group}: {', '.join(sorted(exc.options))})"
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0]
+        key = getattr(cause, "full_key", None)
+        return f"{head.rstrip('.')}: {first}" + (f" (key: {key})" if key and key not in first else "")
+    return head
+
+
+def compose(overrides: Sequence[str], config_name: str = "config") -> Any:
+    """Return the composed config for `overrides`, as Hydra would build it for a single run."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
+def preflight(argv: Sequence[str]) -> None:
+    """Exit with one line if a single-run command line does not compose, validate and reach MLflow."""
+    if any(a.split("=")[0] in INFO_FLAGS for a in argv) or any(a in MULTIRUN_FLAGS for a in argv):
+        return  # help output needs no check; a multirun's grid is checked by the sweeper
+    from scaling.tracking import check_tracking_uri
+
+    try:
+        cfg = compose([a for a in argv if not a.startswith("-")])
+        validate(cfg)
+        if cfg.mlflow.enabled:
+            check_tracking_uri(cfg.mlflow.tracking_uri)
+    except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
+        fail(one_line(exc))
+
+
+def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str] = None):
+    """Run one trial with MLflow recording (and a progress bar); return (TrialResult, run_id)."""
+    from scaling.reporters import MultiReporter, ProgressReporter
+    from scaling.train import TrialResult, run_trial
+
+    reporters = []
+    mlflow_reporter = None
+    if cfg.mlflow.enabled:
+        from scaling.tracking import MlflowTrialReporter
+
+        mlflow_reporter = MlflowTrialReporter(cfg, parent_run_id=parent_run_id)
+        reporters.append(mlflow_reporter)
+    if progress:
+        from scaling.tracking import trial_run_name
+
+        reporters.append(ProgressReporter(cfg.epochs, desc=trial_run_name(cfg)))
+    reporter = MultiReporter(*reporters)
+    try:
+        result = run_trial(cfg, reporter)
+    except ConfigError:
+        raise
+    except Exception as exc:  # a crash is recorded as `error`, then re-raised for the caller
+        result = TrialResult("error", reason=f"{type(exc).__name__}: {exc}")
+        reporter.finish(result)
+        raise
+    return result, (mlflow_reporter.run_id if mlflow_reporter else None)
+
+
+def end_line(result: Any, run_id: Optional[str], cfg: Any) -> str:
+    """Return the closing line of a single run: status, final metrics and where it is recorded."""
+    m = result.metrics
+    parts = [f"trial {result.status}"]
+    for key in ("val/loss", "val/acc", "train/loss", "epoch", "time/samples_per_s", "mem/peak_mb"):
+        if key in m:
+            parts.append(f"{key}={m[key]:.4g}")
+    if result.target:
+        parts.append(f"target reached at {int(result.target['target/samples'])} samples")
+    if result.reason:
+        parts.append(f"({result.reason})")
+    if run_id:
+        parts.append(f"| mlflow run {run_id} in '{cfg.mlflow.experiment}' at {cfg.mlflow.tracking_uri}")
+    return " ".join(parts)
+
+
+def _train_task(cfg: Any) -> Optional[float]:
+    try:
+        validate(cfg)
+        result, run_id = record_trial(cfg, progress=sys.stderr.isatty() or os.environ.get("SCALING_PROGRESS") == "1")
+    except ConfigError as exc:
+        fail(str(exc))
+    print(end_line(result, run_id, cfg), flush=True)
+    return result.metrics.get("val/loss")
+
+
+def _run_hydra(task, argv: Sequence[str]) -> None:
+    import hydra
+
+    register_configs()
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
+
+
+def train_main(argv: Optional[Sequence[str]] = None) -> None:
+    """`scaling-train [overrides]`: one recorded trial; `-m` sweeps with the configured sweeper."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    preflight(argv)
+    _run_hydra(_train_task, argv)
+
+
+def study_main(argv: Optional[Sequence[str]] = None) -> None:
+    """`scaling-study [overrides]`: the multirun of the default study preset (or `experiment=...`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a.lstrip("+").startswith("experiment=") for a in argv):
+        argv = ["experiment=default_study", *argv]
+    if not any(a in MULTIRUN_FLAGS for a in argv) and not any(a.split("=")[0] in INFO_FLAGS for a in argv):
+        argv = ["--multirun", *argv]
+    _run_hydra(_train_task, argv)
+
+
+def report_main(argv: Optional[Sequence[str]] = None) -> None:
+    """`scaling-report [STUDY]`: the study report (see scaling.report)."""
+    from scaling.report import main
+
+    main(argv)
+
+
+def lr_find_main(argv: Optional[Sequence[str]] = None) -> None:
+    """`scaling-lr-find [overrides]`: the LR range test (see scaling.lr_finder)."""
+    from scaling.lr_finder import main
+
+    main(argv)
+
+
+if __name__ == "__main__":
+    train_main()

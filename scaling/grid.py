@@ -1,0 +1,89 @@
+"""The study grid, from Hydra's own override grammar: sweeps become axes, the rest is fixed.
+
+`batch_size=32,128` and `range(...)` are grid axes; `interval(1e-3,1)` (tagged `log` or not)
+is sampled `num_samples` times, as in Shallue et al.'s random LR search; plain `key=value`
+overrides apply to every trial. The result is one override list per trial, which Hydra then
+composes exactly as it would a single run.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from scaling.config import ConfigError
+
+# Axes that do not define a stratum: ASHA compares trials that differ only in these.
+LR_AXES = ("lr_multiplier", "lr", "seed")
+
+
+@dataclass
+class Grid:
+    """One override list per trial, plus what the grid was made of (recorded in the study run)."""
+
+    points: list[list[str]]
+    axes: dict[str, list[str]] = field(default_factory=dict)  # discrete axis -> values
+    sampled: dict[str, str] = field(default_factory=dict)  # interval axis -> its sweep text
+    fixed: list[str] = field(default_factory=list)
+
+    @property
+    def axis_names(self) -> list[str]:
+        return list(self.axes) + list(self.sampled)
+
+    def describe(self) -> dict[str, Any]:
+        """Return a JSON-able summary of the grid."""
+        return {"axes": self.axes, "sampled": self.sampled, "fixed": self.fixed, "n_trials": len(self.points)}
+
+
+def _sample(override: Any, rng: random.Random) -> str:
+    sweep = override.value()
+    lo, hi = float(sweep.start), float(sweep.end)
+    if "log" in sweep.tags:
+        if lo <= 0:
+            raise ConfigError(override.get_key_element(), override.input_line, "a log interval needs a positive start")
+        value = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    else:
+        value = rng.uniform(lo, hi)
+    if isinstance(sweep.start, int) and isinstance(sweep.end, int) and "log" not in sweep.tags:
+        return str(int(round(value)))
+    return repr(value)
+
+
+def build_grid(overrides: Sequence[Any], *, num_samples: int = 1, seed: int = 0) -> Grid:
+    """Return the trials of a sweep, given Hydra-parsed overrides (params first, then the shell's).
+
+    A later override of the same key replaces an earlier one, so shell sweeps replace preset axes.
+    """
+    by_key: dict[str, Any] = {}
+    for o in overrides:
+        by_key[o.get_key_element()] = o  # insertion order kept; later wins
+    axes, sampled, fixed = {}, {}, []
+    for key, o in by_key.items():
+        if not o.is_sweep_override():
+            fixed.append(f"{key}={o.get_value_element_as_str()}")
+        elif o.is_discrete_sweep():
+            values = list(o.sweep_string_iterator())
+            if not values:
+                raise ConfigError(key, o.input_line.split("=", 1)[-1], "sweeps over no values: the grid is empty")
+            axes[key] = values
+        else:
+            sampled[key] = o.input_line.split("=", 1)[-1]
+    if num_samples < 1:
+        raise ConfigError("hydra.sweeper.num_samples", num_samples, "must be at least 1")
+    rng = random.Random(seed)
+    interval_overrides = [by_key[k] for k in sampled]
+    points = []
+    for _ in range(num_samples if sampled else 1):
+        draws = [f"{o.get_key_element()}={_sample(o, rng)}" for o in interval_overrides]
+        for combo in itertools.product(*[[f"{k}={v}" for v in vals] for k, vals in axes.items()]):
+            points.append([*fixed, *combo, *draws])
+    return Grid(points, axes, sampled, fixed)
+
+
+def stratum_keys(axis_names: Sequence[str], group_by: Sequence[str] | None) -> list[str]:
+    """Return the keys that define an ASHA stratum: group_by, or every axis but the LR and seed."""
+    if group_by is not None:
+        return list(group_by)
+    return [a for a in axis_names if a.split("@")[0].lstrip("+~") not in LR_AXES]

@@ -1,0 +1,77 @@
+"""Peak memory of one trial, measured (never estimated), resettable per trial.
+
+CUDA: torch's peak-allocated counter, reset at trial start.
+CPU (Linux): the kernel's resettable peak RSS. Writing "5" to /proc/self/clear_refs resets
+VmHWM to the current RSS, so a process that runs many trials (a reused Ray worker) still
+gets each trial's own peak. Freed heap that glibc keeps would hide a new trial's
+allocations, so the reset first returns it to the kernel with malloc_trim.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+from typing import Optional
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> float:
+    """Return the process's current resident set size in MB (0 where /proc is missing)."""
+    return (_status_kb("VmRSS") or 0) / 1024
+
+
+def _malloc_trim() -> None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+class PeakMemory:
+    """Measures the peak memory a trial adds on its device, in MB, from the last reset()."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.is_cuda = getattr(device, "type", str(device)) == "cuda"
+        self.baseline_mb = 0.0
+        self.resettable = self.is_cuda or (os.path.exists(_CLEAR_REFS) and _status_kb("VmHWM") is not None)
+
+    def reset(self) -> None:
+        """Start a new measurement window: the peak becomes what is allocated now."""
+        gc.collect()
+        if self.is_cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            return
+        _malloc_trim()
+        if self.resettable:
+            with open(_CLEAR_REFS, "w") as f:
+                f.write("5")
+        self.baseline_mb = rss_mb()
+
+    def peak_mb(self) -> float:
+        """Return the peak memory above the baseline since reset() (process-wide on CPU)."""
+        if self.is_cuda:
+            import torch
+
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline_mb
+        hwm = _status_kb("VmHWM")
+        return max(0.0, (hwm or 0) / 1024 - self.baseline_mb)

@@ -1,0 +1,196 @@
+"""Runs a study's trials on Ray Tune, with stratified ASHA, recording each in MLflow from the driver.
+
+Workers run `train.run_trial` with a Tune reporter; the driver's callback turns every result
+into MLflow writes (StudyRecorder) and keeps the terminal progress line. Worker processes
+are reused between trials (`reuse_actors`): a new Python + torch process per trial costs
+more than a small trial.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from scaling.reporters import Reporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialSpec:
+    """One point of the grid: its index, its resolved config and its axis values."""
+
+    index: int
+    config: dict
+    axes: dict[str, Any]
+    overrides: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ worker side
+
+
+class TuneReporter(Reporter):
+    """Sends each evaluation to Ray Tune (with a checkpoint when asked), and the final status."""
+
+    def __init__(self, checkpoint_every_eval: bool) -> None:
+        self.checkpointing = checkpoint_every_eval
+        self.last: dict[str, float] = {}
+        self.total_steps = None
+
+    def start(self, info: dict[str, Any]) -> None:
+        self.total_steps = info.get("total_steps")
+
+    def report(self, metrics: dict[str, float], checkpoint=None) -> None:
+        from ray import tune
+
+        self.last = dict(metrics)
+        # The last evaluation carries the status: the scheduler stops trials at max_t on this very
+        # report, so a later "finish" report might never reach the driver.
+        last = self.total_steps is not None and metrics.get("step", 0) >= self.total_steps
+        result = {**metrics, "trial_status": "completed" if last else "running"}
+        if self.checkpointing and checkpoint is not None:
+            import torch
+
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(checkpoint(), os.path.join(tmp, "state.pt"))
+                tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+        else:
+            tune.report(result)
+
+    def finish(self, result: Any) -> None:
+        from ray import tune
+
+        final = {"val/loss": math.nan, "val/acc": math.nan, "epoch": 0.0, "samples": 0, **self.last,
+                 **result.metrics, **(result.target or {})}
+        final.update(trial_status=result.status, trial_reason=result.reason)
+        if result.status in ("diverged", "oom"):
+            final["val/loss"] = math.nan  # never "best": the scheduler and the report treat NaN as worst
+        tune.report(final)
+
+
+def trainable(params: dict, configs: dict) -> None:
+    """Ray Tune function trainable: run one trial of the grid, resuming from a checkpoint if any."""
+    import torch
+    from omegaconf import OmegaConf
+    from ray import tune
+
+    from scaling.train import run_trial
+
+    torch.set_num_threads(max(1, int(params.get("cpus", 1))))
+    cfg = OmegaConf.create(configs[params["point"]["index"]])
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    run_trial(cfg, TuneReporter(params.get("checkpoint", True)), resume=resume, ref_lr=params.get("ref_lr"))
+
+
+# ------------------------------------------------------------------ driver side
+
+
+def _callback_class():
+    from ray.tune import Callback
+
+    class StudyCallback(Callback):
+        """Driver-side: records each trial in MLflow and prints the study's progress."""
+
+        def __init__(self, recorder, specs: dict[int, TrialSpec], scheduler, quiet: bool = False):
+            self.recorder, self.specs, self.scheduler, self.quiet = recorder, specs, scheduler, quiet
+            self.t0 = time.time()
+            self.running: set[int] = set()
+            self.final: dict[int, dict] = {}
+            self.samples_trained: dict[int, int] = {}
+
+        def _index(self, trial) -> int:
+            return int(trial.config["point"]["index"])
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            i = self._index(trial)
+            from omegaconf import OmegaConf
+
+            self.recorder.trial_started(i, OmegaConf.create(self.specs[i].config), {"tune.trial_id": trial.trial_id})
+            self.running.add(i)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            i = self._index(trial)
+            metrics = {k: v for k, v in result.items() if "/" in k or k in ("lr", "samples", "step", "epoch")}
+            self.samples_trained[i] = max(self.samples_trained.get(i, 0), int(result.get("samples", 0)))
+            status = result.get("trial_status", "running")
+            if status in ("running", "completed"):  # "completed" rides on the last evaluation
+                self.recorder.trial_metrics(i, metrics)
+            if status != "running":
+                self.final[i] = dict(result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finish(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finish(trial, error=True)
+
+        def _finish(self, trial, error: bool = False) -> None:
+            i = self._index(trial)
+            self.running.discard(i)
+            final = self.final.get(i)
+            if error:
+                status, reason = "error", str(getattr(trial, "error_msg", "") or "worker failed")[-2000:]
+            elif final is not None:
+                status, reason = final["trial_status"], final.get("trial_reason", "")
+            elif self.scheduler is not None and trial.trial_id in self.scheduler.pruned_trial_ids:
+                status, reason = "pruned", "stopped by ASHA"
+            else:  # ended without a final report (e.g. stopped at the end of the study)
+                status, reason = "error", "ended without reporting a final status"
+            summary = {k: v for k, v in (final or {}).items() if k.startswith(("target/", "best/", "mem/"))}
+            self.recorder.trial_finished(i, status, reason, summary)
+            if not self.quiet:
+                self._print_progress()
+
+        def _print_progress(self) -> None:
+            from collections import Counter
+
+            done = Counter(self.recorder.status.values())
+            best = best_per_batch_size(self.recorder, self.specs)
+            bests = " ".join(f"{b}:{v['best/val_loss']:.3f}" for b, v in sorted(best.items()))
+            print(f"[{time.time() - self.t0:6.0f}s] done {sum(done.values())}/{len(self.specs)} "
+                  f"running {len(self.running)} pruned {done.get('pruned', 0)} diverged {done.get('diverged', 0)} "
+                  f"| best val/loss per batch size {bests}", flush=True)
+
+    return StudyCallback
+
+
+def best_per_batch_size(recorder, specs: dict[int, TrialSpec]) -> dict[int, dict]:
+    """Return, per batch size, the trial with the lowest best/val_loss (diverged and oom excluded)."""
+    best: dict[int, dict] = {}
+    for i, loss in recorder.best.items():
+        if recorder.status.get(i) in ("diverged", "oom", "error") or not math.isfinite(loss):
+            continue
+        cfg = specs[i].config
+        b = int(cfg["batch_size"])
+        if b not in best or loss < best[b]["best/val_loss"]:
+            best[b] = {"best/val_loss": loss, "trial": i, "run_id": recorder.trial_runs.get(i),
+                       "lr_multiplier": cfg["lr_multiplier"], "rule": cfg["scaling"]["rule"],
+                       "axes": specs[i].axes}
+    return best
+
+
+def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float]) -> None:
+    """Start a local Ray bound to 127.0.0.1 (or join `address`), quiet, without the dashboard."""
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+                                  configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1", **kwargs)

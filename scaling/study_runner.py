@@ -1,0 +1,214 @@
+"""Drives one study: Ray start-up checks, the MLflow study run, the Tune run (or its resume), the summary."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from scaling.config import ConfigError
+from scaling.grid import Grid, stratum_keys
+from scaling.study import TrialSpec, _callback_class, best_per_batch_size, init_ray, trainable
+
+STATE_FILE = "scaling_study.json"
+
+
+def _specs(grid: Grid, configs: list) -> dict[int, TrialSpec]:
+    specs = {}
+    for i, (point, cfg) in enumerate(zip(grid.points, configs)):
+        container = OmegaConf.to_container(cfg, resolve=True)
+        given = dict(o.split("=", 1) for o in point)
+        axes = {}
+        for k in grid.axis_names:
+            value = OmegaConf.select(cfg, k.lstrip("+~"))
+            # a group axis (optimizer=adam) is named by its choice, not by the composed node
+            axes[k] = given[k] if OmegaConf.is_config(value) or value is None else value
+        specs[i] = TrialSpec(i, container, axes, list(point))
+    return specs
+
+
+def _storage(sweeper, name: str) -> Path:
+    root = sweeper.conf.storage_path or os.path.join(os.getcwd(), ".studies")
+    path = Path(root).expanduser().resolve() / name
+    return path
+
+
+def _write_state(path: Path, state: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path / STATE_FILE)  # atomic: a kill never leaves a half-written state
+
+
+def _check_cluster(sweeper) -> None:
+    import ray
+
+    from scaling.study import init_ray
+
+    r = sweeper.conf.ray
+    try:
+        init_ray(r.address, r.num_cpus, r.num_gpus)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError("hydra.sweeper.ray.address", r.address, f"cannot start or reach Ray ({str(exc).splitlines()[0]})") from None
+    res = ray.cluster_resources()
+    want = sweeper.conf.resources
+    if want.gpu > res.get("GPU", 0):
+        ray.shutdown()
+        raise ConfigError("hydra.sweeper.resources.gpu", want.gpu, f"exceeds the cluster's {res.get('GPU', 0):g} GPUs")
+    if want.cpu > res.get("CPU", 0):
+        ray.shutdown()
+        raise ConfigError("hydra.sweeper.resources.cpu", want.cpu, f"exceeds the cluster's {res.get('CPU', 0):g} CPUs")
+
+
+def _scheduler(sweeper, grid: Grid, specs: dict[int, TrialSpec]):
+    a = sweeper.conf.asha
+    if not a.enabled:
+        return None
+    from scaling.asha import StratifiedASHA
+
+    budget = max(float(s.config["epochs"]) for s in specs.values())
+    return StratifiedASHA(metric=a.metric, mode=a.mode, time_attr="epoch", max_t=budget,
+                          grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+                          group_by=[f"point.{k}" for k in stratum_keys(grid.axis_names, a.group_by)],
+                          axes=[f"point.{k}" for k in grid.axis_names], stratified=a.stratified)
+
+
+def run_study(sweeper, grid: Grid, configs: list) -> dict:
+    """Run (or resume) the study and return its summary."""
+    from ray import tune
+
+    from scaling.cli import fail
+    from scaling.study_record import StudyRecorder
+
+    specs = _specs(grid, configs)
+    name = sweeper.study_name(grid)
+    storage = _storage(sweeper, name)
+    state_path = storage / STATE_FILE
+    state = json.loads(state_path.read_text()) if sweeper.conf.resume and state_path.exists() else {}
+    try:
+        _check_cluster(sweeper)
+    except ConfigError as exc:
+        fail(str(exc))
+    first = configs[0]
+    recorder = StudyRecorder(first.mlflow.tracking_uri, first.mlflow.experiment, study_name=name,
+                             run_id=state.get("study_run_id"))
+    sweep_dir = str(Path(sweeper.config.hydra.sweep.dir).resolve())
+    study_params = {"grid": grid.describe(), "sweeper": OmegaConf.to_container(sweeper.conf, resolve=True),
+                    "strata": stratum_keys(grid.axis_names, sweeper.conf.asha.group_by)}
+    recorder.start(study_params, {"scaling.sweep_dir": sweep_dir, "scaling.storage": str(storage)})
+    _write_state(storage, {"study_run_id": recorder.run_id, "name": name, "n_trials": len(specs)})
+    if state:
+        print(f"resuming study {name} (mlflow run {recorder.run_id}); "
+              f"{len(recorder.finished_indices())}/{len(specs)} trials already finished", flush=True)
+    else:
+        print(f"study {name}: {len(specs)} trials | mlflow run {recorder.run_id} | sweep dir {sweep_dir}", flush=True)
+
+    _prepare_data(configs)
+    scheduler = _scheduler(sweeper, grid, specs)
+    callback = _callback_class()(recorder, specs, scheduler)
+    res = sweeper.conf.resources
+    configs_by_index = {i: s.config for i, s in specs.items()}
+    run = tune.with_resources(tune.with_parameters(trainable, configs=configs_by_index), {"cpu": res.cpu, "gpu": res.gpu})
+    tuner_path = storage / "tune"
+    t0 = time.time()
+    interrupted = False
+    try:
+        if state and tune.Tuner.can_restore(str(tuner_path)):
+            tuner = tune.Tuner.restore(str(tuner_path), run, resume_unfinished=True, resume_errored=True)
+        else:
+            todo = [i for i in specs if i not in recorder.finished_indices()]
+            tuner = tune.Tuner(
+                run,
+                param_space={"point": tune.grid_search([_point(specs[i]) for i in todo]),
+                             "cpus": res.cpu, "checkpoint": sweeper.conf.checkpoint},
+                tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
+                                            max_concurrent_trials=sweeper.conf.max_concurrent),
+                run_config=tune.RunConfig(name="tune", storage_path=str(storage), callbacks=[callback], verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=sweeper.conf.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+    wall = time.time() - t0
+    return _finish(sweeper, recorder, specs, callback, wall, interrupted)
+
+
+def _point(spec: TrialSpec) -> dict:
+    """Return the trial's Tune config: its index and its axis values, nested (the strata read them)."""
+    point: dict = {"index": spec.index}
+    for key, value in spec.axes.items():
+        node = point
+        *parents, leaf = key.lstrip("+~").split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return point
+
+
+def _prepare_data(configs: list) -> None:
+    """Generate each distinct dataset once, in the driver, so trials only read the cache."""
+    from scaling.data import load_dataset
+
+    seen = set()
+    for c in configs:
+        key = json.dumps(OmegaConf.to_container(c.data, resolve=True), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            load_dataset(c.data)
+
+
+def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool) -> dict:
+    epochs = {i: float(s.config["epochs"]) for i, s in specs.items()}
+    full = sum(int(epochs[i] * _n_train(s)) for i, s in specs.items())
+    trained = sum(callback.samples_trained.values())
+    best = best_per_batch_size(recorder, specs)
+    counts = recorder.finish(len(specs), full, trained, best, interrupted=interrupted)
+    print_summary(recorder, specs, best, counts, wall, full, trained)
+    if interrupted:
+        print("interrupted: run the same command with hydra.sweeper.resume=true to finish the study", flush=True)
+        raise SystemExit(130)
+    if sweeper.conf.report:
+        try:
+            from scaling.report import report_study
+
+            report_study(recorder.uri, recorder.run_id)
+        except ImportError:
+            pass
+    return {"study_run_id": recorder.run_id, "counts": counts, "best": best}
+
+
+def _n_train(spec: TrialSpec) -> int:
+    d = spec.config["data"]
+    n = int(d.get("n_samples", 0)) - int(round(int(d.get("n_samples", 0)) * float(d.get("val_fraction", 0.2))))
+    b = int(spec.config["batch_size"])
+    return (n // b) * b if n > 0 else 0
+
+
+def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: int, trained: int) -> None:
+    """Print per batch size: best LR, best validation loss and accuracy, peak memory; and the UI command."""
+    from rich.console import Console
+    from rich.table import Table
+
+    client = recorder.client
+    table = Table(title=f"study {recorder.study_name}: best trial per batch size")
+    for col in ("batch size", "best lr (effective)", "lr×", "rule", "best val/loss", "val/acc", "peak MB", "status"):
+        table.add_column(col, justify="right")
+    for b in sorted(best):
+        entry = best[b]
+        run = client.get_run(entry["run_id"])
+        m, p = run.data.metrics, run.data.params
+        table.add_row(str(b), f"{float(p.get('lr.effective', 'nan')):.4g}", f"{entry['lr_multiplier']:g}",
+                      entry["rule"], f"{entry['best/val_loss']:.4f}", f"{m.get('val/acc', math.nan):.3f}",
+                      f"{m.get('mem/peak_mb', math.nan):.0f}", run.data.tags.get("trial.status", "?"))
+    console = Console(file=sys.stdout)
+    console.print(table)
+    frac = trained / max(full, 1)
+    print(f"{sum(counts.values())} trials in {wall:.0f}s: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+          + f" | samples trained {trained:,} of the full grid's {full:,} ({frac:.0%})")
+    print(f"mlflow ui --backend-store-uri {recorder.uri} --host 127.0.0.1 --port 5000   "
+          f"# then open the study run {recorder.run_id}", flush=True)

@@ -1,0 +1,197 @@
+"""Hydra sweeper backed by Ray Tune + stratified ASHA: a study *is* a Hydra multirun.
+
+Hydra only loads plugins from the `hydra_plugins` namespace, so `hydra_plugins/scaling_sweeper`
+holds a thin subclass of `ScalingSweeper` and registers `hydra/sweeper=scaling`.
+
+Everything a user can get wrong is checked before Ray starts and before any MLflow run
+exists: every grid point is composed and validated, the tracking store and the Ray address
+are probed, and the GPU request is compared with the cluster.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import DictConfig, OmegaConf
+
+from scaling.config import ConfigError, validate
+from scaling.grid import Grid, build_grid, stratum_keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AshaConf:
+    enabled: bool = True
+    stratified: bool = True
+    """Decide promotions within a stratum, so no batch size is pruned whole."""
+    group_by: Optional[List[str]] = None
+    """Keys defining a stratum (null: every axis except lr_multiplier, lr and seed)."""
+    grace_period: float = 1.0
+    """Epochs every trial trains before its first rung."""
+    reduction_factor: float = 3.0
+    metric: str = "val/loss"
+    mode: str = "min"
+
+
+@dataclass
+class RayConf:
+    address: Optional[str] = None
+    """null: start Ray locally; `auto` or host:port joins an existing cluster."""
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[float] = None
+
+
+@dataclass
+class ResourcesConf:
+    cpu: float = 1.0
+    """CPUs per trial (also torch's thread count)."""
+    gpu: float = 0.0
+    """GPUs per trial; fractions pack several trials on one GPU."""
+
+
+@dataclass
+class ScalingSweeperConf:
+    _target_: str = "hydra_plugins.scaling_sweeper.scaling_sweeper.ScalingSweeper"
+    params: Optional[Dict[str, str]] = None
+    """The grid: key -> Hydra sweep text (choice, range, interval); shell sweeps add or replace axes."""
+    num_samples: int = 1
+    """Draws of the interval(...) axes (random / log-uniform search)."""
+    sample_seed: int = 0
+    asha: AshaConf = field(default_factory=AshaConf)
+    ray: RayConf = field(default_factory=RayConf)
+    resources: ResourcesConf = field(default_factory=ResourcesConf)
+    max_concurrent: Optional[int] = None
+    max_trials: int = 1000
+    """Refuse grids larger than this unless confirm=false or --yes is given."""
+    confirm: bool = True
+    study_name: Optional[str] = None
+    """Names the study (MLflow study run, Ray experiment); null: derived from the grid."""
+    storage_path: Optional[str] = None
+    """Ray Tune's storage (checkpoints, experiment state); null: <sweep dir>/../.studies."""
+    resume: bool = False
+    """Finish the unfinished trials of the last run of this study."""
+    checkpoint: bool = True
+    """Checkpoint every evaluation, so a lost worker resumes its trial mid-way."""
+    max_failures: int = 2
+    report: bool = True
+    """Run the study report at the end (figures become artifacts of the study run)."""
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
+
+
+def safe_name(key: str, name: str) -> str:
+    """Return `name` if it is safe inside a path (no separators, no `..`, no NUL), else raise."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(key, name, "must be 1-128 letters, digits or ._=+- and must not contain '/', '..' or NUL")
+    return name
+
+
+class ScalingSweeper(Sweeper):
+    """Runs the multirun's grid as a Ray Tune study with stratified ASHA, recorded in MLflow."""
+
+    def __init__(self, **conf: Any) -> None:
+        super().__init__()
+        self.conf = OmegaConf.structured(ScalingSweeperConf(**{k: v for k, v in conf.items() if k != "_target_"}))
+        self.hydra_context = None
+        self.config: Optional[DictConfig] = None
+        self.launcher = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+
+    # --------------------------------------------------------------- planning (no Ray, no MLflow)
+    def plan(self, arguments: List[str]) -> tuple[Grid, list]:
+        """Return the grid and one validated trial config per point, or raise ConfigError."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = [f"{k}={v}" for k, v in (self.conf.params or {}).items()]
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(params + list(arguments))
+        grid = build_grid(overrides, num_samples=self.conf.num_samples, seed=self.conf.sample_seed)
+        if not grid.points:
+            raise ConfigError("hydra.sweeper.params", dict(self.conf.params or {}), "the grid is empty")
+        if len(grid.points) > self.conf.max_trials and self.conf.confirm:
+            raise ConfigError("hydra.sweeper.max_trials", self.conf.max_trials,
+                              f"the grid has {len(grid.points)} trials; raise max_trials or pass "
+                              "hydra.sweeper.confirm=false to launch them all")
+        configs = [self._compose(point) for point in grid.points]
+        a = self.conf.asha
+        if a.enabled:
+            budget = min(float(c.epochs) for c in configs)
+            if a.grace_period > budget:
+                raise ConfigError("hydra.sweeper.asha.grace_period", a.grace_period,
+                                  f"is longer than the budget epochs={budget:g}")
+            if a.reduction_factor <= 1:
+                raise ConfigError("hydra.sweeper.asha.reduction_factor", a.reduction_factor, "must be above 1")
+            for key in a.group_by or []:
+                if OmegaConf.select(configs[0], key, default="__missing__") == "__missing__":
+                    raise ConfigError("hydra.sweeper.asha.group_by", key, "is not a config key")
+        if self.conf.resources.cpu <= 0 or self.conf.resources.gpu < 0:
+            raise ConfigError("hydra.sweeper.resources", OmegaConf.to_container(self.conf.resources),
+                              "cpu must be positive and gpu non-negative")
+        if self.conf.study_name is not None:
+            safe_name("hydra.sweeper.study_name", self.conf.study_name)
+        return grid, configs
+
+    def _compose(self, point: list[str]) -> DictConfig:
+        try:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(point))
+        except Exception as exc:  # noqa: BLE001 - becomes one line naming the override
+            from scaling.cli import one_line
+
+            raise ConfigError(" ".join(p for p in point), "", one_line(exc)) from None
+        with _open(cfg):
+            del cfg["hydra"]
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.value, f"{exc.problem} (trial {' '.join(point)})") from None
+        return cfg
+
+    def study_name(self, grid: Grid) -> str:
+        """Return the study's name: the configured one, or preset name + a hash of the grid."""
+        if self.conf.study_name:
+            return self.conf.study_name
+        digest = hashlib.sha1(json.dumps(grid.points, sort_keys=True).encode()).hexdigest()[:8]
+        preset = OmegaConf.select(self.config, "hydra.runtime.choices.experiment", default=None) or "study"
+        return safe_name("experiment", str(preset).replace("/", "-")) + "-" + digest
+
+    # --------------------------------------------------------------- running
+    def sweep(self, arguments: List[str]) -> Any:
+        from scaling.cli import fail, one_line
+
+        try:
+            grid, configs = self.plan(arguments)
+            from scaling.tracking import check_tracking_uri
+
+            uris = {c.mlflow.tracking_uri for c in configs}
+            if len(uris) > 1 or len({c.mlflow.experiment for c in configs}) > 1:
+                raise ConfigError("mlflow.tracking_uri", sorted(uris), "must be the same for every trial of a study")
+            check_tracking_uri(configs[0].mlflow.tracking_uri)
+        except Exception as exc:  # noqa: BLE001
+            fail(one_line(exc))
+        from scaling.study_runner import run_study
+
+        return run_study(self, grid, configs)
+
+
+class _open:
+    """Context manager: temporarily lift struct mode so the hydra node can be removed."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def __enter__(self):
+        OmegaConf.set_struct(self.cfg, False)
+
+    def __exit__(self, *exc):
+        OmegaConf.set_struct(self.cfg, True)

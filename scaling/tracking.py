@@ -1,0 +1,207 @@
+"""The MLflow schema: study runs, trial runs, their names, params, tags and metric keys.
+
+Every write goes through `MlflowClient` with explicit run ids (no fluent global run), so the
+same reporter records a trial in-process (`scaling-train`) or from the study driver, which is
+the single writer for all trials of a study. MLflow's step axis is **samples seen**.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from scaling.config import ConfigError, effective_lr, lr_exponent
+from scaling.reporters import Reporter
+
+STATUS_TAG = "trial.status"
+KIND_TAG = "scaling.kind"  # "trial" | "study" | "lr_find"
+STUDY_TAG = "scaling.study_id"
+PACKAGES = ("scaling", "torch", "ray", "mlflow", "hydra-core", "numpy")
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
+    """Raise ConfigError unless the tracking store at `uri` can be reached (no mlflow import)."""
+    scheme = uri.split(":", 1)[0] if ":" in uri else "file"
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+                if r.status != 200:
+                    raise ConfigError("mlflow.tracking_uri", uri, f"server answered HTTP {r.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError("mlflow.tracking_uri", uri, f"tracking server unreachable ({reason})") from None
+    elif scheme in ("sqlite", "file"):
+        path = uri.split("://", 1)[1] if "://" in uri else uri
+        if scheme == "sqlite":
+            path = path[1:]  # sqlite:///rel.db -> rel.db ; sqlite:////abs.db -> /abs.db
+        folder = Path(path).expanduser().resolve().parent if scheme == "sqlite" else Path(path).expanduser().resolve()
+        probe = folder if folder.exists() else folder.parent
+        if not os.access(probe, os.W_OK):
+            raise ConfigError("mlflow.tracking_uri", uri, f"folder {probe} is not writable")
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Return a nested mapping as {"a.b": value} (lists kept as their string form)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resolved_container(cfg: Any) -> dict:
+    """Return the config as a plain resolved dict (accepts DictConfig or dict)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def trial_params(cfg: Any, ref_lr: Optional[float] = None) -> dict[str, str]:
+    """Return every resolved config value plus the derived LR values, as MLflow params."""
+    params = {k: "null" if v is None else str(v) for k, v in flatten(resolved_container(cfg)).items()}
+    params["lr.effective"] = repr(effective_lr(cfg, ref_lr))
+    params["lr.base"] = repr(float(ref_lr if ref_lr is not None else cfg.scaling.ref_lr)) \
+        if cfg.scaling.ref_lr != "auto" or ref_lr is not None else "auto"
+    params["lr.rule_exponent"] = repr(lr_exponent(cfg.scaling.rule))
+    params["lr.rule_bypassed"] = str(cfg.lr is not None)
+    return params
+
+
+def trial_run_name(cfg: Any) -> str:
+    """Return a readable run name, e.g. `bs=128 lr×2 sqrt warmup=2 s0`."""
+    lr = f"lr={cfg.lr:g}" if cfg.lr is not None else f"lr×{cfg.lr_multiplier:g} {cfg.scaling.rule}"
+    parts = [f"bs={cfg.batch_size}", lr]
+    if cfg.micro_batch_size and cfg.micro_batch_size != cfg.batch_size:
+        parts.append(f"mb={cfg.micro_batch_size}")
+    if cfg.warmup.epochs:
+        parts.append(f"warmup={cfg.warmup.epochs:g}")
+    return " ".join(parts + [f"s{cfg.seed}"])
+
+
+def provenance_tags() -> dict[str, str]:
+    """Return tags naming what produced a number: git revision and package versions."""
+    tags = {}
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+        if rev:
+            tags["git.revision"] = rev
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for pkg in PACKAGES:
+        try:
+            tags[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return tags
+
+
+def get_experiment_id(client, name: str) -> str:
+    """Return the experiment id for `name`, creating it (race-safe) when missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def make_client(uri: str):
+    """Return an MlflowClient for `uri`."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
+    """Log params in batches of 100 (MLflow's per-request limit)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int, timestamp_ms: Optional[int] = None) -> None:
+    """Log one evaluation's metrics in one request, at MLflow step = samples seen."""
+    from mlflow.entities import Metric
+
+    ts = timestamp_ms or int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _finite_or_nan(v)]
+    if batch:
+        client.log_batch(run_id, metrics=batch, synchronous=True)
+
+
+def _finite_or_nan(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class MlflowTrialReporter(Reporter):
+    """Records one trial as one MLflow run (optionally nested under a study run)."""
+
+    def __init__(self, cfg: Any, *, client=None, parent_run_id: Optional[str] = None,
+                 run_id: Optional[str] = None, extra_tags: Optional[dict[str, str]] = None,
+                 ref_lr: Optional[float] = None, on_run: Optional[Callable[[str], None]] = None) -> None:
+        self.cfg, self.ref_lr = cfg, ref_lr
+        self.client = client or make_client(cfg.mlflow.tracking_uri)
+        self.parent_run_id, self.run_id = parent_run_id, run_id
+        self.extra_tags = extra_tags or {}
+        self.on_run = on_run
+
+    def start(self, info: dict[str, Any]) -> None:
+        if self.run_id is not None:  # resumed: the run already holds params and earlier metrics
+            self.client.set_terminated(self.run_id, status="RUNNING")
+            return
+        tags = {KIND_TAG: "trial", STATUS_TAG: "running", **provenance_tags(), **self.extra_tags}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        exp_id = get_experiment_id(self.client, self.cfg.mlflow.experiment)
+        run = self.client.create_run(exp_id, run_name=trial_run_name(self.cfg), tags=tags)
+        self.run_id = run.info.run_id
+        if self.on_run:
+            self.on_run(self.run_id)
+        params = trial_params(self.cfg, self.ref_lr)
+        params.update({f"derived.{k}": str(v) for k, v in info.items()})
+        log_params(self.client, self.run_id, params)
+        from omegaconf import OmegaConf
+
+        self.client.log_text(self.run_id, OmegaConf.to_yaml(resolved_container(self.cfg)), "config.yaml")
+
+    def report(self, metrics: dict[str, float], checkpoint=None) -> None:
+        log_metrics(self.client, self.run_id, metrics, step=int(metrics["samples"]))
+
+    def finish(self, result: Any) -> None:
+        if self.run_id is None:  # failed before start(): still leave a record of what happened
+            self.start({})
+        summary = {k: v for k, v in (result.target or {}).items()}
+        summary["mem/peak_mb"] = result.metrics.get("mem/peak_mb", result.info.get("mem/peak_mb", 0.0))
+        if result.best_val_loss != float("inf"):
+            summary["best/val_loss"] = result.best_val_loss
+        log_metrics(self.client, self.run_id, summary, step=int(result.metrics.get("samples", 0)))
+        self.client.set_tag(self.run_id, STATUS_TAG, result.status)
+        if result.reason:
+            self.client.set_tag(self.run_id, "trial.reason", result.reason[:5000])
+        self.client.set_terminated(self.run_id, status="FAILED" if result.status == "error" else "FINISHED")
+
+
+def runs_of(client, experiment: str, filter_string: str = "") -> Iterable[Any]:
+    """Yield every run of `experiment` matching `filter_string` (all pages)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string, max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return

@@ -1,0 +1,258 @@
+"""THE trial loop: one training run at (batch size, learning rate) -> TrialResult.
+
+It knows nothing of Ray or MLflow: every evaluation goes to `reporter.report(metrics)`, and
+the caller decides where that lands. Budgets are in epochs (samples), never raw steps.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from scaling.config import effective_lr, validate, warmup_start_lr
+from scaling.data import Dataset, load_dataset
+from scaling.memory import PeakMemory
+from scaling.models import build_model
+from scaling.noise import MicroGradNorms, NoiseScale
+from scaling.optim import build_optimizer
+from scaling.reporters import Reporter
+from scaling.schedule import build_schedule
+
+STATUSES = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
+
+
+@dataclass
+class TrialResult:
+    """What a trial ended as; `metrics` holds the last evaluation."""
+
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    best_val_loss: float = math.inf
+    target: Optional[dict[str, float]] = None  # target/steps, target/samples, target/time_s
+    reason: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class TrialOOM(Exception):
+    """The trial exceeded its memory ceiling (memory.limit_mb) or the device's memory."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for `auto` | `cpu` | `cuda`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from scaling.config import ConfigError
+
+        raise ConfigError("device", name, "no CUDA device is visible to this process")
+    return torch.device(name)
+
+
+def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optional[Dataset] = None,
+              resume: Optional[dict] = None, ref_lr: Optional[float] = None) -> TrialResult:
+    """Train one trial to its budget (or until it diverges, stops early or runs out of memory)."""
+    validate(cfg)
+    reporter = reporter or Reporter()
+    device = resolve_device(cfg.device)
+    meter = PeakMemory(device)
+    meter.reset()
+    try:
+        result = _train(cfg, reporter, device, meter, dataset, resume, ref_lr)
+    except (TrialOOM, MemoryError, torch.OutOfMemoryError) as exc:
+        result = TrialResult("oom", reason=f"out of memory at batch_size={cfg.batch_size}: {exc}".strip(": "))
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc) and "can't allocate memory" not in str(exc):
+            raise
+        result = TrialResult("oom", reason=f"out of memory at batch_size={cfg.batch_size}: {exc}")
+    result.info.setdefault("mem/peak_mb", meter.peak_mb())
+    reporter.finish(result)
+    return result
+
+
+def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult:
+    # ---- set-up: data, model, optimizer, schedule (all lengths from epochs)
+    data = (dataset or load_dataset(cfg.data)).to(device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    B = cfg.batch_size
+    micro = cfg.micro_batch_size or B  # if micro < B: gradient accumulation, one step per B samples
+    n_micro = B // micro
+    steps_per_epoch = data.n_train // B  # drop the ragged tail: every step sees exactly B samples
+    if steps_per_epoch < 1:
+        from scaling.config import ConfigError
+
+        raise ConfigError("batch_size", B, f"is larger than the training set ({data.n_train} samples)")
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    eval_interval = max(1, round(cfg.eval_every * steps_per_epoch))
+    lr = effective_lr(cfg, ref_lr)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr)
+    warmup_steps = round(cfg.warmup.epochs * steps_per_epoch)
+    schedule = build_schedule(optimizer, cfg.schedule, lr=lr, warmup_start_lr=warmup_start_lr(cfg, ref_lr),
+                              warmup_steps=warmup_steps, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    gns = NoiseScale(cfg.gns.ema) if cfg.gns.enabled else None
+    grad_norms = MicroGradNorms() if gns else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    info = {"lr": lr, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "n_micro": n_micro,
+            "warmup_steps": warmup_steps, "n_train": data.n_train, "device": str(device)}
+    reporter.start(info)
+
+    s = _LoopState()  # everything a checkpoint must restore besides model/optimizer/schedule
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        s.__dict__.update(resume["loop"])
+        if gns and resume.get("gns"):
+            gns.load_state_dict(resume["gns"])
+
+    def checkpoint() -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "loop": dict(s.__dict__), "gns": gns.state_dict() if gns else None}
+
+    t0 = time.perf_counter() - s.elapsed_s
+    order = None
+    while s.step < total_steps:
+        # ---- the data order is a pure function of (seed, epoch): resumable without RNG state
+        epoch, pos = divmod(s.step, steps_per_epoch)
+        if pos == 0 or order is None:
+            order = _epoch_order(data.n_train, cfg.seed, epoch, device)
+        idx = order[pos * B:(pos + 1) * B]
+
+        # ---- forward/backward with gradient accumulation over n_micro micro-batches
+        t_step = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        if grad_norms:
+            grad_norms.begin_step(params)
+        loss_sum = 0.0
+        for m in range(n_micro):
+            mi = idx[m * micro:(m + 1) * micro]
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(model(data.x_train[mi]), data.y_train[mi])
+            loss_sum += loss.item()  # one sync per micro-batch buys divergence detection within a step
+            scaler.scale(loss / n_micro).backward()
+            if grad_norms:
+                grad_norms.after_micro_backward(params)
+        train_loss = loss_sum / n_micro
+
+        # ---- divergence: a non-finite loss or one above factor x the first loss stops before the step
+        s.initial_loss = s.initial_loss if s.initial_loss is not None else train_loss
+        if not math.isfinite(train_loss) or train_loss > cfg.divergence.factor * s.initial_loss:
+            return _end(cfg, reporter, s, "diverged", f"train/loss={train_loss:.4g} at step {s.step}", info,
+                        meter, _progress(s, B, steps_per_epoch, optimizer, t0, train_loss))
+
+        # ---- clip and step
+        if gns:
+            gns.update(*grad_norms.end_step(params), b_small=micro, b_big=B)
+        if cfg.optimizer.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
+        lr_now = optimizer.param_groups[0]["lr"]
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        s.step += 1
+        s.train_time_s += time.perf_counter() - t_step
+        s.loss_acc += train_loss
+        s.loss_n += 1
+        if s.step == 1:
+            _check_memory(cfg, meter)
+
+        # ---- evaluate, report, and decide whether to stop, on schedule only
+        if s.step % eval_interval == 0 or s.step == total_steps:
+            metrics = _progress(s, B, steps_per_epoch, optimizer, t0, s.loss_acc / s.loss_n, lr_now)
+            metrics.update(evaluate(model, data, amp_dtype))
+            metrics["mem/peak_mb"] = meter.peak_mb()
+            if gns and gns.b_simple is not None:
+                metrics["gns/b_simple"] = gns.b_simple
+            s.loss_acc, s.loss_n = 0.0, 0
+            _check_memory(cfg, meter)
+            stop = _update_after_eval(cfg, s, metrics)
+            s.elapsed_s = metrics["time/elapsed_s"]
+            reporter.report(metrics, checkpoint)
+            s.last = metrics
+            if stop:
+                return _end(cfg, reporter, s, "early_stopped", stop, info, meter, metrics)
+    return _end(cfg, reporter, s, "completed", "", info, meter, s.last)
+
+
+@dataclass
+class _LoopState:
+    step: int = 0
+    initial_loss: Optional[float] = None
+    best_val_loss: float = math.inf
+    bad_evals: int = 0
+    target: Optional[dict] = None
+    loss_acc: float = 0.0
+    loss_n: int = 0
+    train_time_s: float = 0.0
+    elapsed_s: float = 0.0
+    last: dict = field(default_factory=dict)
+
+
+def _epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def _progress(s: _LoopState, B: int, steps_per_epoch: int, optimizer, t0: float, train_loss: float,
+              lr: Optional[float] = None) -> dict[str, float]:
+    return {"train/loss": train_loss, "lr": lr if lr is not None else optimizer.param_groups[0]["lr"],
+            "samples": s.step * B, "step": s.step, "epoch": s.step / steps_per_epoch,
+            "time/elapsed_s": time.perf_counter() - t0,
+            "time/samples_per_s": s.step * B / max(s.train_time_s, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Dataset, amp_dtype=None, chunk: int = 4096) -> dict[str, float]:
+    """Return val/loss and val/acc over the whole validation split."""
+    was_training = model.training
+    model.eval()
+    loss, correct = torch.zeros((), device=data.x_val.device), torch.zeros((), device=data.x_val.device)
+    for i in range(0, len(data.y_val), chunk):
+        x, y = data.x_val[i:i + chunk], data.y_val[i:i + chunk]
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+        loss += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = len(data.y_val)
+    return {"val/loss": loss.item() / n, "val/acc": correct.item() / n}
+
+
+def _update_after_eval(cfg, s: _LoopState, metrics: dict[str, float]) -> str:
+    """Record best loss and first target crossing; return a reason to stop early, or ''."""
+    t = cfg.target
+    value = metrics.get(t.metric)
+    if s.target is None and value is not None and (value >= t.value if t.mode == "max" else value <= t.value):
+        s.target = {"target/steps": metrics["step"], "target/samples": metrics["samples"],
+                    "target/time_s": metrics["time/elapsed_s"]}
+    if s.target:
+        metrics.update(s.target)
+    if metrics["val/loss"] < s.best_val_loss - cfg.early_stopping.min_delta:
+        s.best_val_loss, s.bad_evals = metrics["val/loss"], 0
+    else:
+        s.bad_evals += 1
+    metrics["best/val_loss"] = s.best_val_loss
+    patience = cfg.early_stopping.patience
+    if patience is not None and s.bad_evals >= patience:
+        return f"val/loss did not improve for {patience} evaluations"
+    return ""
+
+
+def _check_memory(cfg, meter: PeakMemory) -> None:
+    limit = cfg.memory.limit_mb
+    if limit is not None and meter.peak_mb() > limit:
+        raise TrialOOM(f"peak {meter.peak_mb():.0f} MB exceeds memory.limit_mb={limit:g}")
+
+
+def _end(cfg, reporter, s: _LoopState, status: str, reason: str, info: dict, meter: PeakMemory,
+         metrics: dict) -> TrialResult:
+    metrics = dict(metrics or {})
+    metrics["mem/peak_mb"] = meter.peak_mb()
+    return TrialResult(status, metrics, s.best_val_loss, s.target, reason, info)

@@ -1,0 +1,159 @@
+"""Tests for scaling.noise: unbiased |G|^2 and tr(Sigma), B_simple convergence, MicroGradNorms."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scaling.noise import MicroGradNorms, NoiseScale
+
+D, SIGMA, B_MICRO, N_MICRO = 100, 0.5, 8, 4
+G = np.full(D, 0.1)
+G2_TRUE, TR_TRUE = float(G @ G), D * SIGMA ** 2  # 1.0 and 25.0: B_simple = 25
+
+
+def _step_norms(rng: np.random.Generator, trials: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (mean_k |g_micro_k|^2, |mean_k g_micro_k|^2) for `trials` independent steps.
+
+    Per-sample gradients are G + N(0, SIGMA^2 I); a micro-batch mean of B_MICRO of them is
+    G + N(0, SIGMA^2 / B_MICRO I), which is sampled directly.
+    """
+    micro = G + SIGMA / math.sqrt(B_MICRO) * rng.standard_normal((trials, N_MICRO, D))
+    return (micro ** 2).sum(-1).mean(-1), (micro.mean(1) ** 2).sum(-1)
+
+
+def test_single_step_estimates_are_unbiased() -> None:
+    small, big = _step_norms(np.random.default_rng(0), 20000)
+    g2, tr = [], []
+    for s, b in zip(small, big):
+        ns = NoiseScale(ema=0.0)  # no smoothing: the property is this step's estimate
+        ns.update(float(s), float(b), B_MICRO, B_MICRO * N_MICRO)
+        g2.append(ns.g2)
+        tr.append(ns.trace_sigma)
+    for est, truth in ((np.array(g2), G2_TRUE), (np.array(tr), TR_TRUE)):
+        se = est.std() / math.sqrt(est.size)
+        assert abs(est.mean() - truth) < 4 * se, (est.mean(), truth, se)
+    # The naive |g_big|^2 is biased upward by tr(Sigma)/B_big: the correction matters here.
+    assert big.mean() - G2_TRUE > 20 * big.std() / math.sqrt(big.size)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_b_simple_converges(seed: int) -> None:
+    small, big = _step_norms(np.random.default_rng(seed), 3000)
+    ns = NoiseScale(ema=0.995)
+    for s, b in zip(small, big):
+        ns.update(float(s), float(b), B_MICRO, B_MICRO * N_MICRO)
+    assert ns.b_simple == pytest.approx(TR_TRUE / G2_TRUE, rel=0.05)
+
+
+def test_bias_correction_and_none() -> None:
+    ns = NoiseScale(ema=0.9)
+    assert ns.b_simple is None and ns.g2 is None
+    ns.update(3.0, 1.5, 8, 32)
+    g2 = (32 * 1.5 - 8 * 3.0) / 24
+    tr = (3.0 - 1.5) / (1 / 8 - 1 / 32)
+    assert ns.g2 == pytest.approx(g2)  # not 0.1 * g2: the first value is not pulled toward 0
+    assert ns.trace_sigma == pytest.approx(tr)
+    assert ns.b_simple == pytest.approx(tr / g2)
+    ns2 = NoiseScale(ema=0.9)
+    ns2.update(3.0, 0.5, 8, 32)  # |G|^2 estimate negative: noise dominates, no B_simple
+    assert ns2.g2 < 0 and ns2.b_simple is None
+
+
+def test_non_finite_norms_are_skipped() -> None:
+    ns = NoiseScale(ema=0.9)
+    ns.update(3.0, 1.5, 8, 32)
+    before = ns.b_simple
+    ns.update(float("inf"), 1.5, 8, 32)  # an fp16 overflow step
+    ns.update(3.0, float("nan"), 8, 32)
+    assert ns.b_simple == before and ns.steps == 1 and ns.skipped == 2
+
+
+def test_state_dict_round_trip() -> None:
+    a = NoiseScale(ema=0.8)
+    a.update(3.0, 1.5, 8, 32)
+    b = NoiseScale()
+    b.load_state_dict(a.state_dict())
+    for ns in (a, b):
+        ns.update(2.5, 1.2, 8, 32)
+    assert b.ema == 0.8 and b.steps == 2 and b.b_simple == a.b_simple
+
+
+@pytest.mark.parametrize("args,msg", [
+    ((1.0, 0.5, 8, 8), "b_big > b_small"),
+    ((1.0, 0.5, 0, 8), "b_big > b_small"),
+])
+def test_update_errors(args, msg) -> None:
+    with pytest.raises(ValueError, match=msg):
+        NoiseScale().update(*args)
+    with pytest.raises(ValueError, match="ema"):
+        NoiseScale(ema=1.0)
+
+
+def _linear_problem(seed: int, n: int, d: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    noise = 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(d, generator=gen, dtype=torch.float64) + noise
+    w = torch.nn.Parameter(0.1 * torch.randn(d, generator=gen, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+    unused = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))  # never gets a .grad
+    return x, y, [w, unused, bias]
+
+
+def _per_sample_grads(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Return exact per-sample gradients of 0.5 (x.w + b - y)^2 w.r.t. (w, b), shape (n, d + 1)."""
+    r = (x @ w + bias - y).detach()
+    return torch.cat([r[:, None] * x, r[:, None]], dim=1)
+
+
+@pytest.mark.parametrize("mean_of_micro", [True, False])
+def test_micro_grad_norms_match_exact_per_sample_gradients(mean_of_micro: bool) -> None:
+    x, y, params = _linear_problem(0, 48, 5)
+    w, _, bias = params
+    norms, opt, n_micro = MicroGradNorms(mean_of_micro), torch.optim.SGD(params, lr=0.05), 4
+    for _ in range(3):  # several steps: buffers must reset between them
+        opt.zero_grad()
+        norms.begin_step(params)
+        for xb, yb in zip(x.chunk(n_micro), y.chunk(n_micro)):
+            loss = 0.5 * ((xb @ w + bias - yb) ** 2).mean()
+            (loss / n_micro if mean_of_micro else loss).backward()
+            norms.after_micro_backward(params)
+        small, big = norms.end_step(params, loss_scale=2.0)
+        micro = _per_sample_grads(x, y, w, bias).reshape(n_micro, -1, 6).mean(1)
+        want_small = float((micro ** 2).sum(1).mean()) / 4.0
+        want_big = float((micro.mean(0) ** 2).sum()) / 4.0
+        assert small == pytest.approx(want_small, rel=1e-5)
+        assert big == pytest.approx(want_big, rel=1e-5)
+        opt.step()
+
+
+def test_micro_grad_norms_feed_noise_scale() -> None:
+    """B_simple of a fixed linear model, sampled with replacement, matches the population value."""
+    x, y, params = _linear_problem(1, 4096, 10)
+    w, _, bias = params
+    per = _per_sample_grads(x, y, w, bias)
+    truth = float(per.var(0, unbiased=False).sum() / (per.mean(0) ** 2).sum())
+    gen, norms, ns, b_micro, n_micro = torch.Generator().manual_seed(2), MicroGradNorms(), NoiseScale(0.995), 8, 4
+    for _ in range(1500):
+        for p in params:
+            p.grad = None
+        norms.begin_step(params)
+        for _ in range(n_micro):
+            i = torch.randint(0, x.shape[0], (b_micro,), generator=gen)
+            (0.5 * ((x[i] @ w + bias - y[i]) ** 2).mean() / n_micro).backward()
+            norms.after_micro_backward(params)
+        ns.update(*norms.end_step(params), b_micro, b_micro * n_micro)
+    assert ns.b_simple == pytest.approx(truth, rel=0.1)
+
+
+def test_micro_grad_norms_call_order() -> None:
+    norms = MicroGradNorms()
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(RuntimeError, match="begin_step"):
+        norms.after_micro_backward([p])
+    norms.begin_step([p])
+    with pytest.raises(RuntimeError, match="end_step without"):
+        norms.end_step([p])
