@@ -8,11 +8,12 @@ same batch size (and rule, warmup, ...).
 
 Reused from Ray Tune's `async_hyperband._Bracket` (one per stratum): `on_result`, i.e. a trial
 is judged once per rung, at its first report whose time >= the rung (so evaluations every 0.5
-epoch and a rung at 1.33 work), and stopped when its value is below the rung's
-(1 - 1/rf) percentile of the values recorded there before it. Changed, and why:
-- rungs are computed here as grace_period * rf**k < max_t with a tolerance: Ray's
-  `int(log(max_t/min_t)/log(rf)) + 1` can lose a rung to rounding (log(9)/log(3) < 2 happens)
-  and adds a useless rung at max_t itself, where the trial is stopped anyway;
+epoch and a rung at 1.33 work; one report past several rungs is judged at the highest), and
+stopped when its value is below the rung's (1 - 1/rf) percentile of the values recorded there
+before it. Changed, and why:
+- rungs are grace_period * rf**k < max_t, floats: Ray's `int(log(max_t/min_t)/log(rf)) + 1`
+  rounds either way (max_t=9, rf=3 gives a useless rung at 9 = max_t, where the trial stops
+  anyway; max_t=1000, rf=10 does not, as log(1000)/log(10) = 2.9999999999999996);
 - NaN/inf values and trial_status diverged/oom/error stop the trial at once and are recorded
   as -inf (the worst value), never skipped: Ray lets a NaN trial continue;
 - `cutoff` survives -inf: linear interpolation next to -inf gives NaN or -inf, and then the
@@ -98,8 +99,9 @@ class _StratumBracket(_Bracket):
         values, q = list(recorded.values()), (1 - 1 / self.rf) * 100
         with np.errstate(invalid="ignore"):
             cut = float(np.percentile(values, q))
-        # Interpolating towards -inf gives -inf or NaN; take the recorded value above instead.
-        return cut if math.isfinite(cut) else float(np.percentile(values, q, method="higher"))
+        if not math.isfinite(cut):  # interpolating towards -inf: take the recorded value above
+            cut = float(np.percentile(values, q, method="higher"))
+        return min(cut, max(values))  # never above the best so far, whatever the rounding
 
 
 class StratifiedASHA(FIFOScheduler):
@@ -181,28 +183,32 @@ class StratifiedASHA(FIFOScheduler):
         raw = float(raw) if isinstance(raw, numbers.Real) else None
         bad = result.get("trial_status") in BAD_STATUSES or (raw is not None and not math.isfinite(raw))
         stratum, bracket = self._bracket_of(trial)
-        if not bad and (t is None or raw is None):
-            return TrialScheduler.CONTINUE  # nothing to judge (as Ray does)
-        if not bad and t >= self._max_t:
-            return TrialScheduler.STOP  # full budget spent: done, not pruned
-        before = {m for m, rec in bracket._rungs if trial.trial_id in rec}
-        # A bad result goes through the bracket as -inf so that it counts as the worst value
-        # at the rung it crossed (if any), and the trial stops whatever the bracket says.
-        action = bracket.on_result(trial, t, -math.inf if bad else self._metric_op * raw) \
-            if t is not None else TrialScheduler.STOP
-        judged = [m for m, rec in bracket._rungs if trial.trial_id in rec and m not in before]
-        rung = judged[0] if judged else None
         value = math.nan if raw is None else raw
-        if bad:
+        if bad:  # stop whatever the bracket says; -inf makes it the worst at the rung it crossed
+            rung = self._judge(bracket, trial, t, -math.inf)[0] if t is not None else None
             self.diverged_trial_ids.add(trial.trial_id)
             self.decisions.append(Decision(trial.trial_id, stratum, rung, t, value, "stop", "diverged"))
             return TrialScheduler.STOP
+        if t is None or raw is None:
+            return TrialScheduler.CONTINUE  # nothing to judge (as Ray does)
+        if t >= self._max_t:
+            return TrialScheduler.STOP  # full budget spent: done, not pruned
+        rung, action = self._judge(bracket, trial, t, self._metric_op * raw)
         if rung is not None:
-            if action == TrialScheduler.STOP:
+            stop = action == TrialScheduler.STOP
+            if stop:
                 self.pruned_trial_ids.add(trial.trial_id)
-            self.decisions.append(Decision(trial.trial_id, stratum, rung, t, value,
-                                           "stop" if action == TrialScheduler.STOP else "continue"))
+            self.decisions.append(
+                Decision(trial.trial_id, stratum, rung, t, value, "stop" if stop else "continue"))
         return action
+
+    @staticmethod
+    def _judge(bracket: _StratumBracket, trial: Trial, t: float, value: float) -> tuple[Optional[float], str]:
+        """Return (the rung this result was judged at, or None; Ray's bracket decision)."""
+        before = {m for m, rec in bracket._rungs if trial.trial_id in rec}
+        action = bracket.on_result(trial, t, value)
+        judged = [m for m, rec in bracket._rungs if trial.trial_id in rec and m not in before]
+        return (judged[0] if judged else None), action
 
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: Dict) -> None:
         pass  # the final result was already judged by on_trial_result
@@ -212,7 +218,8 @@ class StratifiedASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         """Return one line per stratum with the current cutoff at each rung."""
-        lines = [f"Using StratifiedASHA ({'by ' + ','.join(self.group_by) if self.group_by else 'unstratified'}):"
+        by = "by " + ",".join(self.group_by) if self.group_by else "unstratified"
+        lines = [f"Using StratifiedASHA ({by}):"
                  f" rungs={[round(r, 4) for r in self.rungs]} pruned={len(self.pruned_trial_ids)}"
                  f" diverged={len(self.diverged_trial_ids)}"]
         for stratum, b in self._brackets.items():

@@ -36,7 +36,10 @@ def one_line(exc: BaseException) -> str:
         return str(exc)
     head = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, MissingConfigException) and exc.options:
-        group = exc.config_name.split("/")[0] if exc.config_name else ""
+        # Hydra names the missing file `missing_cfg_file` ("optimizer/foo"); there is no `config_name`
+        # attribute, and reading one turned every unknown group option into an AttributeError traceback.
+        missing = exc.missing_cfg_file or ""
+        group = missing.split("/")[0]
         return f"{head.split(': ', 1)[-1]} (options for {group}: {', '.join(sorted(exc.options))})"
     cause = exc.__cause__
     if cause is not None and str(cause).strip():

@@ -215,6 +215,8 @@ class TrialConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    threads: Optional[int] = None
+    """torch intra-op threads (null: torch's default). Small models run fastest on 1."""
     name: str = "trial"
     """Free-form label; used in run names, never in paths."""
 
@@ -268,6 +270,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError("eval_every", cfg.eval_every, f"must not exceed epochs={cfg.epochs}")
     _positive("seed", cfg.seed, integer=True, allow_zero=True)
     _choice("device", cfg.device, DEVICES)
+    if cfg.threads is not None:
+        _positive("threads", cfg.threads, integer=True)
     _choice("precision", cfg.precision, PRECISIONS)
 
     s = cfg.scaling

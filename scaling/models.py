@@ -47,7 +47,7 @@ def _stem(input_shape: tuple[int, ...]) -> tuple[list[nn.Module], int]:
 
 
 def build_mlp(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Return Flatten -> depth x (Linear(width), activation) -> Linear head; depth 0 is logistic regression."""
+    """Return Flatten, depth x (Linear(width), activation), Linear head; depth 0 is logistic regression."""
     act = _choice("model.activation", cfg.activation, ACTIVATIONS)
     layers: list[nn.Module] = [nn.Flatten()]
     fan_in = math.prod(input_shape)
@@ -67,7 +67,8 @@ def build_cnn(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> nn.Mo
     """
     dims = _spatial_dims("cnn", input_shape)
     act = _choice("model.activation", cfg.activation, ACTIVATIONS)
-    conv, pool, kernel = (nn.Conv1d, nn.AdaptiveAvgPool1d, 5) if dims == 1 else (nn.Conv2d, nn.AdaptiveAvgPool2d, 3)
+    conv, pool, kernel = ((nn.Conv1d, nn.AdaptiveAvgPool1d, 5) if dims == 1
+                          else (nn.Conv2d, nn.AdaptiveAvgPool2d, 3))
     layers, channels = _stem(input_shape)
     for i in range(cfg.depth):
         layers += [conv(channels, cfg.width, kernel, stride=1 if i == 0 else 2, padding=kernel // 2), act()]
@@ -126,15 +127,19 @@ MODELS: dict[str, Callable[[Any, tuple[int, ...], int], nn.Module]] = {
 
 
 def _xavier(weight: torch.Tensor, activation: str) -> None:
+    """Fill `weight` from U(+-sqrt(6 / (fan_in + fan_out))), Glorot's gain-1 init for any activation."""
     nn.init.xavier_uniform_(weight)
 
 
 def _he(weight: torch.Tensor, activation: str) -> None:
+    """Fill `weight` from N(0, gain^2 / fan_in), the gain matching the activation."""
     nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity=HE_NONLINEARITY[activation])
 
 
 # None keeps torch's own init: kaiming_uniform(a=sqrt(5)) weights, U(+-1/sqrt(fan_in)) biases.
-INITS: dict[str, Callable[[torch.Tensor, str], None] | None] = {"default": None, "xavier": _xavier, "he": _he}
+INITS: dict[str, Callable[[torch.Tensor, str], None] | None] = {
+    "default": None, "xavier": _xavier, "he": _he,
+}
 
 
 @torch.no_grad()

@@ -13,9 +13,9 @@ converts them. Call `schedule.step()` once after every `optimizer.step()`.
 
 Everything is torch.optim.lr_scheduler: LambdaLR for the warmup, the torch class for the main
 schedule, chained by SequentialLR, so state_dict()/load_state_dict() are torch's. To resume,
-build a fresh optimizer and schedule the same way, then load both states: exponential and
-cosine compute the next LR from the optimizer's current one, which only the optimizer's state
-holds.
+build a fresh optimizer and schedule the same way, then load both states (after building, which
+resets the optimizer's LR): exponential and cosine compute the next LR from the optimizer's
+current one, and OneCycleLR keeps its LRs in the param groups, so the optimizer state is needed.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _cosine(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: in
 
 
 def _onecycle(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: int) -> Scheduler:
-    """Return OneCycleLR peaking at lr after pct_start of the steps (cosine both ways)."""
+    """Return OneCycleLR: cosine up from lr / div_factor to lr at step pct_start * steps - 1, then down."""
     # cycle_momentum=False: Adagrad has no momentum (torch would raise), and momentum is a study
     # axis of its own that the schedule must not move.
     return sched.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=float(cfg.pct_start),

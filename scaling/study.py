@@ -84,10 +84,12 @@ def trainable(params: dict, configs: dict) -> None:
     torch.set_num_threads(max(1, int(params.get("cpus", 1))))
     cfg = OmegaConf.create(configs[params["point"]["index"]])
     resume = None
-    ckpt = tune.get_checkpoint()
+    ckpt = tune.get_checkpoint()  # Ray's retry after a lost worker, else an earlier attempt's file
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    elif params["point"].get("resume_from"):
+        resume = torch.load(params["point"]["resume_from"], weights_only=False)
     run_trial(cfg, TuneReporter(params.get("checkpoint", True)), resume=resume, ref_lr=params.get("ref_lr"))
 
 
@@ -193,4 +195,11 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1", **kwargs)
+        # A local study listens on loopback only: Ray otherwise swaps 127.0.0.1 for the routable
+        # address and its GCS and raylet listen on every interface. The flag is Ray's own
+        # "single-node, no firewall prompts" switch (ray_constants, read at call time).
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1", **kwargs)

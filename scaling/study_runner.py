@@ -22,6 +22,8 @@ def _specs(grid: Grid, configs: list) -> dict[int, TrialSpec]:
     specs = {}
     for i, (point, cfg) in enumerate(zip(grid.points, configs)):
         container = OmegaConf.to_container(cfg, resolve=True)
+        # Ray workers run in their own trial folders: relative data paths must not move with them
+        container["data"]["root"] = os.path.abspath(os.path.expanduser(container["data"]["root"]))
         given = dict(o.split("=", 1) for o in point)
         axes = {}
         for k in grid.axis_names:
@@ -74,8 +76,13 @@ def _scheduler(sweeper, grid: Grid, specs: dict[int, TrialSpec]):
     budget = max(float(s.config["epochs"]) for s in specs.values())
     return StratifiedASHA(metric=a.metric, mode=a.mode, time_attr="epoch", max_t=budget,
                           grace_period=a.grace_period, reduction_factor=a.reduction_factor,
-                          group_by=[f"point.{k}" for k in stratum_keys(grid.axis_names, a.group_by)],
-                          axes=[f"point.{k}" for k in grid.axis_names], stratified=a.stratified)
+                          group_by=[f"point.{_bare(k)}" for k in stratum_keys(grid.axis_names, a.group_by)],
+                          axes=[f"point.{_bare(k)}" for k in grid.axis_names], stratified=a.stratified)
+
+
+def _bare(key: str) -> str:
+    """Return an override key without Hydra's +/~ prefixes and @package suffix."""
+    return key.lstrip("+~").split("@")[0]
 
 
 def run_study(sweeper, grid: Grid, configs: list) -> dict:
@@ -114,28 +121,58 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
     res = sweeper.conf.resources
     configs_by_index = {i: s.config for i, s in specs.items()}
     run = tune.with_resources(tune.with_parameters(trainable, configs=configs_by_index), {"cpu": res.cpu, "gpu": res.gpu})
-    tuner_path = storage / "tune"
+    attempt = len(list(storage.glob("tune-*")))
+    checkpoints = _latest_checkpoints(storage) if state else {}
+    _relog_from_checkpoints(recorder, checkpoints, specs)
+    todo = [i for i in specs if i not in recorder.finished_indices()]
+    points = [{**_point(specs[i]), **({"resume_from": checkpoints[i]} if i in checkpoints else {})} for i in todo]
     t0 = time.time()
     interrupted = False
     try:
-        if state and tune.Tuner.can_restore(str(tuner_path)):
-            tuner = tune.Tuner.restore(str(tuner_path), run, resume_unfinished=True, resume_errored=True)
-        else:
-            todo = [i for i in specs if i not in recorder.finished_indices()]
-            tuner = tune.Tuner(
-                run,
-                param_space={"point": tune.grid_search([_point(specs[i]) for i in todo]),
-                             "cpus": res.cpu, "checkpoint": sweeper.conf.checkpoint},
-                tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
-                                            max_concurrent_trials=sweeper.conf.max_concurrent),
-                run_config=tune.RunConfig(name="tune", storage_path=str(storage), callbacks=[callback], verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=sweeper.conf.max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        tuner.fit()
+        # A resume is a fresh Tune run over the unfinished trials (not Tuner.restore): the MLflow
+        # record is the source of truth for what finished, and each unfinished trial restarts from
+        # its own last checkpoint, found by its stable folder name.
+        tuner = tune.Tuner(
+            run,
+            param_space={"point": tune.grid_search(points), "cpus": res.cpu, "checkpoint": sweeper.conf.checkpoint},
+            tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
+                                        max_concurrent_trials=sweeper.conf.max_concurrent,
+                                        trial_dirname_creator=lambda t: f"trial_{t.config['point']['index']:05d}"),
+            run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=str(storage), callbacks=[callback],
+                                      verbose=0, failure_config=tune.FailureConfig(max_failures=sweeper.conf.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        if todo:
+            tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
     wall = time.time() - t0
     return _finish(sweeper, recorder, specs, callback, wall, interrupted)
+
+
+def _latest_checkpoints(storage: Path) -> dict[int, str]:
+    """Return, per trial index, the newest checkpoint left by earlier attempts of this study."""
+    found: dict[int, tuple[float, str]] = {}
+    for state in storage.glob("tune-*/trial_*/checkpoint_*/state.pt"):
+        index = int(state.parent.parent.name.split("_")[1])
+        mtime = state.stat().st_mtime
+        if index not in found or mtime > found[index][0]:
+            found[index] = (mtime, str(state))
+    return {i: path for i, (_, path) in found.items()}
+
+
+def _relog_from_checkpoints(recorder, checkpoints: dict[int, str], specs: dict[int, TrialSpec]) -> None:
+    """Log evaluations a killed driver saved in a checkpoint but never recorded (idempotent by step)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    for i, path in checkpoints.items():
+        if i in recorder.finished_indices():
+            continue
+        history = torch.load(path, weights_only=False)["loop"].get("history", [])
+        if history:
+            recorder.trial_started(i, OmegaConf.create(specs[i].config))
+        for metrics in history:
+            recorder.trial_metrics(i, metrics)
 
 
 def _point(spec: TrialSpec) -> dict:
@@ -143,7 +180,7 @@ def _point(spec: TrialSpec) -> dict:
     point: dict = {"index": spec.index}
     for key, value in spec.axes.items():
         node = point
-        *parents, leaf = key.lstrip("+~").split(".")
+        *parents, leaf = _bare(key).split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
@@ -165,7 +202,7 @@ def _prepare_data(configs: list) -> None:
 def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool) -> dict:
     epochs = {i: float(s.config["epochs"]) for i, s in specs.items()}
     full = sum(int(epochs[i] * _n_train(s)) for i, s in specs.items())
-    trained = sum(callback.samples_trained.values())
+    trained = sum(max(v, 0) for v in recorder.logged_samples.values())  # all attempts, from MLflow
     best = best_per_batch_size(recorder, specs)
     counts = recorder.finish(len(specs), full, trained, best, interrupted=interrupted)
     print_summary(recorder, specs, best, counts, wall, full, trained)

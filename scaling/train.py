@@ -5,6 +5,7 @@ the caller decides where that lands. Budgets are in epochs (samples), never raw 
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optiona
     validate(cfg)
     reporter = reporter or Reporter()
     device = resolve_device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     meter = PeakMemory(device)
     meter.reset()
     try:
@@ -75,7 +78,7 @@ def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optiona
 
 def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult:
     # ---- set-up: data, model, optimizer, schedule (all lengths from epochs)
-    data = (dataset or load_dataset(cfg.data)).to(device)
+    data = (dataset or load_dataset(cfg.data)).to(device)  # small data lives on the device: batches are index slices
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     B = cfg.batch_size
@@ -112,8 +115,12 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult
             gns.load_state_dict(resume["gns"])
 
     def checkpoint() -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "loop": dict(s.__dict__), "gns": gns.state_dict() if gns else None}
+        # A snapshot, not a view: state_dict() tensors alias the live parameters and optimizer
+        # buffers, which the next steps update in place, so a reporter that keeps the dict in
+        # memory (rather than torch.save-ing it at once) would otherwise resume from a later state.
+        return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "schedule": schedule.state_dict(), "loop": dict(s.__dict__),
+                              "gns": gns.state_dict() if gns else None})
 
     t0 = time.perf_counter() - s.elapsed_s
     order = None
@@ -148,7 +155,8 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult
 
         # ---- clip and step
         if gns:
-            gns.update(*grad_norms.end_step(params), b_small=micro, b_big=B)
+            gns.update(*grad_norms.end_step(params, loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0),
+                       b_small=micro, b_big=B)
         if cfg.optimizer.grad_clip is not None:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
@@ -174,11 +182,11 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult
             _check_memory(cfg, meter)
             stop = _update_after_eval(cfg, s, metrics)
             s.elapsed_s = metrics["time/elapsed_s"]
+            s.history.append(metrics)  # before report(): the checkpoint taken there must include it
             reporter.report(metrics, checkpoint)
-            s.last = metrics
             if stop:
                 return _end(cfg, reporter, s, "early_stopped", stop, info, meter, metrics)
-    return _end(cfg, reporter, s, "completed", "", info, meter, s.last)
+    return _end(cfg, reporter, s, "completed", "", info, meter, s.history[-1] if s.history else {})
 
 
 @dataclass
@@ -192,7 +200,7 @@ class _LoopState:
     loss_n: int = 0
     train_time_s: float = 0.0
     elapsed_s: float = 0.0
-    last: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)  # every evaluation: a resumed study re-logs what it missed
 
 
 def _epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
@@ -256,3 +264,7 @@ def _end(cfg, reporter, s: _LoopState, status: str, reason: str, info: dict, met
     metrics = dict(metrics or {})
     metrics["mem/peak_mb"] = meter.peak_mb()
     return TrialResult(status, metrics, s.best_val_loss, s.target, reason, info)
+if __name__ == "__main__":  # `python -m scaling.train [overrides]` is `scaling-train`
+    from scaling.cli import train_main
+
+    train_main()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-import os
+import random
 import time
 
 import pytest
@@ -40,11 +40,13 @@ def drive(sched: StratifiedASHA, trials: list[Trial]) -> set[str]:
         t = step / 2
         for trial in list(alive):  # small batches report first at every step
             i = MULTIPLIERS.index(trial.config["lr_multiplier"])
-            action = sched.on_trial_result(None, trial, {"epoch": t, "val/acc": curve(trial.config["batch_size"], i, t)})
+            acc = curve(trial.config["batch_size"], i, t)
+            action = sched.on_trial_result(None, trial, {"epoch": t, "val/acc": acc})
             if action == TrialScheduler.STOP:
                 alive.remove(trial)
                 sched.on_trial_complete(None, trial, {})
-                finished.add(trial.trial_id) if t >= MAX_T else None
+                if t >= MAX_T:
+                    finished.add(trial.trial_id)
     return finished
 
 
@@ -78,6 +80,31 @@ def test_plain_asha_prunes_the_large_batch_stratified_keeps_it():
     assert l2 == [(0.75, 1.0, "continue"), (2.25, 2.5, "continue"), (6.75, 7.0, "continue")]
     assert {d.stratum for d in strat.decisions} == {(("batch_size", 32),), (("batch_size", 512),)}
     assert "batch_size" in strat.debug_string()
+
+
+def test_random_async_orders_never_prune_a_stratum_whole():
+    rng = random.Random(0)
+    for _ in range(200):
+        sched, trials = asha(), make_trials()
+        for trial in trials:
+            sched.on_trial_add(None, trial)
+        level = {trial.trial_id: rng.random() for trial in trials}
+        clock, alive, finished = {tr.trial_id: 0.0 for tr in trials}, list(trials), set()
+        while alive:  # random interleaving; a step of 1.5 epochs can jump over a rung
+            trial = rng.choice(alive)
+            clock[trial.trial_id] = t = min(MAX_T, clock[trial.trial_id] + rng.choice([0.5, 1.0, 1.5]))
+            result = {"epoch": t, "val/acc": level[trial.trial_id] + rng.gauss(0, 0.2)}
+            if sched.on_trial_result(None, trial, result) == TrialScheduler.STOP:
+                alive.remove(trial)
+                if t >= MAX_T:
+                    finished.add(trial.trial_id)
+        best: dict = {}
+        for d in sched.decisions:  # the best so far at a rung within its stratum always continues
+            key = (d.stratum, d.rung)
+            if d.value >= best.get(key, -math.inf):
+                assert d.action == "continue", d
+            best[key] = max(best.get(key, -math.inf), d.value)
+        assert {tid[0] for tid in finished} == {"s", "l"}  # each batch size reached max_t
 
 
 @pytest.mark.parametrize("bad", [{"val/acc": math.nan}, {"val/acc": math.inf}, {"val/acc": 0.99, "trial_status": "diverged"}])

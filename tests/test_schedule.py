@@ -191,3 +191,11 @@ def test_unknown_name_raises():
 def test_warmup_must_leave_steps():
     with pytest.raises(ValueError, match="no step after warmup"):
         make("constant", 12)
+
+
+def test_onecycle_raises_past_total_steps():
+    """torch's OneCycleLR allows total_steps scheduler steps, no more: the trainer must count right."""
+    p, opt, sched = make("onecycle", 4)
+    run(p, opt, sched, TOTAL)
+    with pytest.raises(ValueError, match="Tried to step"):
+        run(p, opt, sched, 1)

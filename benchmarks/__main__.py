@@ -1,0 +1,101 @@
+"""Run the benchmark groups, print one table and the machine, save bench-results/latest.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks import asha, startup, study, throughput
+from benchmarks.common import REPO, Ctx, Row, load_average, log, machine
+
+# Run (and table) order follows the row numbers.
+GROUPS = {
+    "throughput": throughput.trial_throughput,
+    "study": study.study_wall,
+    "asha": asha.asha_vs_grid,
+    "mlflow": study.mlflow_overhead,
+    "gns": throughput.gns_overhead,
+    "config-error": startup.config_error,
+    "help": startup.help_time,
+}
+COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "pass/fail")
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    ratio = "-" if row.ratio is None or not math.isfinite(row.ratio) else f"{row.ratio:.2f}"
+    if row.spread and ratio != "-":
+        ratio += f" [{row.spread}]"
+    verdict = {True: "PASS", False: "FAIL", None: "n/a"}[row.passed]
+    return row.name, row.measured, row.baseline, ratio, row.target, verdict
+
+
+def table(rows: list[Row]) -> str:
+    body = [COLUMNS] + [cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in body) for i in range(len(COLUMNS))]
+    fmt = lambda line: " | ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(body[0]), "-+-".join("-" * w for w in widths)] + [fmt(line) for line in body[1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help=f"run only these groups (repeat or comma-separate): {', '.join(GROUPS)}")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run; wider spreads)")
+    p.add_argument("--out", default=str(REPO / "bench-results" / "latest.json"), help="where to write the JSON")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder (study outputs, mlflow.db)")
+    args = p.parse_args(argv)
+    names = [n.strip() for arg in args.only for n in arg.split(",") if n.strip()] or list(GROUPS)
+    unknown = [n for n in names if n not in GROUPS]
+    if unknown:
+        p.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores_usable']}/{info['cores']} cores usable, GPU: {info['gpu']}, "
+          f"load average {info['load_avg_start']} | python {info['python']}, torch {info.get('torch')}, "
+          f"ray {info.get('ray')}, mlflow {info.get('mlflow')} | git {info.get('git', '?')}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="scaling-bench-")).resolve()
+    ctx = Ctx(quick=args.quick, tmp=tmp)
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    try:
+        for name in (n for n in GROUPS if n in names):
+            t = time.perf_counter()
+            try:
+                rows += GROUPS[name](ctx)
+            except Exception as exc:  # noqa: BLE001 - one broken group must not hide the others
+                traceback.print_exc()
+                rows.append(Row(name, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}",
+                                "-", None, "-", False))
+            log(f"{name} done in {time.perf_counter() - t:.0f}s")
+    finally:
+        if args.keep:
+            log(f"scratch folder kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    total = time.perf_counter() - t0
+    info["load_avg_end"] = load_average()
+
+    print(table(rows))
+    notes = [f"  {r.name}: {r.note}" for r in rows if r.note]
+    if notes:
+        print("notes:\n" + "\n".join(notes))
+    print(f"ratio column: median [min-max over repeats]; {total:.0f}s in all ({'quick' if args.quick else 'full'}); "
+          f"load average at end {info['load_avg_end']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "mode": "quick" if args.quick else "full", "groups": names,
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - total)),
+                               "duration_s": total, "rows": [asdict(r) for r in rows]}, indent=2, default=str))
+    print(f"results: {out}")
+    return 1 if any(r.passed is False for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Shared helpers: side-by-side timing, ratio summaries, timed subprocesses, the table row, the machine.
+
+Every benchmark figure is a ratio of two things measured alternately in the same run (A B, then
+B A, ...), so machine load shared by both cancels; we report the median ratio and its min-max.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's console scripts (scaling-train, scaling-study)
+
+
+@dataclass
+class Row:
+    """One line of the results table; `data` holds the raw numbers for the JSON file."""
+
+    name: str
+    measured: str
+    baseline: str
+    ratio: Optional[float]
+    target: str
+    passed: Optional[bool]  # None: not measurable
+    spread: str = ""  # min-max of the per-repeat ratios
+    note: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Ctx:
+    """What every benchmark group gets: the mode, a scratch folder and a cache shared between groups."""
+
+    quick: bool
+    tmp: Path
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+def not_measurable(name: str, target: str, reason: str, detail: str = "") -> Row:
+    return Row(name, f"not measurable yet: {reason}", "-", None, target, None, note=detail)
+
+
+@dataclass
+class Summary:
+    median: float
+    lo: float
+    hi: float
+    values: list[float]
+
+    @property
+    def spread(self) -> str:
+        return f"{self.lo:.2f}-{self.hi:.2f}"
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    vals = [float(v) for v in values]
+    return Summary(statistics.median(vals), min(vals), max(vals), vals)
+
+
+def paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int, warmup: int = 0) -> list[tuple[Any, Any]]:
+    """Run a and b alternately, A B then B A (so drift cancels), after `warmup` discarded pairs."""
+    for _ in range(warmup):
+        a(), b()
+    pairs = []
+    for i in range(repeats):
+        if i % 2 == 0:
+            x = a()
+            y = b()
+        else:
+            y = b()
+            x = a()
+        pairs.append((x, y))
+    return pairs
+
+
+@dataclass
+class Timed:
+    """A finished subprocess: exit code, wall time, launch time (epoch s), output, marks (s after launch)."""
+
+    rc: int
+    wall_s: float
+    launched: float
+    output: str
+    marks: dict[str, float]
+
+
+def run_timed(argv: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[dict] = None,
+              timeout: float = 600, marks: Optional[dict[str, str]] = None) -> Timed:
+    """Run argv, timing it from launch to exit; `marks` maps a name to a regex whose first
+    matching output line is timestamped (seconds after launch)."""
+    patterns = {k: re.compile(v) for k, v in (marks or {}).items()}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("SCALING_PROGRESS", None)
+    lines: list[str] = []
+    seen: dict[str, float] = {}
+    launched, t0 = time.time(), time.perf_counter()
+    proc = subprocess.Popen(list(argv), cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            for k, p in patterns.items():
+                if k not in seen and p.search(line):
+                    seen[k] = time.perf_counter() - t0
+            if time.perf_counter() - t0 > timeout:
+                raise subprocess.TimeoutExpired(argv, timeout)
+        rc = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # our own child's session only
+        proc.wait()
+        rc = -9
+        lines.append(f"\n[benchmarks] killed after {timeout:.0f}s\n")
+    return Timed(rc, time.perf_counter() - t0, launched, "".join(lines), seen)
+
+
+def script(name: str) -> str:
+    """Return the path of a console script of this venv (scaling-train, scaling-study)."""
+    path = BIN / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine() -> dict[str, Any]:
+    """Return the CPU model, core counts, GPU (if any), OS, Python and package versions."""
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            models = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = models[0] if models else cpu
+    except OSError:
+        pass
+    gpu = "none"
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout.strip()
+            gpu = "; ".join(out.splitlines()) or "none"
+        except (OSError, subprocess.SubprocessError):
+            pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)), "gpu": gpu,
+            "os": platform.platform(), "python": platform.python_version(), "load_avg_start": load_average()}
+    from importlib import metadata
+
+    for pkg in ("torch", "ray", "mlflow", "hydra-core"):
+        try:
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=REPO, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=REPO, timeout=5).stdout.strip()
+        info["git"] += "+dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so stdout holds only the machine line and the table."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,71 @@
+"""Rows 2 and 4: a real study's wall time against the ideal (the same trials in a plain loop,
+divided by the concurrency), its start-up, and the cost of recording it in MLflow."""
+from __future__ import annotations
+
+import math
+import statistics
+
+from benchmarks.common import Ctx, Row, not_measurable, paired, summarize
+from benchmarks.studyrun import (BATCH_SIZES, CONCURRENCY, LR_MULTIPLIERS, loop_configs, run_loop, run_study,
+                                 study_supports_mlflow_off)
+
+STARTUP_ALLOWANCE_S = 5.0
+
+
+def study_wall(ctx: Ctx) -> list[Row]:
+    """Row 2: (study wall - 5 s) / (plain loop / 2) <= 1.25, and row 2b: start-up <= 5 s."""
+    configs = loop_configs()
+    repeats = 1 if ctx.quick else 2
+    studies = ctx.cache.setdefault("full_grid_studies", [])
+
+    def study():
+        s = run_study(ctx, asha=False)
+        studies.append(s)
+        return s
+
+    pairs = paired(study, lambda: run_loop(configs), repeats)
+    ratios = summarize([(s["wall_s"] - STARTUP_ALLOWANCE_S) / lp["ideal_s"] for s, lp in pairs])
+    net = summarize([(s["wall_s"] - s["startup_s"]) / lp["ideal_s"] for s, lp in pairs])
+    wall = statistics.median(s["wall_s"] for s, _ in pairs)
+    ideal = summarize([lp["ideal_s"] for _, lp in pairs])
+    startup = summarize([s["startup_s"] for s, _ in pairs])
+    to_line = [s["to_study_line_s"] for s, _ in pairs if s.get("to_study_line_s") is not None]
+    same = all(_same_best(s["best_per_batch_size"], lp["best_per_batch_size"]) for s, lp in pairs)
+    n = len(BATCH_SIZES) * len(LR_MULTIPLIERS)
+    data = {"pairs": [{"study": s, "loop": lp} for s, lp in pairs], "ratios": ratios.values,
+            "ratio_after_measured_startup": net.values, "startup_s": startup.values, "concurrency": CONCURRENCY}
+    rows = [
+        Row(f"2. study wall ({n} trials, {CONCURRENCY} workers)", f"{wall:.1f} s",
+            f"{ideal.median:.1f} s ideal (loop / {CONCURRENCY})", ratios.median,
+            f"<= 1.25x after {STARTUP_ALLOWANCE_S:g} s", ratios.median <= 1.25, ratios.spread,
+            note=f"(wall - measured start-up) / ideal = {net.median:.2f} [{net.spread}]; "
+                 f"best val/loss per batch size {'matches' if same else 'DIFFERS from'} the plain loop's",
+            data=data),
+        Row("2b. study start-up (launch to first trial start)", f"{startup.median:.1f} s",
+            f"{STARTUP_ALLOWANCE_S:g} s allowance", startup.median / STARTUP_ALLOWANCE_S,
+            f"<= {STARTUP_ALLOWANCE_S:g} s", startup.median <= STARTUP_ALLOWANCE_S,
+            f"{startup.lo / STARTUP_ALLOWANCE_S:.2f}-{startup.hi / STARTUP_ALLOWANCE_S:.2f}",
+            note="launch to the 'study ...' line: " + ", ".join(f"{x:.1f} s" for x in to_line),
+            data={"startup_s": startup.values, "to_study_line_s": to_line}),
+    ]
+    return rows
+
+
+def _same_best(a: dict, b: dict, rel: float = 1e-4) -> bool:
+    a, b = {int(k): v for k, v in a.items()}, {int(k): v for k, v in b.items()}
+    return a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=rel) for k in a)
+
+
+def mlflow_overhead(ctx: Ctx) -> list[Row]:
+    """Row 4: the same study with mlflow.enabled=true vs false (target <= 1.03x)."""
+    name, target = "4. mlflow overhead (study wall, on / off)", "<= 1.03x"
+    ok, reason, detail = study_supports_mlflow_off()
+    if not ok:
+        return [not_measurable(name, target, reason, detail)]
+    repeats = 1 if ctx.quick else 2
+    pairs = paired(lambda: run_study(ctx, asha=False, mlflow=True), lambda: run_study(ctx, asha=False, mlflow=False),
+                   repeats)
+    r = summarize([on["wall_s"] / off["wall_s"] for on, off in pairs])
+    on_s, off_s = (statistics.median(p[i]["wall_s"] for p in pairs) for i in (0, 1))
+    return [Row(name, f"{on_s:.1f} s (mlflow on)", f"{off_s:.1f} s (mlflow off)", r.median, target,
+                r.median <= 1.03, r.spread, data={"ratios": r.values, "pairs": pairs})]

@@ -1,0 +1,144 @@
+"""The benchmark study (4 batch sizes x 6 LR multipliers, 1 epoch on 12k MNIST-1D samples), run as
+a real `scaling-train -m` subprocess or as a plain in-process loop, and read back from MLflow.
+
+Every study run gets its own working folder (outputs, Ray storage) and study name; all share one
+MLflow database in the scratch folder, created before any timing so no run pays the migration.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Ctx, log, run_timed, script
+
+BATCH_SIZES = (16, 64, 256, 1024)
+LR_MULTIPLIERS = (0.25, 0.5, 1, 2, 4, 8)
+# eval_every = grace_period = 0.1 gives ASHA rungs at 0.1, 0.3 and 0.9 epochs (reduction factor 3).
+FIXED = ["epochs=1", "eval_every=0.1", "data.n_samples=12000", "threads=1", "device=cpu"]
+CONCURRENCY = 2
+EXPERIMENT = "bench"
+RUN_ID_RE = re.compile(r"mlflow run ([0-9a-f]{32})")
+SAMPLES_RE = re.compile(r"samples trained ([\d,]+) of the full grid's ([\d,]+)")
+
+
+def tracking_uri(ctx: Ctx) -> str:
+    """Return the shared sqlite URI, creating the database (schema migration) on first use."""
+    if "tracking_uri" not in ctx.cache:
+        uri = f"sqlite:///{ctx.tmp / 'mlflow.db'}"  # tmp is absolute: sqlite:////abs/path
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments()
+        ctx.cache["tracking_uri"] = uri
+    return ctx.cache["tracking_uri"]
+
+
+def study_argv(ctx: Ctx, name: str, *, asha: bool, mlflow: bool = True) -> list[str]:
+    grid = [f"batch_size={','.join(map(str, BATCH_SIZES))}", f"lr_multiplier={','.join(map(str, LR_MULTIPLIERS))}"]
+    sweeper = [f"hydra.sweeper.asha.enabled={str(asha).lower()}", "hydra.sweeper.resources.cpu=1",
+               f"hydra.sweeper.ray.num_cpus={CONCURRENCY}", "hydra.sweeper.report=false",
+               f"hydra.sweeper.study_name={name}", f"hydra.sweeper.storage_path={ctx.tmp / 'studies'}"]
+    if asha:
+        sweeper += ["hydra.sweeper.asha.grace_period=0.1", "hydra.sweeper.asha.reduction_factor=3"]
+    return [script("scaling-train"), "-m", *grid, *FIXED, *sweeper, f"mlflow.tracking_uri={tracking_uri(ctx)}",
+            f"mlflow.experiment={EXPERIMENT}", f"mlflow.enabled={str(mlflow).lower()}"]
+
+
+def run_study(ctx: Ctx, *, asha: bool, mlflow: bool = True) -> dict[str, Any]:
+    """Run the benchmark study as a subprocess; return wall time, start-up and what MLflow recorded."""
+    n = ctx.cache["n_studies"] = ctx.cache.get("n_studies", 0) + 1
+    name = f"bench-{'asha' if asha else 'grid'}-{n}-{int(time.time())}"
+    cwd = ctx.tmp / name
+    cwd.mkdir(parents=True)
+    argv = study_argv(ctx, name, asha=asha, mlflow=mlflow)
+    log(f"study {name}: {len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials, asha={asha}, mlflow={mlflow}")
+    t = run_timed(argv, cwd=cwd, timeout=400, marks={"study_line": r"^study \S+: \d+ trials"})
+    if t.rc != 0:
+        raise RuntimeError(f"study exited {t.rc}:\n{t.output[-3000:]}")
+    out: dict[str, Any] = {"name": name, "wall_s": t.wall_s, "to_study_line_s": t.marks.get("study_line")}
+    m = RUN_ID_RE.search(t.output)
+    out["study_run_id"] = m.group(1) if m else None
+    s = SAMPLES_RE.search(t.output)
+    if s:
+        out["printed_trained"], out["printed_full"] = (int(g.replace(",", "")) for g in s.groups())
+    if mlflow and out["study_run_id"]:
+        out.update(read_back(ctx, out["study_run_id"], t.launched))
+    log(f"study {name}: {t.wall_s:.1f}s wall, first trial started {out.get('startup_s', math.nan):.1f}s after launch")
+    return out
+
+
+def read_back(ctx: Ctx, study_run_id: str, launched: float) -> dict[str, Any]:
+    """Return the study's samples metrics, per-batch-size best val/loss and first trial start, from MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(ctx))
+    study = client.get_run(study_run_id)
+    exp = study.info.experiment_id
+    runs = client.search_runs([exp], f"tags.`scaling.study_id` = '{study_run_id}'", max_results=1000)
+    best: dict[int, float] = {}
+    statuses: dict[str, int] = {}
+    for r in runs:
+        st = r.data.tags.get("trial.status", "?")
+        statuses[st] = statuses.get(st, 0) + 1
+        loss = r.data.metrics.get("best/val_loss", math.nan)
+        if st in ("diverged", "oom", "error") or not math.isfinite(loss):
+            continue
+        b = int(r.data.params["batch_size"])
+        best[b] = min(best.get(b, math.inf), loss)
+    first_start = min((r.info.start_time for r in runs), default=None)
+    m = study.data.metrics
+    return {"samples_trained": m.get("samples/trained"), "samples_full_grid": m.get("samples/full_grid"),
+            "best_per_batch_size": dict(sorted(best.items())), "trial_statuses": statuses, "n_trial_runs": len(runs),
+            "startup_s": first_start / 1000 - launched if first_start else math.nan}
+
+
+def loop_configs() -> list[Any]:
+    """Return the 24 composed trial configs of the benchmark study, in grid order."""
+    from scaling.cli import compose
+
+    return [compose([f"batch_size={b}", f"lr_multiplier={m}", *FIXED, "mlflow.enabled=false"])
+            for b, m in itertools.product(BATCH_SIZES, LR_MULTIPLIERS)]
+
+
+def run_loop(configs: list[Any]) -> dict[str, Any]:
+    """Run the trials back to back in this process (run_trial loads the cached data itself, as workers do)."""
+    import torch
+
+    from scaling.train import run_trial
+
+    torch.set_num_threads(1)
+    log(f"plain loop: {len(configs)} trials back to back")
+    t0 = time.perf_counter()
+    statuses: dict[str, int] = {}
+    best: dict[int, float] = {}
+    for cfg in configs:
+        r = run_trial(cfg)
+        statuses[r.status] = statuses.get(r.status, 0) + 1
+        if r.status not in ("diverged", "oom", "error") and math.isfinite(r.best_val_loss):
+            best[cfg.batch_size] = min(best.get(cfg.batch_size, math.inf), r.best_val_loss)
+    wall = time.perf_counter() - t0
+    log(f"plain loop: {wall:.1f}s, ideal with {CONCURRENCY} workers {wall / CONCURRENCY:.1f}s")
+    return {"loop_s": wall, "ideal_s": wall / CONCURRENCY, "statuses": statuses, "best_per_batch_size": best}
+
+
+def full_grid_reference(ctx: Ctx) -> dict[str, Any]:
+    """Return a full-grid study run (the study group's first one, or a fresh one)."""
+    if not ctx.cache.get("full_grid_studies"):
+        ctx.cache["full_grid_studies"] = [run_study(ctx, asha=False)]
+    return ctx.cache["full_grid_studies"][0]
+
+
+def study_supports_mlflow_off() -> tuple[bool, str, str]:
+    """Return (whether a study honours mlflow.enabled=false, a short reason, the detail)."""
+    import inspect
+
+    import scaling.study_runner as runner
+
+    if "mlflow.enabled" in inspect.getsource(runner):
+        return True, "", ""
+    return False, "a study ignores mlflow.enabled", (
+        "study_runner.run_study creates its StudyRecorder unconditionally; mlflow.enabled is read "
+        "only by single runs (cli.record_trial)")

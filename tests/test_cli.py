@@ -1,0 +1,151 @@
+"""The real `scaling-train` console script, end to end: MLflow records, multirun, and bad input."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scaling.tracking import flatten, resolved_container
+
+SCRIPT = Path(sys.executable).parent / "scaling-train"
+pytestmark = pytest.mark.slow
+
+
+def run(args, cwd, *, env_extra=None, timeout=240, module=False):
+    """Run scaling-train (or `python -m scaling.train`) in `cwd`; return the CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "SCALING_PROGRESS")}
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "scaling.train"] if module else [str(SCRIPT)]
+    return subprocess.run(cmd + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli_tiny(tiny):
+    """The tiny overrides with MLflow on (the CLI's point is the record)."""
+    return [o for o in tiny if not o.startswith("mlflow.enabled")]
+
+
+def search(uri: str, experiment: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def test_script_exists():
+    assert SCRIPT.exists(), SCRIPT
+
+
+def test_train_end_to_end(tmp_path, cli_tiny, tracking_uri, compose_cfg):
+    from mlflow.tracking import MlflowClient
+
+    args = [*cli_tiny, f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=e2e"]
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [end] = [line for line in proc.stdout.splitlines() if line.startswith("trial ")]
+    assert end.startswith("trial completed") and "val/acc=" in end
+    run_id = re.search(r"mlflow run ([0-9a-f]{32}) in 'e2e'", end).group(1)
+
+    [r] = search(tracking_uri, "e2e")
+    assert r.info.run_id == run_id and r.info.status == "FINISHED"
+
+    # params: every resolved config key, plus the derived LR values
+    cfg = compose_cfg(*args)
+    expected = {k: "null" if v is None else str(v) for k, v in flatten(resolved_container(cfg)).items()}
+    params = r.data.params
+    missing = set(expected) - set(params)
+    assert not missing, missing
+    assert {k: params[k] for k in expected} == expected
+    assert float(params["lr.effective"]) == pytest.approx(0.05 * 32 / 128)
+    assert params["batch_size"] == "32" and params["data.cache_dir"] == os.environ["SCALING_CACHE"]
+
+    # tags: status and provenance
+    tags = r.data.tags
+    assert tags["trial.status"] == "completed"
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["git.revision"])
+    import torch
+
+    assert tags["version.torch"] == torch.__version__
+
+    # metrics: MLflow's step is samples seen
+    client = MlflowClient(tracking_uri)
+    history = client.get_metric_history(run_id, "val/loss")
+    steps = [m.step for m in history]
+    assert steps == sorted(set(steps)) and len(steps) == 2
+    assert all(s > 0 and s % 32 == 0 for s in steps)
+    assert steps[-1] == 1600 // 32 * 32
+    for m in client.get_metric_history(run_id, "samples"):
+        assert m.value == m.step
+    assert r.data.metrics["val/acc"] > 0
+    assert "mem/peak_mb" in r.data.metrics
+
+    # the resolved config as an artifact
+    assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
+    from omegaconf import OmegaConf
+
+    logged = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", str(tmp_path)))
+    assert OmegaConf.to_container(logged) == resolved_container(cfg)
+
+
+def test_python_m_scaling_train(tmp_path, cli_tiny, tracking_uri):
+    proc = run([*cli_tiny, f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=module"], tmp_path,
+               module=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "trial completed" in proc.stdout
+    [r] = search(tracking_uri, "module")
+    assert r.data.tags["trial.status"] == "completed" and r.info.run_id in proc.stdout
+
+
+def test_basic_sweeper_multirun(tmp_path, cli_tiny, tracking_uri):
+    grid = [o for o in cli_tiny if not o.startswith("batch_size=")]
+    proc = run(["-m", "batch_size=32,64", "lr_multiplier=0.5,1", "hydra/sweeper=basic", *grid,
+                f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=grid"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("trial completed") == 4
+    runs = search(tracking_uri, "grid")
+    points = sorted((r.data.params["batch_size"], r.data.params["lr_multiplier"]) for r in runs)
+    assert points == [("32", "0.5"), ("32", "1.0"), ("64", "0.5"), ("64", "1.0")]
+    assert all(r.data.tags["trial.status"] == "completed" for r in runs)
+
+
+BAD = [
+    (["batch_size=-1"], ["batch_size", "-1"]),
+    (["batch_size=abc"], ["batch_size", "abc"]),
+    (["batchsize=3"], ["batchsize"]),
+    (["optimizer=foo"], ["optimizer", "foo"]),
+    (["batch_size=32", "micro_batch_size=3"], ["micro_batch_size", "3"]),
+    (["eval_every=5", "epochs=1"], ["eval_every", "5"]),
+    (["target.metric=val/f1"], ["target.metric", "val/f1"]),
+    (["mlflow.tracking_uri=http://127.0.0.1:9"], ["mlflow.tracking_uri", "http://127.0.0.1:9"]),
+]
+
+
+def _leftovers(cwd: Path) -> list[str]:
+    return sorted(p.name for p in cwd.iterdir())
+
+
+@pytest.mark.parametrize("args,words", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_one_line(tmp_path, args, words):
+    # the default tracking URI is sqlite:///mlflow.db in the cwd: nothing may appear there
+    proc = run(args, tmp_path, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip("\n").split("\n")
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:")
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert _leftovers(tmp_path) == []  # no outputs/, multirun/, mlflow.db, mlruns/
+
+
+@pytest.mark.parametrize("args", [["batch_size=-1"], ["batch_size=abc"], ["optimizer=foo"]])
+def test_hydra_full_error_shows_traceback(tmp_path, args):
+    proc = run(args, tmp_path, env_extra={"HYDRA_FULL_ERROR": "1"}, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert _leftovers(tmp_path) == []

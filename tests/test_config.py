@@ -1,0 +1,153 @@
+"""Config: every preset composes and validates; every bad value fails with its key; effective LR."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from scaling.cli import CONF_DIR, compose, one_line
+from scaling.config import ConfigError, effective_lr, validate
+
+# Every option of every config group, discovered from conf/ so a new preset is covered as it lands.
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+PRESETS = [(group, f.stem) for group in GROUPS for f in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+
+def test_presets_discovered():
+    assert {"data", "model", "optimizer", "schedule", "experiment"} <= set(GROUPS)
+    for group in ("data", "model", "optimizer", "schedule", "experiment"):
+        assert any(g == group for g, _ in PRESETS), f"no preset found in conf/{group}"
+
+
+@pytest.mark.parametrize("group,name", PRESETS, ids=[f"{g}={n}" for g, n in PRESETS])
+def test_every_preset_composes_and_validates(compose_cfg, group, name):
+    cfg = compose_cfg(f"{group}={name}")
+    validate(cfg)
+    if group != "experiment":  # a group option sets the group's `name` to its own (the dispatch key)
+        assert cfg[group].name == name
+
+
+def test_defaults_compose_and_validate(compose_cfg):
+    cfg = compose_cfg()
+    validate(cfg)
+    assert (cfg.data.name, cfg.model.name, cfg.optimizer.name, cfg.schedule.name) == ("mnist1d", "mlp", "sgd", "constant")
+
+
+# --------------------------------------------------------------------------- rejected values
+
+# (overrides, key the ConfigError names, the bad value as typed)
+REJECTED = [
+    (["batch_size=0"], "batch_size", "0"),
+    (["batch_size=-1"], "batch_size", "-1"),
+    (["micro_batch_size=0"], "micro_batch_size", "0"),
+    (["micro_batch_size=-16"], "micro_batch_size", "-16"),
+    (["lr=0"], "lr", "0"),
+    (["lr=-0.1"], "lr", "-0.1"),
+    (["lr_multiplier=0"], "lr_multiplier", "0"),
+    (["lr_multiplier=-2"], "lr_multiplier", "-2"),
+    (["epochs=0"], "epochs", "0"),
+    (["epochs=-1"], "epochs", "-1"),
+    (["scaling.ref_lr=0"], "scaling.ref_lr", "0"),
+    (["scaling.ref_lr=-0.05"], "scaling.ref_lr", "-0.05"),
+    (["scaling.ref_batch_size=0"], "scaling.ref_batch_size", "0"),
+    (["scaling.ref_batch_size=-128"], "scaling.ref_batch_size", "-128"),
+    (["batch_size=32", "micro_batch_size=3"], "micro_batch_size", "3"),
+    (["batch_size=64", "micro_batch_size=128"], "micro_batch_size", "128"),
+    (["data.n_samples=100", "batch_size=128"], "batch_size", "128"),  # 80 training samples
+    (["scaling.rule=cubic"], "scaling.rule", "cubic"),
+    (["optimizer.name=lion"], "optimizer.name", "lion"),
+    (["schedule.name=warmup_cosine"], "schedule.name", "warmup_cosine"),
+    (["epochs=1", "eval_every=2"], "eval_every", "2"),
+    (["target.metric=val/f1"], "target.metric", "val/f1"),
+    (["lr=nan"], "lr", "nan"),
+    (["lr=inf"], "lr", "inf"),
+    (["lr_multiplier=nan"], "lr_multiplier", "nan"),
+    (["epochs=nan"], "epochs", "nan"),
+    (["eval_every=nan"], "eval_every", "nan"),
+    (["scaling.ref_lr=nan"], "scaling.ref_lr", "nan"),
+    (["target.value=nan"], "target.value", "nan"),
+    (["divergence.factor=nan"], "divergence.factor", "nan"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,bad", REJECTED, ids=[" ".join(o) for o, _, _ in REJECTED])
+def test_rejected(compose_cfg, overrides, key, bad):
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    err = info.value
+    assert err.key == key
+    if bad == "nan":
+        assert isinstance(err.value, float) and math.isnan(err.value)
+    elif isinstance(err.value, str):
+        assert err.value == bad
+    else:
+        assert float(err.value) == float(bad)
+    msg = str(err)
+    assert "\n" not in msg
+    assert msg.startswith(f"{key}="), msg  # names the key first...
+    assert bad in msg.split(":", 1)[0], msg  # ...then the value that was given
+
+
+# (overrides, words the one-line error must contain): Hydra refuses these before validate() runs.
+COMPOSE_FAILS = [
+    (["batch_size=abc"], ["batch_size", "abc"]),
+    (["epochs=ten"], ["epochs", "ten"]),
+    (["mlflow.enabled=maybe"], ["mlflow.enabled", "maybe"]),
+    (["batchsize=3"], ["batchsize"]),
+    (["scaling.rulez=sqrt"], ["rulez"]),
+    (["optimizer=foo"], ["optimizer", "foo"]),
+    (["schedule=foo"], ["schedule", "foo"]),
+    (["model=transformer"], ["model", "transformer"]),
+    (["experiment=nope"], ["experiment", "nope"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", COMPOSE_FAILS, ids=[" ".join(o) for o, _ in COMPOSE_FAILS])
+def test_rejected_at_compose(overrides, words):
+    with pytest.raises((HydraException, OmegaConfBaseException)) as info:
+        compose(overrides)
+    line = one_line(info.value)
+    assert "\n" not in line
+    for word in words:
+        assert word in line, line
+
+
+def test_optimizer_group_lists_its_options():
+    with pytest.raises(HydraException) as info:
+        compose(["optimizer=foo"])
+    assert "adam" in one_line(info.value) and "sgd" in one_line(info.value)
+
+
+# --------------------------------------------------------------------------- effective LR
+
+REF_LR, REF_B = 0.05, 128
+LR_TABLE = [
+    # rule, batch_size, lr_multiplier, expected effective LR
+    ("none", 32, 1.0, 0.05), ("none", 128, 1.0, 0.05), ("none", 2048, 1.0, 0.05), ("none", 512, 2.0, 0.1),
+    ("linear", 32, 1.0, 0.0125), ("linear", 128, 1.0, 0.05), ("linear", 512, 1.0, 0.2),
+    ("linear", 2048, 1.0, 0.8), ("linear", 256, 0.5, 0.05),
+    ("sqrt", 32, 1.0, 0.025), ("sqrt", 128, 1.0, 0.05), ("sqrt", 512, 1.0, 0.1),
+    ("sqrt", 2048, 1.0, 0.2), ("sqrt", 8, 4.0, 0.05),
+]
+
+
+@pytest.mark.parametrize("rule,batch_size,mult,expected", LR_TABLE)
+def test_effective_lr_table(compose_cfg, rule, batch_size, mult, expected):
+    cfg = compose_cfg(f"scaling.rule={rule}", f"batch_size={batch_size}", f"lr_multiplier={mult}",
+                      f"scaling.ref_lr={REF_LR}", f"scaling.ref_batch_size={REF_B}")
+    validate(cfg)
+    assert effective_lr(cfg) == pytest.approx(expected, rel=1e-12)
+    # an explicit reference LR (the LR range test's result) replaces scaling.ref_lr
+    assert effective_lr(cfg, ref_lr=2 * REF_LR) == pytest.approx(2 * expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["none", "sqrt", "linear"])
+@pytest.mark.parametrize("batch_size", [32, 512])
+def test_explicit_lr_bypasses_the_rule(compose_cfg, rule, batch_size):
+    cfg = compose_cfg("lr=0.3", f"scaling.rule={rule}", f"batch_size={batch_size}", "lr_multiplier=4")
+    validate(cfg)
+    assert effective_lr(cfg) == 0.3
+    assert effective_lr(cfg, ref_lr=1.0) == 0.3

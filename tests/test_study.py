@@ -1,0 +1,170 @@
+"""End to end: the study is a Hydra multirun on Ray Tune with stratified ASHA, recorded in MLflow.
+
+Every test drives the real console script in a subprocess (real Hydra, real Ray bound to
+127.0.0.1, real MLflow on a temporary SQLite file) at tiny sizes.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+TINY = ["epochs=1", "eval_every=0.25", "data.n_samples=3000", "model.width=32",
+        "hydra.sweeper.asha.grace_period=0.25", "hydra.sweeper.report=false"]
+
+
+def run_cli(args, cwd, script="scaling-train", timeout=240, **kw):
+    """Run a console script in `cwd`; return the CompletedProcess (text)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([str(BIN / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def client_for(path: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+
+
+def study_runs(path: Path):
+    """Return (study runs, trial runs) of the default experiment in `path`'s store."""
+    client = client_for(path)
+    exp = client.get_experiment_by_name("scaling")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    studies = [r for r in runs if r.data.tags.get("scaling.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
+    return studies, trials
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory):
+    """2 batch sizes x 3 LR multipliers, one trial at a time so the worst LR meets a full rung."""
+    cwd = tmp_path_factory.mktemp("study")
+    proc = run_cli(["-m", "batch_size=32,256", "lr_multiplier=1,2,0.01", "hydra.sweeper.max_concurrent=1", *TINY], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, proc
+
+
+def test_study_records_one_parent_and_a_child_per_trial(small_study):
+    cwd, proc = small_study
+    studies, trials = study_runs(cwd)
+    assert len(studies) == 1 and len(trials) == 6
+    study = studies[0]
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {study.info.run_id}
+    assert study.data.tags["trial.status"] == "completed"
+    assert study.data.metrics["trials/total"] == 6
+    assert '"batch_size": ["32", "256"]' in study.data.params["grid"]
+    assert study.info.run_id in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+    names = {t.info.run_name for t in trials}
+    assert "bs=32 lr×0.01 linear s0" in names
+
+
+def test_every_batch_size_keeps_a_full_budget_trial_and_asha_prunes(small_study):
+    cwd, _ = small_study
+    _, trials = study_runs(cwd)
+    statuses = [t.data.tags["trial.status"] for t in trials]
+    assert "pruned" in statuses
+    for bs in ("32", "256"):
+        full = [t for t in trials if t.data.params["batch_size"] == bs and t.data.metrics.get("epoch") == 1.0]
+        assert full, f"batch size {bs} lost every trial before the full budget"
+        assert all(t.data.tags["trial.status"] == "completed" for t in full)
+    pruned = [t for t in trials if t.data.tags["trial.status"] == "pruned"]
+    assert all(t.data.metrics["epoch"] < 1.0 for t in pruned)
+
+
+def test_metric_step_axis_is_samples_seen(small_study):
+    cwd, _ = small_study
+    _, trials = study_runs(cwd)
+    client = client_for(cwd)
+    for t in trials:
+        bs = int(t.data.params["batch_size"])
+        hist = client.get_metric_history(t.info.run_id, "val/loss")
+        steps = [m.step for m in hist]
+        assert steps == sorted(set(steps)), "a metric point was logged twice"
+        assert all(s % bs == 0 and s > 0 for s in steps)
+        samples = {m.step: m.value for m in client.get_metric_history(t.info.run_id, "samples")}
+        assert all(samples[s] == s for s in steps)
+
+
+def test_bare_multirun_sweeps_only_the_given_axes(tmp_path):
+    proc = run_cli(["-m", "batch_size=32,64", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    studies, trials = study_runs(tmp_path)
+    assert len(trials) == 2
+    assert {t.data.params["lr_multiplier"] for t in trials} == {"1.0"}
+    assert {t.data.params["scaling.rule"] for t in trials} == {"linear"}
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"study ended before '{text}': {path.read_text()[-2000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for '{text}'")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started, nothing else
+    proc.wait(timeout=30)
+
+
+def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
+    args = ["-m", "batch_size=32,256", "lr_multiplier=0.5,1,2", *TINY]
+    for attempt, marker in enumerate(("done 2/6", "done 4/6")):
+        log = tmp_path / f"attempt{attempt}.log"
+        extra = ["hydra.sweeper.resume=true"] if attempt else []
+        with open(log, "w") as out:
+            proc = subprocess.Popen([str(BIN / "scaling-train"), *args, *extra], cwd=tmp_path, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                _wait_for(log, marker, proc, timeout=180)
+            finally:
+                _kill_group(proc)
+    proc = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resuming study" in proc.stdout
+    studies, trials = study_runs(tmp_path)
+    assert len(studies) == 1 and len(trials) == 6, "a resume created duplicate runs"
+    assert studies[0].data.tags["trial.status"] == "completed"
+    assert sum(studies[0].data.metrics[f"trials/{s}"] for s in ("completed", "pruned")) == 6
+    client = client_for(tmp_path)
+    for t in trials:
+        assert t.data.tags["trial.status"] in ("completed", "pruned")
+        steps = [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")]
+        assert steps == sorted(set(steps)), f"{t.info.run_name}: doubled points {steps}"
+        if t.data.tags["trial.status"] == "completed":
+            bs = int(t.data.params["batch_size"])
+            total = 2400 // bs  # one epoch of the 80% training split, in steps
+            every = max(1, round(0.25 * total))
+            expected = sorted({s * bs for s in range(every, total + 1, every)} | {total * bs})
+            assert steps == expected, f"{t.info.run_name}: lost points {steps} != {expected}"
+
+
+@pytest.mark.parametrize("args, key", [
+    (["batch_size=32,-1"], "batch_size"),
+    (["batch_sise=32,64"], "batch_sise"),
+    (["batch_size=range(5,5)"], "batch_size"),
+    (["batch_size=32,64", "hydra.sweeper.asha.grace_period=2"], "grace_period"),
+    (["batch_size=32,64", "hydra.sweeper.resources.gpu=1"], "resources.gpu"),
+    (["batch_size=32,64", "mlflow.tracking_uri=http://127.0.0.1:9"], "mlflow.tracking_uri"),
+    (["batch_size=32,64", "hydra.sweeper.study_name=../escape"], "study_name"),
+])
+def test_bad_study_input_is_one_line_and_leaves_nothing(tmp_path, args, key):
+    proc = run_cli(["-m", *args, "epochs=1", "data.n_samples=3000"], tmp_path, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error:") and key in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "mlflow.db").exists(), "an MLflow store was created for a rejected study"

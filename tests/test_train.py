@@ -1,0 +1,241 @@
+"""The trial loop on tiny MNIST-1D trials: metrics, accumulation, divergence, OOM, target, resume."""
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scaling.train as train_mod
+from scaling.reporters import RecordingReporter
+from scaling.train import TrialResult, run_trial
+
+EVAL_KEYS = {"train/loss", "val/loss", "val/acc", "lr", "samples", "step", "epoch",
+             "time/elapsed_s", "time/samples_per_s", "mem/peak_mb"}
+
+
+@pytest.fixture
+def trial(compose_cfg, tiny, tiny_data):
+    """Return trial(*overrides) -> (TrialResult, RecordingReporter, cfg) of a tiny trial."""
+    def run(*overrides: str, **kw):
+        cfg = compose_cfg(*tiny, *overrides)
+        rec = RecordingReporter()
+        result = run_trial(cfg, rec, dataset=tiny_data, **kw)
+        assert isinstance(result, TrialResult) and rec.result is result
+        return result, rec, cfg
+    return run
+
+
+def curves(history: list[dict]) -> list[dict]:
+    """Return the history without wall-clock and memory readings (which vary run to run)."""
+    return [{k: v for k, v in h.items() if not k.startswith(("time/", "mem/"))} for h in history]
+
+
+def test_short_trial_beats_chance(trial):
+    result, rec, _ = trial("epochs=2", "scaling.ref_lr=0.2")
+    assert result.status == "completed" and result.reason == ""
+    assert result.metrics["val/acc"] > 0.2  # 10 classes: chance is 0.1
+    assert result.metrics["val/loss"] < rec.history[0]["val/loss"] < math.log(10) + 0.1
+    assert result.best_val_loss == min(h["val/loss"] for h in rec.history)
+
+
+def test_every_evaluation_reports_the_metrics(trial):
+    result, rec, cfg = trial("eval_every=0.25")
+    info = rec.info
+    assert info["steps_per_epoch"] == 1600 // 32 == 50 and info["total_steps"] == 50
+    assert info["lr"] == pytest.approx(0.05 * 32 / 128)
+    assert len(rec.history) == 4 + 1  # every round(12.5) = 12 steps, and at the last step (50)
+    for h in rec.history:
+        assert EVAL_KEYS <= set(h), EVAL_KEYS - set(h)
+        assert all(isinstance(h[k], (int, float)) and math.isfinite(h[k]) for k in EVAL_KEYS)
+        assert h["samples"] == h["step"] * cfg.batch_size
+        assert h["epoch"] == pytest.approx(h["step"] / 50)
+        assert 0 <= h["val/acc"] <= 1 and h["time/samples_per_s"] > 0 and h["mem/peak_mb"] >= 0
+        assert h["lr"] == pytest.approx(info["lr"])
+    assert [h["step"] for h in rec.history] == [12, 24, 36, 48, 50]
+    times = [h["time/elapsed_s"] for h in rec.history]
+    assert times == sorted(times)
+    assert result.metrics["step"] == 50 and result.metrics["epoch"] == 1.0
+    assert curves([result.metrics]) == curves([rec.history[-1]])
+
+
+def test_gradient_accumulation_matches_full_batch(trial):
+    full, rec_full, _ = trial("batch_size=64", "micro_batch_size=null", "eval_every=0.25")
+    acc, rec_acc, _ = trial("batch_size=64", "micro_batch_size=16", "eval_every=0.25")
+    assert rec_full.info["n_micro"] == 1 and rec_acc.info["n_micro"] == 4
+    assert rec_acc.info["total_steps"] == rec_full.info["total_steps"] == 1600 // 64
+    assert [h["step"] for h in rec_acc.history] == [h["step"] for h in rec_full.history]
+    assert [h["samples"] for h in rec_acc.history] == [h["samples"] for h in rec_full.history]
+    for a, b in zip(rec_acc.history, rec_full.history):
+        for key in ("train/loss", "val/loss", "val/acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    assert acc.status == full.status == "completed"
+
+
+@pytest.fixture
+def loss_log(monkeypatch):
+    """Record every training-batch loss the loop computes (evaluation uses reduction='sum')."""
+    losses: list[float] = []
+
+    def cross_entropy(logits, target, *args, **kwargs):
+        loss = F.cross_entropy(logits, target, *args, **kwargs)
+        if kwargs.get("reduction", "mean") == "mean":
+            losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(train_mod, "F", types.SimpleNamespace(cross_entropy=cross_entropy))
+    return losses
+
+
+@pytest.mark.parametrize("overrides", [
+    ("lr=1e4",),  # finite but far above divergence.factor x the first loss
+    ("lr=1e30", "divergence.factor=1e38"),  # the factor cannot trigger: only the non-finite check can
+], ids=["huge-loss", "non-finite-loss"])
+def test_divergence_stops_within_a_step(trial, loss_log, overrides):
+    result, rec, cfg = trial(*overrides)  # must not raise
+    assert result.status == "diverged"
+    first = loss_log[0]
+    bad = [i for i, x in enumerate(loss_log) if not math.isfinite(x) or x > cfg.divergence.factor * first]
+    assert bad, loss_log
+    # the loss of step i is computed before optimizer step i: stopping there means `step` == i
+    assert result.metrics["step"] == bad[0]
+    assert len(loss_log) == bad[0] + 1  # no forward pass after the bad one
+    assert result.metrics["samples"] == bad[0] * cfg.batch_size
+    assert f"at step {bad[0]}" in result.reason and "train/loss=" in result.reason
+    if "divergence.factor=1e38" in overrides:
+        assert not math.isfinite(result.metrics["train/loss"])
+    assert rec.history == []  # diverged before the first evaluation
+
+
+def test_early_stopping(trial):
+    # Nothing improves val/loss by 10: the second evaluation is the first "bad" one.
+    result, rec, _ = trial("eval_every=0.25", "early_stopping.patience=1", "early_stopping.min_delta=10")
+    assert result.status == "early_stopped"
+    assert "did not improve for 1 evaluations" in result.reason
+    assert [h["step"] for h in rec.history] == [12, 24]
+    assert result.metrics["step"] == 24 < 50
+
+
+def test_memory_limit_ends_as_oom(trial):
+    result, rec, cfg = trial("memory.limit_mb=1", "model.width=512")
+    assert result.status == "oom"
+    assert "batch_size=32" in result.reason and "memory.limit_mb=1" in result.reason
+    assert result.info["mem/peak_mb"] > 1
+    assert rec.history == []  # enforced after the first step, before any evaluation
+
+
+@pytest.mark.parametrize("fail", ["allocation", "OutOfMemoryError", "MemoryError"])
+def test_out_of_memory_in_forward_ends_as_oom(trial, monkeypatch, fail):
+    real_build = train_mod.build_model
+
+    def forward(self, x):
+        if fail == "allocation":  # a real failure of the CPU allocator: 1 PB
+            torch.empty(2**50, dtype=torch.uint8)
+        if fail == "OutOfMemoryError":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise MemoryError()
+
+    def build_model(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.forward = types.MethodType(forward, model)
+        return model
+
+    monkeypatch.setattr(train_mod, "build_model", build_model)
+    result, rec, _ = trial("batch_size=64")  # must not raise
+    assert result.status == "oom"
+    assert "batch_size=64" in result.reason
+    assert rec.result is result and rec.history == []
+
+
+def test_reachable_target(trial):
+    result, rec, cfg = trial("eval_every=0.25", "target.value=0.15")
+    first = next(h for h in rec.history if h["val/acc"] >= 0.15)
+    t = result.target
+    assert t == {"target/steps": first["step"], "target/samples": first["samples"],
+                 "target/time_s": first["time/elapsed_s"]}
+    assert t["target/samples"] == t["target/steps"] * cfg.batch_size
+    assert 0 < t["target/time_s"] <= result.metrics["time/elapsed_s"]
+    before = [h for h in rec.history if h["step"] < first["step"]]
+    assert all(h["val/acc"] < 0.15 for h in before)
+    assert all("target/steps" not in h for h in before)
+    assert all(h[k] == t[k] for h in rec.history[len(before):] for k in t)  # carried on once reached
+    assert all(result.metrics[k] == t[k] for k in t)
+
+
+def test_unreachable_target(trial):
+    result, rec, _ = trial("target.value=0.99")
+    assert result.status == "completed" and result.target is None
+    assert not any(k.startswith("target/") for h in rec.history + [result.metrics] for k in h)
+
+
+def test_min_mode_target(trial):
+    result, rec, _ = trial("target.metric=val/loss", "target.mode=min", "target.value=100")
+    assert result.target["target/steps"] == rec.history[0]["step"]  # any loss is below 100
+
+
+def test_deterministic_given_seed(trial):
+    _, a, _ = trial("seed=3")
+    _, b, _ = trial("seed=3")
+    _, c, _ = trial("seed=4")
+    assert curves(a.history) == curves(b.history)
+    assert [h["train/loss"] for h in a.history] != [h["train/loss"] for h in c.history]
+    assert [h["val/loss"] for h in a.history] != [h["val/loss"] for h in c.history]
+
+
+def test_warmup_follows_goyal_ramp(trial):
+    # batch 64 against ref 16: lr = 0.05 x 4 = 0.2, warming up from ref_lr x multiplier = 0.05
+    # over one epoch (25 steps). The reported lr is the one the evaluation's last step used.
+    result, rec, _ = trial("batch_size=64", "scaling.ref_batch_size=16", "epochs=2", "eval_every=0.2",
+                           "warmup.epochs=1")
+    start, peak, warm = 0.05, 0.2, 25
+    assert rec.info["warmup_steps"] == warm and rec.info["lr"] == pytest.approx(peak)
+    steps = [h["step"] for h in rec.history]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
+    for h in rec.history:
+        t = h["step"] - 1  # index of the optimizer step that used this lr
+        expected = start + (peak - start) * t / warm if t < warm else peak
+        assert h["lr"] == pytest.approx(expected, rel=1e-9), h["step"]
+    assert result.status == "completed"
+
+
+def test_warmup_from_zero(trial):
+    _, rec, _ = trial("batch_size=64", "warmup.epochs=0.5", "warmup.start=zero", "eval_every=0.2")
+    lr, warm = 0.05 * 64 / 128, round(0.5 * 25)
+    assert rec.history[0]["lr"] == pytest.approx(lr * (5 - 1) / warm)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(trial, tiny_data):
+    overrides = ("eval_every=0.25", "epochs=2", "warmup.epochs=0.5", "schedule=cosine")
+
+    class Capture(RecordingReporter):
+        def __init__(self, at_step: int):
+            super().__init__()
+            self.at_step, self.state = at_step, None
+
+        def report(self, metrics, checkpoint=None):
+            super().report(metrics, checkpoint)
+            if metrics["step"] == self.at_step:
+                self.state = checkpoint()  # kept in memory, not serialised: it must be a snapshot
+
+    full, full_rec, cfg = trial(*overrides)
+    assert full.status == "completed"
+    capture = Capture(at_step=36)
+    first = run_trial(cfg, capture, dataset=tiny_data)
+    assert capture.state is not None and capture.state["loop"]["step"] == 36
+    assert curves(capture.history) == curves(full_rec.history)  # the capturing run itself is unchanged
+
+    resumed_rec = RecordingReporter()
+    resumed = run_trial(cfg, resumed_rec, dataset=tiny_data, resume=capture.state)
+    assert resumed.status == "completed"
+    assert [h["step"] for h in resumed_rec.history] == [h["step"] for h in full_rec.history if h["step"] > 36]
+    for got, want in zip(curves(resumed_rec.history), curves(full_rec.history)[-len(resumed_rec.history):]):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-6), k
+    for k, v in curves([full.metrics])[0].items():
+        assert resumed.metrics[k] == pytest.approx(v, rel=1e-6, abs=1e-6), k
+    assert resumed.best_val_loss == pytest.approx(full.best_val_loss, rel=1e-6)
+    assert first.metrics["val/loss"] == full.metrics["val/loss"]
+
