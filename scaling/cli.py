@@ -63,6 +63,7 @@ def compose(overrides: Sequence[str], config_name: str = "config") -> Any:
 
 def preflight(argv: Sequence[str]) -> None:
     """Exit with one line if a single-run command line does not compose, validate and reach MLflow."""
+    argv = [a for a in argv if a != "--yes"]
     if any(a.split("=")[0] in INFO_FLAGS for a in argv) or any(a in MULTIRUN_FLAGS for a in argv):
         return  # help output needs no check; a multirun's grid is checked by the sweeper
     from scaling.tracking import check_tracking_uri
@@ -133,6 +134,8 @@ def _train_task(cfg: Any) -> Optional[float]:
 def _run_hydra(task, argv: Sequence[str]) -> None:
     import hydra
 
+    # `--yes` is ours, not Hydra's: it answers the large-grid question in advance
+    argv = ["hydra.sweeper.confirm=false" if a == "--yes" else a for a in argv]
     register_configs()
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()

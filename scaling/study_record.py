@@ -4,13 +4,22 @@ The driver is the single writer (workers on other nodes need no access to the tr
 store, and SQLite never sees concurrent writers). Writes are idempotent by step: a point at
 or below the highest `samples` already logged for a trial is skipped, so a resumed study
 neither loses nor doubles a metric point.
+
+If the tracking server goes away mid-study, nothing is lost: every trial write is an intent
+queued in order; intents that cannot be applied stay queued (and journaled to a local file
+beside the study's checkpoints) and are retried every few seconds while training goes on.
+A study that ends, or is killed, while the server is still down keeps the journal, and the
+next run with `hydra.sweeper.resume=true` replays it first.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from pathlib import Path
 from typing import Any, Optional
 
 from scaling.tracking import (KIND_TAG, STATUS_TAG, STUDY_TAG, get_experiment_id, log_metrics, log_params,
@@ -32,6 +41,14 @@ class StudyRecorder:
         self.logged_samples: dict[int, int] = {}  # trial index -> highest step logged
         self.status: dict[int, str] = {}
         self.best: dict[int, float] = {}
+        self.pending: deque = deque()  # trial writes not yet applied to MLflow, in order
+        self.journal: Optional[Path] = None
+        self.retry_s = 5.0
+        self._retry_at = 0.0
+        self._warned = False
+        if tracking_uri.startswith("http"):  # fail fast and queue, instead of MLflow's minutes of retries
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
     def __getstate__(self) -> dict:  # Ray may pickle callbacks holding us; the client is rebuilt
         state = dict(self.__dict__)
@@ -71,48 +88,128 @@ class StudyRecorder:
         """Return the trial indices already recorded with a terminal status."""
         return {i for i, s in self.status.items() if s in TERMINAL}
 
-    # ---------------------------------------------------------------- trial runs
-    def trial_started(self, index: int, cfg: Any, extra_tags: Optional[dict[str, str]] = None) -> str:
-        """Return the trial's run id, creating the nested run on first start."""
-        if index in self.trial_runs:
-            self.client.set_terminated(self.trial_runs[index], status="RUNNING")
-            return self.trial_runs[index]
-        tags = {KIND_TAG: "trial", STATUS_TAG: "running", "mlflow.parentRunId": self.run_id,
-                STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **(extra_tags or {})}
-        run = self.client.create_run(self.exp_id, run_name=trial_run_name(cfg), tags=tags)
-        run_id = run.info.run_id
-        self.trial_runs[index], self.logged_samples[index] = run_id, -1
-        log_params(self.client, run_id, trial_params(cfg))
+    # ---------------------------------------------------------------- trial runs (queued intents)
+    def trial_started(self, index: int, cfg: Any, extra_tags: Optional[dict[str, str]] = None) -> None:
+        """Queue the creation (or reopening) of the trial's nested run."""
         from omegaconf import OmegaConf
 
-        self.client.log_text(run_id, OmegaConf.to_yaml(cfg), "config.yaml")
-        return run_id
+        config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+        self.logged_samples.setdefault(index, -1)
+        self.status[index] = "running"
+        self._submit({"op": "started", "index": index, "config": config, "tags": extra_tags or {}})
 
     def trial_metrics(self, index: int, metrics: dict[str, float]) -> None:
-        """Log one evaluation unless a point at this sample count is already recorded."""
+        """Queue one evaluation unless a point at this sample count is already recorded or queued."""
         step = int(metrics.get("samples", 0))
         if step <= self.logged_samples.get(index, -1):
             return
-        log_metrics(self.client, self.trial_runs[index], metrics, step=step)
         self.logged_samples[index] = step
         if "best/val_loss" in metrics and math.isfinite(metrics["best/val_loss"]):
             self.best[index] = metrics["best/val_loss"]
+        self._submit({"op": "metrics", "index": index, "metrics": {k: float(v) for k, v in metrics.items()}})
 
     def trial_finished(self, index: int, status: str, reason: str = "", summary: Optional[dict] = None) -> None:
-        """Set the trial's terminal status (and a summary at its last step) and close its run."""
-        run_id = self.trial_runs[index]
-        if summary:
-            log_metrics(self.client, run_id, summary, step=max(self.logged_samples.get(index, 0), 0))
-        self.client.set_tag(run_id, STATUS_TAG, status)
-        if reason:
-            self.client.set_tag(run_id, "trial.reason", reason[:5000])
-        self.client.set_terminated(run_id, status="FAILED" if status == "error" else "FINISHED")
+        """Queue the trial's terminal status (and a summary at its last step)."""
         self.status[index] = status
+        self._submit({"op": "finished", "index": index, "status": status, "reason": reason,
+                      "summary": {k: float(v) for k, v in (summary or {}).items()},
+                      "step": max(self.logged_samples.get(index, 0), 0)})
+
+    def _submit(self, intent: dict) -> None:
+        self.pending.append(intent)
+        self.flush()
+
+    def flush(self, wait_s: float = 0.0) -> bool:
+        """Apply queued writes in order; return True when none is left (retrying up to wait_s)."""
+        deadline = time.time() + wait_s
+        while self.pending:
+            if time.time() < self._retry_at:
+                if time.time() >= deadline:
+                    self._save_journal()
+                    return False
+                time.sleep(min(self._retry_at, deadline) - time.time() if deadline > time.time() else 0)
+                continue
+            try:
+                self._apply(self.pending[0])
+            except Exception as exc:  # noqa: BLE001 - the store is down: keep the intent, train on
+                self._retry_at = time.time() + self.retry_s
+                if not self._warned:
+                    print(f"warning: MLflow unreachable ({str(exc).splitlines()[0][:200]}); "
+                          f"queueing results and retrying every {self.retry_s:g}s", file=sys.stderr, flush=True)
+                    self._warned = True
+                self._save_journal()
+                if time.time() >= deadline:
+                    return False
+                continue
+            self.pending.popleft()
+        if self._warned:
+            print("MLflow reachable again: queued results recorded", file=sys.stderr, flush=True)
+            self._warned = False
+        self._save_journal()
+        return True
+
+    def use_journal(self, path: Path) -> None:
+        """Journal unapplied writes to `path`, and queue any left there by an earlier run."""
+        self.journal = path
+        if not path.exists():
+            return
+        intents = [json.loads(line) for line in path.read_text().splitlines() if line]
+        for intent in intents:  # what the earlier run already knew, before MLflow hears of it
+            i = intent["index"]
+            if intent["op"] == "finished":
+                self.status[i] = intent["status"]
+            elif intent["op"] == "metrics":
+                self.logged_samples[i] = max(self.logged_samples.get(i, -1), int(intent["metrics"].get("samples", 0)))
+            elif i not in self.status:
+                self.status[i] = "running"
+        self.pending.extendleft(reversed(intents))
+
+    def _save_journal(self) -> None:
+        if self.journal is None:
+            return
+        if not self.pending:
+            self.journal.unlink(missing_ok=True)
+            return
+        tmp = self.journal.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(i) + "\n" for i in self.pending))
+        os.replace(tmp, self.journal)  # atomic: a kill leaves the old or the new journal, never half
+
+    def _apply(self, intent: dict) -> None:
+        i = intent["index"]
+        if intent["op"] == "started":
+            self._create_trial_run(i, intent["config"], intent["tags"])
+        elif intent["op"] == "metrics":
+            log_metrics(self.client, self.trial_runs[i], intent["metrics"], step=int(intent["metrics"].get("samples", 0)))
+        else:
+            run_id = self.trial_runs[i]
+            if intent["summary"]:
+                log_metrics(self.client, run_id, intent["summary"], step=intent["step"])
+            self.client.set_tag(run_id, STATUS_TAG, intent["status"])
+            if intent["reason"]:
+                self.client.set_tag(run_id, "trial.reason", intent["reason"][:5000])
+            self.client.set_terminated(run_id, status="FAILED" if intent["status"] == "error" else "FINISHED")
+
+    def _create_trial_run(self, index: int, config: dict, extra_tags: dict) -> None:
+        if index in self.trial_runs:
+            self.client.set_terminated(self.trial_runs[index], status="RUNNING")
+            return
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.create(config)
+        tags = {KIND_TAG: "trial", STATUS_TAG: "running", "mlflow.parentRunId": self.run_id,
+                STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **extra_tags}
+        run = self.client.create_run(self.exp_id, run_name=trial_run_name(cfg), tags=tags)
+        self.trial_runs[index] = run.info.run_id
+        log_params(self.client, run.info.run_id, trial_params(cfg))
+        self.client.log_text(run.info.run_id, OmegaConf.to_yaml(cfg), "config.yaml")
 
     # ---------------------------------------------------------------- end of study
     def finish(self, n_trials: int, samples_full_grid: int, samples_trained: int, best_per_batch: dict,
                interrupted: bool = False) -> dict[str, int]:
         """Record counts by status, samples trained vs the full grid, and the best trial per batch size."""
+        if not self.flush(wait_s=float(os.environ.get("SCALING_MLFLOW_WAIT_S", "120"))):
+            raise RuntimeError(f"MLflow still unreachable: {len(self.pending)} results kept in {self.journal}; "
+                               "run the same command with hydra.sweeper.resume=true to record them")
         counts = Counter(self.status.values())
         metrics = {f"trials/{s}": float(counts.get(s, 0)) for s in TERMINAL}
         metrics["trials/total"] = float(n_trials)

@@ -109,6 +109,8 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
                     "strata": stratum_keys(grid.axis_names, sweeper.conf.asha.group_by)}
     recorder.start(study_params, {"scaling.sweep_dir": sweep_dir, "scaling.storage": str(storage)})
     _write_state(storage, {"study_run_id": recorder.run_id, "name": name, "n_trials": len(specs)})
+    recorder.use_journal(storage / "mlflow_journal.jsonl")
+    recorder.flush()
     if state:
         print(f"resuming study {name} (mlflow run {recorder.run_id}); "
               f"{len(recorder.finished_indices())}/{len(specs)} trials already finished", flush=True)
@@ -204,7 +206,11 @@ def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool) 
     full = sum(int(epochs[i] * _n_train(s)) for i, s in specs.items())
     trained = sum(max(v, 0) for v in recorder.logged_samples.values())  # all attempts, from MLflow
     best = best_per_batch_size(recorder, specs)
-    counts = recorder.finish(len(specs), full, trained, best, interrupted=interrupted)
+    try:
+        counts = recorder.finish(len(specs), full, trained, best, interrupted=interrupted)
+    except RuntimeError as exc:  # the tracking server is still down: the journal keeps everything
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3)
     print_summary(recorder, specs, best, counts, wall, full, trained)
     if interrupted:
         print("interrupted: run the same command with hydra.sweeper.resume=true to finish the study", flush=True)

@@ -119,10 +119,10 @@ class ScalingSweeper(Sweeper):
         grid = build_grid(overrides, num_samples=self.conf.num_samples, seed=self.conf.sample_seed)
         if not grid.points:
             raise ConfigError("hydra.sweeper.params", dict(self.conf.params or {}), "the grid is empty")
-        if len(grid.points) > self.conf.max_trials and self.conf.confirm:
+        if len(grid.points) > self.conf.max_trials and self.conf.confirm and not _confirmed(len(grid.points)):
             raise ConfigError("hydra.sweeper.max_trials", self.conf.max_trials,
-                              f"the grid has {len(grid.points)} trials; raise max_trials or pass "
-                              "hydra.sweeper.confirm=false to launch them all")
+                              f"the grid has {len(grid.points)} trials; pass --yes (or "
+                              "hydra.sweeper.confirm=false) to launch them all")
         configs = [self._compose(point) for point in grid.points]
         a = self.conf.asha
         if a.enabled:
@@ -182,6 +182,14 @@ class ScalingSweeper(Sweeper):
         from scaling.study_runner import run_study
 
         return run_study(self, grid, configs)
+
+
+def _confirmed(n_trials: int) -> bool:
+    """Ask on a terminal whether to launch a large grid; never ask without one."""
+    if not sys.stdin.isatty():
+        return False
+    answer = input(f"launch {n_trials} trials? [y/N] ").strip().lower()
+    return answer in ("y", "yes")
 
 
 class _open:

@@ -264,6 +264,8 @@ def _end(cfg, reporter, s: _LoopState, status: str, reason: str, info: dict, met
     metrics = dict(metrics or {})
     metrics["mem/peak_mb"] = meter.peak_mb()
     return TrialResult(status, metrics, s.best_val_loss, s.target, reason, info)
+
+
 if __name__ == "__main__":  # `python -m scaling.train [overrides]` is `scaling-train`
     from scaling.cli import train_main
 
