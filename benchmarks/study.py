@@ -6,7 +6,7 @@ import math
 import statistics
 
 from benchmarks.common import Ctx, Row, not_measurable, paired, summarize
-from benchmarks.studyrun import (BATCH_SIZES, CONCURRENCY, LR_MULTIPLIERS, loop_configs, run_loop, run_study,
+from benchmarks.studyrun import (BATCH_SIZES, CONCURRENCY, LR_MULTIPLIERS, run_loop, run_study,
                                  study_supports_mlflow_off)
 
 STARTUP_ALLOWANCE_S = 5.0
@@ -14,7 +14,6 @@ STARTUP_ALLOWANCE_S = 5.0
 
 def study_wall(ctx: Ctx) -> list[Row]:
     """Row 2: (study wall - 5 s) / (plain loop / 2) <= 1.25, and row 2b: start-up <= 5 s."""
-    configs = loop_configs()
     repeats = 1 if ctx.quick else 2
     studies = ctx.cache.setdefault("full_grid_studies", [])
 
@@ -23,7 +22,7 @@ def study_wall(ctx: Ctx) -> list[Row]:
         studies.append(s)
         return s
 
-    pairs = paired(study, lambda: run_loop(configs), repeats)
+    pairs = paired(study, lambda: run_loop(ctx), repeats)
     ratios = summarize([(s["wall_s"] - STARTUP_ALLOWANCE_S) / lp["ideal_s"] for s, lp in pairs])
     net = summarize([(s["wall_s"] - s["startup_s"]) / lp["ideal_s"] for s, lp in pairs])
     wall = statistics.median(s["wall_s"] for s, _ in pairs)

@@ -7,13 +7,15 @@ MLflow database in the scratch folder, created before any timing so no run pays 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from benchmarks.common import Ctx, log, run_timed, script
+from benchmarks.common import REPO, Ctx, log, run_timed, script
 
 BATCH_SIZES = (16, 64, 256, 1024)
 LR_MULTIPLIERS = (0.25, 0.5, 1, 2, 4, 8)
@@ -36,7 +38,7 @@ def tracking_uri(ctx: Ctx) -> str:
     return ctx.cache["tracking_uri"]
 
 
-def study_argv(ctx: Ctx, name: str, *, asha: bool, mlflow: bool = True) -> list[str]:
+def study_argv(ctx: Ctx, name: str, *, asha: bool, mlflow: bool = True, extra: Sequence[str] = ()) -> list[str]:
     grid = [f"batch_size={','.join(map(str, BATCH_SIZES))}", f"lr_multiplier={','.join(map(str, LR_MULTIPLIERS))}"]
     sweeper = [f"hydra.sweeper.asha.enabled={str(asha).lower()}", "hydra.sweeper.resources.cpu=1",
                f"hydra.sweeper.ray.num_cpus={CONCURRENCY}", "hydra.sweeper.report=false",
@@ -44,16 +46,16 @@ def study_argv(ctx: Ctx, name: str, *, asha: bool, mlflow: bool = True) -> list[
     if asha:
         sweeper += ["hydra.sweeper.asha.grace_period=0.1", "hydra.sweeper.asha.reduction_factor=3"]
     return [script("scaling-train"), "-m", *grid, *FIXED, *sweeper, f"mlflow.tracking_uri={tracking_uri(ctx)}",
-            f"mlflow.experiment={EXPERIMENT}", f"mlflow.enabled={str(mlflow).lower()}"]
+            f"mlflow.experiment={EXPERIMENT}", f"mlflow.enabled={str(mlflow).lower()}", *extra]
 
 
-def run_study(ctx: Ctx, *, asha: bool, mlflow: bool = True) -> dict[str, Any]:
+def run_study(ctx: Ctx, *, asha: bool, mlflow: bool = True, extra: Sequence[str] = ()) -> dict[str, Any]:
     """Run the benchmark study as a subprocess; return wall time, start-up and what MLflow recorded."""
     n = ctx.cache["n_studies"] = ctx.cache.get("n_studies", 0) + 1
     name = f"bench-{'asha' if asha else 'grid'}-{n}-{int(time.time())}"
     cwd = ctx.tmp / name
     cwd.mkdir(parents=True)
-    argv = study_argv(ctx, name, asha=asha, mlflow=mlflow)
+    argv = study_argv(ctx, name, asha=asha, mlflow=mlflow, extra=extra)
     log(f"study {name}: {len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials, asha={asha}, mlflow={mlflow}")
     t = run_timed(argv, cwd=cwd, timeout=400, marks={"study_line": r"^study \S+: \d+ trials"})
     if t.rc != 0:
@@ -89,10 +91,14 @@ def read_back(ctx: Ctx, study_run_id: str, launched: float) -> dict[str, Any]:
         b = int(r.data.params["batch_size"])
         best[b] = min(best.get(b, math.inf), loss)
     first_start = min((r.info.start_time for r in runs), default=None)
+    last_end = max((r.info.end_time or 0 for r in runs), default=0)
     m = study.data.metrics
     return {"samples_trained": m.get("samples/trained"), "samples_full_grid": m.get("samples/full_grid"),
             "best_per_batch_size": dict(sorted(best.items())), "trial_statuses": statuses, "n_trial_runs": len(runs),
-            "startup_s": first_start / 1000 - launched if first_start else math.nan}
+            "startup_s": first_start / 1000 - launched if first_start else math.nan,
+            # first trial start to last trial end, and the sum of the trial runs' own durations
+            "trials_span_s": (last_end - first_start) / 1000 if first_start and last_end else math.nan,
+            "trial_runs_sum_s": sum(((r.info.end_time or 0) - r.info.start_time) / 1000 for r in runs)}
 
 
 def loop_configs() -> list[Any]:
@@ -103,25 +109,36 @@ def loop_configs() -> list[Any]:
             for b, m in itertools.product(BATCH_SIZES, LR_MULTIPLIERS)]
 
 
-def run_loop(configs: list[Any]) -> dict[str, Any]:
-    """Run the trials back to back in this process (run_trial loads the cached data itself, as workers do)."""
+def run_loop(ctx: Ctx) -> dict[str, Any]:
+    """Run the trials back to back in a fresh process (run_trial loads the cached data itself, as
+    workers do); the time is measured inside it, from the first trial to the last."""
+    log(f"plain loop: {len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials back to back in one process")
+    t = run_timed([sys.executable, "-m", "benchmarks.studyrun"], cwd=REPO, timeout=400)
+    if t.rc != 0:
+        raise RuntimeError(f"plain loop exited {t.rc}:\n{t.output[-3000:]}")
+    out = json.loads(t.output.strip().splitlines()[-1])
+    out["ideal_s"] = out["loop_s"] / CONCURRENCY
+    log(f"plain loop: {out['loop_s']:.1f}s, ideal with {CONCURRENCY} workers {out['ideal_s']:.1f}s")
+    return out
+
+
+def _loop_main() -> None:
     import torch
 
     from scaling.train import run_trial
 
     torch.set_num_threads(1)
-    log(f"plain loop: {len(configs)} trials back to back")
-    t0 = time.perf_counter()
+    configs = loop_configs()
     statuses: dict[str, int] = {}
     best: dict[int, float] = {}
+    t0 = time.perf_counter()
     for cfg in configs:
         r = run_trial(cfg)
         statuses[r.status] = statuses.get(r.status, 0) + 1
         if r.status not in ("diverged", "oom", "error") and math.isfinite(r.best_val_loss):
             best[cfg.batch_size] = min(best.get(cfg.batch_size, math.inf), r.best_val_loss)
     wall = time.perf_counter() - t0
-    log(f"plain loop: {wall:.1f}s, ideal with {CONCURRENCY} workers {wall / CONCURRENCY:.1f}s")
-    return {"loop_s": wall, "ideal_s": wall / CONCURRENCY, "statuses": statuses, "best_per_batch_size": best}
+    print(json.dumps({"loop_s": wall, "statuses": statuses, "best_per_batch_size": best}))
 
 
 def full_grid_reference(ctx: Ctx) -> dict[str, Any]:
@@ -142,3 +159,7 @@ def study_supports_mlflow_off() -> tuple[bool, str, str]:
     return False, "a study ignores mlflow.enabled", (
         "study_runner.run_study creates its StudyRecorder unconditionally; mlflow.enabled is read "
         "only by single runs (cli.record_trial)")
+
+
+if __name__ == "__main__":  # the plain loop of run_loop, in its own process
+    _loop_main()

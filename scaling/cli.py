@@ -77,8 +77,12 @@ def preflight(argv: Sequence[str]) -> None:
         fail(one_line(exc))
 
 
-def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str] = None):
-    """Run one trial with MLflow recording (and a progress bar); return (TrialResult, run_id)."""
+def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str] = None,
+                 ref_lr: Optional[float] = None, tags: Optional[dict[str, str]] = None):
+    """Run one trial with MLflow recording (and a progress bar); return (TrialResult, run_id).
+
+    ref_lr replaces scaling.ref_lr (an LR range test's result); tags go onto the trial's run.
+    """
     from scaling.reporters import MultiReporter, ProgressReporter
     from scaling.train import TrialResult, run_trial
 
@@ -87,7 +91,7 @@ def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str
     if cfg.mlflow.enabled:
         from scaling.tracking import MlflowTrialReporter
 
-        mlflow_reporter = MlflowTrialReporter(cfg, parent_run_id=parent_run_id)
+        mlflow_reporter = MlflowTrialReporter(cfg, parent_run_id=parent_run_id, ref_lr=ref_lr, extra_tags=tags)
         reporters.append(mlflow_reporter)
     if progress:
         from scaling.tracking import trial_run_name
@@ -95,7 +99,7 @@ def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str
         reporters.append(ProgressReporter(cfg.epochs, desc=trial_run_name(cfg)))
     reporter = MultiReporter(*reporters)
     try:
-        result = run_trial(cfg, reporter)
+        result = run_trial(cfg, reporter, ref_lr=ref_lr)
     except ConfigError:
         raise
     except Exception as exc:  # a crash is recorded as `error`, then re-raised for the caller
@@ -124,7 +128,16 @@ def end_line(result: Any, run_id: Optional[str], cfg: Any) -> str:
 def _train_task(cfg: Any) -> Optional[float]:
     try:
         validate(cfg)
-        result, run_id = record_trial(cfg, progress=sys.stderr.isatty() or os.environ.get("SCALING_PROGRESS") == "1")
+        progress = sys.stderr.isatty() or os.environ.get("SCALING_PROGRESS") == "1"
+        ref_lr, found = None, {}
+        if cfg.scaling.ref_lr == "auto" or cfg.schedule.from_lr_find:  # the LR comes from a range test first
+            from scaling.lr_finder import trial_ref_lr
+
+            ref_lr, found = trial_ref_lr(cfg, progress=progress)
+            print(f"lr range test: {found['lr_find.suggestion']}={found['lr_find.lr']:.4g} at "
+                  f"bs={found['lr_find.batch_size']} -> ref_lr={ref_lr:.4g}", flush=True)
+        result, run_id = record_trial(cfg, progress=progress, ref_lr=ref_lr,
+                                      tags={k: str(v) for k, v in found.items()})
     except ConfigError as exc:
         fail(str(exc))
     print(end_line(result, run_id, cfg), flush=True)

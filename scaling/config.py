@@ -184,6 +184,35 @@ class MlflowConfig:
     enabled: bool = True
 
 
+LR_FIND_MODES = ("exp", "linear")
+LR_FIND_SUGGESTIONS = ("valley", "steep", "minimum/10")
+LR_FIND_MIN_ITERS = 10  # below this fastai's trims (first 10%, last 5) leave nothing to suggest from
+
+
+@dataclass
+class LrFindConfig:
+    """The LR range test (Smith 2015; fastai's lr_find): scaling-lr-find, scaling.ref_lr=auto, schedule.from_lr_find."""
+
+    start_lr: float = 1e-6
+    """LR of the first iteration."""
+    end_lr: float = 10.0
+    """LR of iteration num_iters - 1, if the loss has not diverged before."""
+    num_iters: int = 100
+    """Optimizer steps of the sweep; the training data is cycled as often as needed."""
+    mode: str = "exp"
+    """exp: the LR grows geometrically (fastai) | linear: arithmetically (Smith 2015)."""
+    smooth: float = 0.05
+    """Weight of the newest loss in the smoothed loss (fastai's EMA beta = 1 - smooth); 1: no smoothing."""
+    diverge_factor: float = 4.0
+    """Stop once the smoothed loss exceeds this factor x its minimum so far (fastai: 4)."""
+    suggestion: str = "valley"
+    """The suggestion used by ref_lr=auto, from_lr_find and the batch-size fit: valley | steep | minimum/10."""
+    val_every: Optional[int] = None
+    """Smith's variant: also measure the validation loss every this many iterations (null: off)."""
+    batch_sizes: Optional[list[int]] = None
+    """scaling-lr-find: one range test per batch size (null: batch_size); `batch_size=32,256` fills it."""
+
+
 @dataclass
 class TrialConfig:
     """The public contract of a trial: every top-level key here is a study axis."""
@@ -200,6 +229,7 @@ class TrialConfig:
     gns: GnsConfig = field(default_factory=GnsConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    lr_find: LrFindConfig = field(default_factory=LrFindConfig)
 
     batch_size: int = 128
     micro_batch_size: Optional[int] = None
@@ -321,6 +351,7 @@ def validate(cfg: Any) -> None:
             ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks"))
     if not cfg.mlflow.experiment.strip():
         raise ConfigError("mlflow.experiment", cfg.mlflow.experiment, "must not be empty")
+    _validate_lr_find(cfg)
 
 
 def _validate_data(d: Any, batch_size: int) -> None:
@@ -382,6 +413,60 @@ def _validate_schedule(s: Any) -> None:
     _positive("schedule.final_div_factor", s.final_div_factor)
     _fraction("schedule.base_lr_fraction", s.base_lr_fraction, open_low=True)
     _positive("schedule.cycle_epochs", s.cycle_epochs)
+
+
+def _generated_n_train(d: Any) -> Optional[int]:
+    """Return the training-set size of a generated dataset (as load_dataset splits it), None for files."""
+    if d.name not in ("mnist1d", "synthetic"):
+        return None
+    n_train = d.n_samples - int(round(d.n_samples * d.val_fraction))
+    return n_train if d.max_train_samples is None else min(n_train, d.max_train_samples)
+
+
+def _validate_lr_find(cfg: Any) -> None:
+    f = cfg.lr_find
+    _positive("lr_find.start_lr", f.start_lr)
+    _positive("lr_find.end_lr", f.end_lr)
+    if f.start_lr >= f.end_lr:
+        raise ConfigError("lr_find.start_lr", f.start_lr, f"must be below lr_find.end_lr={f.end_lr!r}")
+    _choice("lr_find.mode", f.mode, LR_FIND_MODES)
+    _positive("lr_find.smooth", f.smooth)
+    if f.smooth > 1:
+        raise ConfigError("lr_find.smooth", f.smooth, "must be at most 1 (1: no smoothing)")
+    _positive("lr_find.num_iters", f.num_iters, integer=True)
+    window = max(LR_FIND_MIN_ITERS, math.ceil(1 / f.smooth - 1e-9))  # an EMA's memory: ~1/smooth iterations
+    if f.num_iters < window:
+        raise ConfigError("lr_find.num_iters", f.num_iters,
+                          f"must be at least {window}, the smoothing window (1/lr_find.smooth, and at least "
+                          f"{LR_FIND_MIN_ITERS})")
+    _positive("lr_find.diverge_factor", f.diverge_factor)
+    if f.diverge_factor <= 1:
+        raise ConfigError("lr_find.diverge_factor", f.diverge_factor, "must be above 1")
+    _choice("lr_find.suggestion", f.suggestion, LR_FIND_SUGGESTIONS)
+    if f.val_every is not None:
+        _positive("lr_find.val_every", f.val_every, integer=True)
+        if f.val_every > f.num_iters:
+            raise ConfigError("lr_find.val_every", f.val_every, f"must not exceed lr_find.num_iters={f.num_iters}")
+    n_train = _generated_n_train(cfg.data)
+    if f.batch_sizes is not None:
+        if len(f.batch_sizes) == 0:
+            raise ConfigError("lr_find.batch_sizes", list(f.batch_sizes), "must list at least one batch size")
+        for b in f.batch_sizes:
+            _positive("lr_find.batch_sizes", b, integer=True)
+            if n_train is not None and b > n_train:
+                raise ConfigError("lr_find.batch_sizes", b, f"is larger than the training set ({n_train} samples)")
+        if len(set(f.batch_sizes)) < len(f.batch_sizes):
+            raise ConfigError("lr_find.batch_sizes", list(f.batch_sizes), "lists a batch size twice")
+    if cfg.scaling.ref_lr == "auto" and n_train is not None and cfg.scaling.ref_batch_size > n_train:
+        raise ConfigError("scaling.ref_batch_size", cfg.scaling.ref_batch_size,
+                          f"is larger than the training set ({n_train} samples), and scaling.ref_lr=auto "
+                          "runs the LR range test at it")
+    if cfg.schedule.from_lr_find:
+        if cfg.schedule.name not in ("onecycle", "cyclic"):
+            raise ConfigError("schedule.from_lr_find", True,
+                              f"applies to schedule=onecycle or cyclic only, not {cfg.schedule.name}")
+        if cfg.lr is not None:
+            raise ConfigError("lr", cfg.lr, "bypasses schedule.from_lr_find's range test; set one of them")
 
 
 # --------------------------------------------------------------------------- derived values

@@ -48,7 +48,7 @@ class PeakMemory:
     def __init__(self, device) -> None:
         self.device = device
         self.is_cuda = getattr(device, "type", str(device)) == "cuda"
-        self.baseline_mb = 0.0
+        self.baseline_mb = 0.0 if self.is_cuda else rss_mb()
         self.resettable = self.is_cuda or (os.path.exists(_CLEAR_REFS) and _status_kb("VmHWM") is not None)
 
     def reset(self) -> None:

@@ -41,9 +41,20 @@ class TuneReporter(Reporter):
         self.checkpointing = checkpoint_every_eval
         self.last: dict[str, float] = {}
         self.total_steps = None
+        self.node_id: Optional[str] = None
+        self.resumed_from: Optional[int] = None
+
+    def _node(self) -> dict[str, str]:
+        """Return the Ray node this trial runs on (the driver tags the trial run with it)."""
+        if self.node_id is None:
+            import ray
+
+            self.node_id = ray.get_runtime_context().get_node_id()
+        return {"node_id": self.node_id}
 
     def start(self, info: dict[str, Any]) -> None:
         self.total_steps = info.get("total_steps")
+        self.resumed_from = info.get("resumed_from_step")
 
     def report(self, metrics: dict[str, float], checkpoint=None) -> None:
         from ray import tune
@@ -52,7 +63,9 @@ class TuneReporter(Reporter):
         # The last evaluation carries the status: the scheduler stops trials at max_t on this very
         # report, so a later "finish" report might never reach the driver.
         last = self.total_steps is not None and metrics.get("step", 0) >= self.total_steps
-        result = {**metrics, "trial_status": "completed" if last else "running"}
+        result = {**metrics, "trial_status": "completed" if last else "running", **self._node()}
+        if self.resumed_from:
+            result["resumed_from_step"] = self.resumed_from
         if self.checkpointing and checkpoint is not None:
             import torch
 
@@ -67,7 +80,7 @@ class TuneReporter(Reporter):
 
         final = {"val/loss": math.nan, "val/acc": math.nan, "epoch": 0.0, "samples": 0, **self.last,
                  **result.metrics, **(result.target or {})}
-        final.update(trial_status=result.status, trial_reason=result.reason)
+        final.update(trial_status=result.status, trial_reason=result.reason, **self._node())
         if result.status in ("diverged", "oom"):
             final["val/loss"] = math.nan  # never "best": the scheduler and the report treat NaN as worst
         tune.report(final)
@@ -108,6 +121,8 @@ def _callback_class():
             self.running: set[int] = set()
             self.final: dict[int, dict] = {}
             self.samples_trained: dict[int, int] = {}
+            self.resumed: set[int] = set()
+            self.nodes: dict[int, str] = {}  # trial index -> the Ray node id it last reported from
 
         def _index(self, trial) -> int:
             return int(trial.config["point"]["index"])
@@ -123,6 +138,13 @@ def _callback_class():
             i = self._index(trial)
             metrics = {k: v for k, v in result.items() if "/" in k or k in ("lr", "samples", "step", "epoch")}
             self.samples_trained[i] = max(self.samples_trained.get(i, 0), int(result.get("samples", 0)))
+            node = result.get("node_id")
+            if node and self.nodes.get(i) != node:  # tag the run with where it ran (a retry may move it)
+                self.nodes[i] = node
+                self.recorder.trial_tags(i, {"ray.node_id": node, "ray.node_ip": str(result.get("node_ip", ""))})
+            if result.get("resumed_from_step") and i not in self.resumed:
+                self.resumed.add(i)
+                self.recorder.trial_tag(i, "trial.resumed_from_step", str(result["resumed_from_step"]))
             status = result.get("trial_status", "running")
             if status in ("running", "completed"):  # "completed" rides on the last evaluation
                 self.recorder.trial_metrics(i, metrics)
@@ -140,7 +162,7 @@ def _callback_class():
             self.running.discard(i)
             final = self.final.get(i)
             if error:
-                status, reason = "error", str(getattr(trial, "error_msg", "") or "worker failed")[-2000:]
+                status, reason = "error", _error_reason(trial)
             elif final is not None:
                 status, reason = final["trial_status"], final.get("trial_reason", "")
             elif self.scheduler is not None and trial.trial_id in self.scheduler.pruned_trial_ids:
@@ -163,6 +185,16 @@ def _callback_class():
                   f"| best val/loss per batch size {bests}", flush=True)
 
     return StudyCallback
+
+
+def _error_reason(trial) -> str:
+    """Return the last line of a failed trial's error (the exception), or a generic reason."""
+    try:
+        err = trial.get_error()
+    except Exception:  # noqa: BLE001 - the error file may be gone with a lost node
+        err = None
+    lines = [line.strip() for line in str(err or "").splitlines() if line.strip()]
+    return lines[-1][-2000:] if lines else "worker failed (no error recorded)"
 
 
 def best_per_batch_size(recorder, specs: dict[int, TrialSpec]) -> dict[int, dict]:

@@ -115,6 +115,14 @@ class StudyRecorder:
                       "summary": {k: float(v) for k, v in (summary or {}).items()},
                       "step": max(self.logged_samples.get(index, 0), 0)})
 
+    def trial_tags(self, index: int, tags: dict[str, str]) -> None:
+        """Queue tags for the trial's run (e.g. `ray.node_id`, the node it ran on)."""
+        self._submit({"op": "tags", "index": index, "tags": {k: str(v) for k, v in tags.items()}})
+
+    def trial_tag(self, index: int, key: str, value: str) -> None:
+        """Queue a tag on the trial's run."""
+        self._submit({"op": "tag", "index": index, "key": key, "value": value})
+
     def _submit(self, intent: dict) -> None:
         self.pending.append(intent)
         self.flush()
@@ -148,6 +156,12 @@ class StudyRecorder:
         self._save_journal()
         return True
 
+    def drain(self) -> None:
+        """Apply every queued write, waiting for the store (SCALING_MLFLOW_WAIT_S); else raise RuntimeError."""
+        if not self.flush(wait_s=float(os.environ.get("SCALING_MLFLOW_WAIT_S", "120"))):
+            raise RuntimeError(f"MLflow still unreachable: {len(self.pending)} results kept in {self.journal}; "
+                               "run the same command with hydra.sweeper.resume=true to record them")
+
     def use_journal(self, path: Path) -> None:
         """Journal unapplied writes to `path`, and queue any left there by an earlier run."""
         self.journal = path
@@ -178,6 +192,13 @@ class StudyRecorder:
         i = intent["index"]
         if intent["op"] == "started":
             self._create_trial_run(i, intent["config"], intent["tags"])
+        elif intent["op"] == "tags":
+            for key, value in intent["tags"].items():
+                self.client.set_tag(self.trial_runs[i], key, value)
+        elif intent["op"] == "tag":
+            self.client.set_tag(self.trial_runs[i], intent["key"], intent["value"])
+        elif intent["op"] == "tag":
+            self.client.set_tag(self.trial_runs[i], intent["key"], intent["value"])
         elif intent["op"] == "metrics":
             log_metrics(self.client, self.trial_runs[i], intent["metrics"], step=int(intent["metrics"].get("samples", 0)))
         else:
@@ -207,9 +228,7 @@ class StudyRecorder:
     def finish(self, n_trials: int, samples_full_grid: int, samples_trained: int, best_per_batch: dict,
                interrupted: bool = False) -> dict[str, int]:
         """Record counts by status, samples trained vs the full grid, and the best trial per batch size."""
-        if not self.flush(wait_s=float(os.environ.get("SCALING_MLFLOW_WAIT_S", "120"))):
-            raise RuntimeError(f"MLflow still unreachable: {len(self.pending)} results kept in {self.journal}; "
-                               "run the same command with hydra.sweeper.resume=true to record them")
+        self.drain()
         counts = Counter(self.status.values())
         metrics = {f"trials/{s}": float(counts.get(s, 0)) for s in TERMINAL}
         metrics["trials/total"] = float(n_trials)

@@ -35,9 +35,7 @@ def _specs(grid: Grid, configs: list) -> dict[int, TrialSpec]:
 
 
 def _storage(sweeper, name: str) -> Path:
-    root = sweeper.conf.storage_path or os.path.join(os.getcwd(), ".studies")
-    path = Path(root).expanduser().resolve() / name
-    return path
+    return sweeper.storage_root() / name
 
 
 def _write_state(path: Path, state: dict) -> None:
@@ -117,7 +115,6 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
     else:
         print(f"study {name}: {len(specs)} trials | mlflow run {recorder.run_id} | sweep dir {sweep_dir}", flush=True)
 
-    _prepare_data(configs)
     scheduler = _scheduler(sweeper, grid, specs)
     callback = _callback_class()(recorder, specs, scheduler)
     res = sweeper.conf.resources
@@ -189,7 +186,7 @@ def _point(spec: TrialSpec) -> dict:
     return point
 
 
-def _prepare_data(configs: list) -> None:
+def prepare_data(configs: list) -> None:
     """Generate each distinct dataset once, in the driver, so trials only read the cache."""
     from scaling.data import load_dataset
 
@@ -205,8 +202,9 @@ def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool) 
     epochs = {i: float(s.config["epochs"]) for i, s in specs.items()}
     full = sum(int(epochs[i] * _n_train(s)) for i, s in specs.items())
     trained = sum(max(v, 0) for v in recorder.logged_samples.values())  # all attempts, from MLflow
-    best = best_per_batch_size(recorder, specs)
     try:
+        recorder.drain()  # every trial run exists before the summary names them
+        best = best_per_batch_size(recorder, specs)
         counts = recorder.finish(len(specs), full, trained, best, interrupted=interrupted)
     except RuntimeError as exc:  # the tracking server is still down: the journal keeps everything
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -250,6 +248,12 @@ def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: 
                       f"{m.get('mem/peak_mb', math.nan):.0f}", run.data.tags.get("trial.status", "?"))
     console = Console(file=sys.stdout)
     console.print(table)
+    oom = sorted({int(s.config["batch_size"]) for i, s in specs.items() if recorder.status.get(i) == "oom"})
+    if oom:
+        fit = sorted({int(s.config["batch_size"]) for i, s in specs.items()
+                      if recorder.status.get(i) in ("completed", "pruned", "early_stopped", "diverged")})
+        fitting = [b for b in fit if b < oom[0]]
+        print(f"out of memory at batch sizes {oom}; largest batch size that fit: {fitting[-1] if fitting else 'none'}")
     frac = trained / max(full, 1)
     print(f"{sum(counts.values())} trials in {wall:.0f}s: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
           + f" | samples trained {trained:,} of the full grid's {full:,} ({frac:.0%})")

@@ -157,6 +157,18 @@ class ScalingSweeper(Sweeper):
             raise ConfigError(exc.key, exc.value, f"{exc.problem} (trial {' '.join(point)})") from None
         return cfg
 
+    def storage_root(self) -> Path:
+        """Return where Ray Tune keeps this sweep's studies (checkpoints, experiment state, journal)."""
+        return Path(self.conf.storage_path or Path.cwd() / ".studies").expanduser().resolve()
+
+    def _check_storage(self) -> None:
+        import os
+
+        root = self.storage_root()
+        probe = next((p for p in [root, *root.parents] if p.exists()), None)
+        if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK):
+            raise ConfigError("hydra.sweeper.storage_path", str(root), f"is not writable ({probe} is not a writable folder)")
+
     def study_name(self, grid: Grid) -> str:
         """Return the study's name: the configured one, or preset name + a hash of the grid."""
         if self.conf.study_name:
@@ -177,6 +189,10 @@ class ScalingSweeper(Sweeper):
             if len(uris) > 1 or len({c.mlflow.experiment for c in configs}) > 1:
                 raise ConfigError("mlflow.tracking_uri", sorted(uris), "must be the same for every trial of a study")
             check_tracking_uri(configs[0].mlflow.tracking_uri)
+            self._check_storage()
+            from scaling.study_runner import prepare_data
+
+            prepare_data(configs)  # every dataset once, in the driver; a missing file fails here
         except Exception as exc:  # noqa: BLE001
             fail(one_line(exc))
         from scaling.study_runner import run_study

@@ -62,7 +62,6 @@ def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optiona
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     meter = PeakMemory(device)
-    meter.reset()
     try:
         result = _train(cfg, reporter, device, meter, dataset, resume, ref_lr)
     except (TrialOOM, MemoryError, torch.OutOfMemoryError) as exc:
@@ -79,6 +78,10 @@ def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optiona
 def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult:
     # ---- set-up: data, model, optimizer, schedule (all lengths from epochs)
     data = (dataset or load_dataset(cfg.data)).to(device)  # small data lives on the device: batches are index slices
+    # The window opens after the data is in place: the dataset is shared by every trial of a
+    # study (and its size is not a function of the batch size); model, optimizer and
+    # activations are what a batch-size comparison needs to see.
+    meter.reset()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     B = cfg.batch_size
@@ -103,7 +106,6 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult
     params = [p for p in model.parameters() if p.requires_grad]
     info = {"lr": lr, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "n_micro": n_micro,
             "warmup_steps": warmup_steps, "n_train": data.n_train, "device": str(device)}
-    reporter.start(info)
 
     s = _LoopState()  # everything a checkpoint must restore besides model/optimizer/schedule
     if resume is not None:
@@ -113,6 +115,8 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult
         s.__dict__.update(resume["loop"])
         if gns and resume.get("gns"):
             gns.load_state_dict(resume["gns"])
+        info["resumed_from_step"] = s.step
+    reporter.start(info)
 
     def checkpoint() -> dict:
         # A snapshot, not a view: state_dict() tensors alias the live parameters and optimizer

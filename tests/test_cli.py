@@ -29,11 +29,20 @@ def cli_tiny(tiny):
     return [o for o in tiny if not o.startswith("mlflow.enabled")]
 
 
-def search(uri: str, experiment: str):
-    import mlflow
+@pytest.fixture(scope="module")
+def shared_uri(tmp_path_factory) -> str:
+    """One MLflow store for the module's later runs (each in its own experiment): creating the
+    sqlite schema costs seconds on a loaded machine."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+def search(uri: str, experiment: str):
+    """Return the runs of `experiment` at `uri`, read back with mlflow.search_runs."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):  # not set_tracking_uri: the test process's global URI stays as it was
+        return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
 def test_script_exists():
@@ -92,22 +101,22 @@ def test_train_end_to_end(tmp_path, cli_tiny, tracking_uri, compose_cfg):
     assert OmegaConf.to_container(logged) == resolved_container(cfg)
 
 
-def test_python_m_scaling_train(tmp_path, cli_tiny, tracking_uri):
-    proc = run([*cli_tiny, f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=module"], tmp_path,
+def test_python_m_scaling_train(tmp_path, cli_tiny, shared_uri):
+    proc = run([*cli_tiny, f"mlflow.tracking_uri={shared_uri}", "mlflow.experiment=module"], tmp_path,
                module=True)
     assert proc.returncode == 0, proc.stderr
     assert "trial completed" in proc.stdout
-    [r] = search(tracking_uri, "module")
+    [r] = search(shared_uri, "module")
     assert r.data.tags["trial.status"] == "completed" and r.info.run_id in proc.stdout
 
 
-def test_basic_sweeper_multirun(tmp_path, cli_tiny, tracking_uri):
+def test_basic_sweeper_multirun(tmp_path, cli_tiny, shared_uri):
     grid = [o for o in cli_tiny if not o.startswith("batch_size=")]
     proc = run(["-m", "batch_size=32,64", "lr_multiplier=0.5,1", "hydra/sweeper=basic", *grid,
-                f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=grid"], tmp_path)
+                f"mlflow.tracking_uri={shared_uri}", "mlflow.experiment=grid"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("trial completed") == 4
-    runs = search(tracking_uri, "grid")
+    runs = search(shared_uri, "grid")
     points = sorted((r.data.params["batch_size"], r.data.params["lr_multiplier"]) for r in runs)
     assert points == [("32", "0.5"), ("32", "1.0"), ("64", "0.5"), ("64", "1.0")]
     assert all(r.data.tags["trial.status"] == "completed" for r in runs)
@@ -133,7 +142,7 @@ def _leftovers(cwd: Path) -> list[str]:
 def test_bad_input_one_line(tmp_path, args, words):
     # the default tracking URI is sqlite:///mlflow.db in the cwd: nothing may appear there
     proc = run(args, tmp_path, timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # a usage error, as documented in scaling.cli
     assert "Traceback" not in proc.stdout + proc.stderr
     lines = proc.stderr.strip("\n").split("\n")
     assert len(lines) == 1, proc.stderr

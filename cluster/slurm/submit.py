@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Submit a scaling study to SLURM: cluster/slurm/study.sbatch with resources from slurm.yaml.
+
+    python cluster/slurm/submit.py [--dry-run] [--wait] [--config FILE] [key=value ...] -- [study overrides ...]
+
+The keys (nodes, cpus_per_task, gpus_per_node, time, partition, ...) are checked against a typed
+schema, so a typo fails before anything is submitted. Everything after `--` is passed to
+`scaling-study` (experiment=..., batch_size=..., hydra.sweeper.resources.gpu=1, mlflow.tracking_uri=...).
+Per-trial resources (hydra.sweeper.resources.cpu/gpu) must fit on one node; that is checked here too.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class SlurmConf:
+    job_name: str = "scaling-study"
+    nodes: int = 1
+    cpus_per_task: int = 4
+    gpus_per_node: int = 0
+    mem_gb: Optional[int] = None
+    time: str = "01:00:00"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    output: str = "scaling-study-%j.out"
+    additional: Dict[str, Any] = field(default_factory=dict)
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+def load(config: Path, overrides: List[str]):
+    """Return the typed config: `config` merged with key=value overrides (unknown keys fail)."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(SlurmConf)
+    cfg = OmegaConf.merge(schema, OmegaConf.load(config), OmegaConf.from_dotlist(overrides))
+    if cfg.nodes < 1 or cfg.cpus_per_task < 1 or cfg.gpus_per_node < 0:
+        raise ValueError("nodes and cpus_per_task must be >= 1, gpus_per_node >= 0")
+    return cfg
+
+
+def check_fit(cfg, study: List[str]) -> None:
+    """Fail if one trial asks for more CPUs or GPUs than one node has."""
+    given = dict(a.split("=", 1) for a in study if "=" in a and not a.startswith("-"))
+    for key, have, what in (("hydra.sweeper.resources.cpu", cfg.cpus_per_task, "cpus_per_task"),
+                            ("hydra.sweeper.resources.gpu", cfg.gpus_per_node, "gpus_per_node")):
+        if key in given and float(given[key]) > have:
+            raise ValueError(f"{key}={given[key]} does not fit on one node ({what}={have})")
+
+
+def sbatch_command(cfg, study: List[str], wait: bool = False) -> List[str]:
+    """Return the sbatch command line for study.sbatch with `cfg`'s resources."""
+    flags = {"job-name": cfg.job_name, "nodes": cfg.nodes, "ntasks-per-node": 1, "cpus-per-task": cfg.cpus_per_task,
+             "time": cfg.time, "output": cfg.output, "partition": cfg.partition, "account": cfg.account,
+             "qos": cfg.qos, "constraint": cfg.constraint}
+    if cfg.gpus_per_node:
+        flags["gpus-per-node"] = cfg.gpus_per_node
+    if cfg.mem_gb:
+        flags["mem"] = f"{cfg.mem_gb}G"
+    flags.update(dict(cfg.additional))
+    cmd = ["sbatch", "--parsable"] + [f"--{k}={v}" for k, v in flags.items() if v is not None]
+    if cfg.env:
+        cmd.append("--export=ALL," + ",".join(f"{k}={v}" for k, v in cfg.env.items()))
+    if wait:
+        cmd.append("--wait")
+    return cmd + [str(HERE / "study.sbatch"), *study]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    study: List[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, study = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=HERE / "slurm.yaml")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch command, submit nothing")
+    parser.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of slurm.yaml")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load(args.config, args.overrides)
+        check_fit(cfg, study)
+    except Exception as exc:  # noqa: BLE001 - one line naming the key
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    cmd = sbatch_command(cfg, study, wait=args.wait)
+    print(" ".join(shlex.quote(c) for c in cmd), flush=True)
+    if args.dry_run:
+        return 0
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
+    job = proc.stdout.strip().split(";")[0]
+    if job:
+        print(f"submitted job {job}; log: {cfg.output.replace('%j', job)}", flush=True)
+    return proc.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""A study's MLflow record read back as tidy frames: one typed row per trial, histories on demand.
+
+`load_study` finds the study run (by id, name or "latest") and its trial runs; `Study.trials`
+has every resolved config key as a typed column, the status, and each metric's last value;
+`Study.history(metric)` fetches a metric's history per trial once, when first asked for.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # conf/config.yaml mlflow.tracking_uri (a test checks they agree)
+LR = "lr.effective"
+
+
+class StudyError(Exception):
+    """A study that cannot be found, or holds nothing to analyse; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target value of a metric; `source` says where it came from (configured, common, given)."""
+
+    metric: str
+    value: float
+    mode: str = "min"
+    source: str = "configured"
+
+    def reached(self, values):
+        """Return whether each value meets the target."""
+        return np.asarray(values) >= self.value if self.mode == "max" else np.asarray(values) <= self.value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {'>=' if self.mode == 'max' else '<='} {self.value:.4g}"
+
+
+@dataclass
+class Study:
+    """One study: its run's name, params and tags, and `trials`, one typed row per trial."""
+
+    run_id: str
+    name: str
+    trials: pd.DataFrame
+    axes: list[str] = field(default_factory=list)
+    status: str = "completed"
+    params: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)
+    tracking_uri: str = ""
+    fetch: Optional[Callable[[str, str], list]] = field(default=None, repr=False)  # (trial, metric) -> [(step, value)]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def history(self, metric: str, trials: Optional[Sequence[str]] = None) -> pd.DataFrame:
+        """Return a long frame (trial, samples, value) of `metric`, fetched once per trial."""
+        rows = []
+        for t in self.trials["trial"] if trials is None else trials:
+            if (metric, t) not in self._cache:
+                self._cache[(metric, t)] = self.fetch(t, metric) if self.fetch else []
+            rows += [(t, int(s), float(v)) for s, v in self._cache[(metric, t)]]
+        return pd.DataFrame(rows, columns=["trial", "samples", "value"])
+
+    @property
+    def configured_target(self) -> Optional[Target]:
+        """Return the target the trials were configured with (the most common one), or None."""
+        cols = ["target.metric", "target.value", "target.mode"]
+        if not set(cols) <= set(self.trials) or self.trials.empty:
+            return None
+        metric, value, mode = self.trials[cols].astype(str).value_counts().index[0]
+        return Target(metric, float(value), mode, "configured")
+
+
+# ---------------------------------------------------------------- loading
+def typed(column: pd.Series) -> pd.Series:
+    """Return a column of MLflow param strings as int, float, bool or str ("null" -> missing)."""
+    raw = column.where(column.notna() & (column != "null"), None)
+    vals = raw.dropna().astype(str)
+    if vals.empty:
+        return raw
+    if vals.isin(["True", "False"]).all():
+        return raw.map({"True": True, "False": False, None: None})
+    num = pd.to_numeric(vals, errors="coerce")
+    if num.isna().any():
+        return raw
+    if len(vals) == len(raw) and vals.str.fullmatch(r"-?\d+").all():
+        return pd.to_numeric(raw).astype("int64")
+    return pd.to_numeric(raw, errors="coerce").astype(float)
+
+
+def trials_frame(records: Sequence[dict], axes: Sequence[str] = ()) -> pd.DataFrame:
+    """Return one row per trial from dicts with trial, name, status, reason, params and metrics.
+
+    Params become typed columns under their config keys; metrics keep their names (their last
+    logged value), except one named like a param (`lr`), which becomes `lr/last`.
+    """
+    head = pd.DataFrame([{k: r.get(k, "") for k in ("trial", "name", "status", "reason")} for r in records],
+                        columns=["trial", "name", "status", "reason"])
+    params = pd.DataFrame([r.get("params", {}) for r in records], index=head.index).apply(typed)
+    metrics = pd.DataFrame([r.get("metrics", {}) for r in records], index=head.index, dtype=float)
+    metrics = metrics.rename(columns={c: f"{c}/last" for c in metrics if c in params})
+    df = pd.concat([head, params, metrics], axis=1)
+    if "micro_batch_size" in df and "batch_size" in df:  # null means "the whole batch"
+        df["micro_batch_size"] = pd.to_numeric(df["micro_batch_size"]).fillna(df["batch_size"]).astype("int64")
+    df = df.sort_values([c for c in ("batch_size", LR, "seed") if c in df]).reset_index(drop=True)
+    df.attrs["axes"] = [a for a in axes if a in df]
+    return df
+
+
+def _axis_columns(grid_json: Optional[str], columns: Sequence[str]) -> list[str]:
+    """Return the trial columns of the study's swept axes (group axes by their `.name`)."""
+    if not grid_json:
+        return []
+    grid = json.loads(grid_json)
+    out = []
+    for key in [*grid.get("axes", {}), *grid.get("sampled", {})]:
+        bare = key.lstrip("+~").split("@")[0]
+        out += [c for c in (bare, f"{bare}.name") if c in columns][:1]
+    return out
+
+
+def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
+               experiment: str = "scaling") -> Study:
+    """Return the study named by run id, run name, or None / "latest" (the newest), from MLflow.
+
+    Raises StudyError (one line) when the store, the experiment or the study does not exist.
+    """
+    from scaling.tracking import KIND_TAG, STATUS_TAG, STUDY_TAG, make_client
+
+    uri = tracking_uri or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise StudyError(f"no MLflow store at {uri} (pass --tracking-uri, or run from the study's folder)")
+    client = make_client(uri)
+    run = _find_study_run(client, study, uri, experiment, KIND_TAG)
+    runs, token = [], None
+    while True:  # every trial of the study, all pages
+        page = client.search_runs([run.info.experiment_id], f"tags.{STUDY_TAG} = '{run.info.run_id}'",
+                                  max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    records = [{"trial": r.info.run_id, "name": r.info.run_name, "status": r.data.tags.get(STATUS_TAG, "running"),
+                "reason": r.data.tags.get("trial.reason", ""), "params": r.data.params, "metrics": r.data.metrics}
+               for r in runs]
+    probe = trials_frame(records)
+    trials = trials_frame(records, _axis_columns(run.data.params.get("grid"), list(probe.columns)))
+
+    def fetch(trial: str, metric: str) -> list:
+        return [(m.step, m.value) for m in client.get_metric_history(trial, metric)]
+
+    return Study(run.info.run_id, run.info.run_name, trials, trials.attrs["axes"],
+                 run.data.tags.get(STATUS_TAG, "unknown"), dict(run.data.params), dict(run.data.tags), uri, fetch)
+
+
+def _find_study_run(client, study: Optional[str], uri: str, experiment: str, kind_tag: str):
+    exp = client.get_experiment_by_name(experiment)
+    if study and len(study) == 32 and all(c in "0123456789abcdef" for c in study):
+        try:
+            run = client.get_run(study)
+        except Exception:  # noqa: BLE001 - MLflow raises its own error for an unknown id
+            run = None
+        if run is not None:
+            if run.data.tags.get(kind_tag) != "study":
+                raise StudyError(f"run {study} is not a study run ({kind_tag}={run.data.tags.get(kind_tag)})")
+            return run
+    if exp is None:
+        raise StudyError(f"no experiment '{experiment}' at {uri}")
+    found = client.search_runs([exp.experiment_id], f"tags.{kind_tag} = 'study'", max_results=200,
+                               order_by=["attributes.start_time DESC"])
+    if study in (None, "", "latest"):
+        if not found:
+            raise StudyError(f"no study in experiment '{experiment}' at {uri}")
+        return found[0]
+    named = [r for r in found if r.info.run_name == study]
+    if not named:
+        names = ", ".join(dict.fromkeys(r.info.run_name for r in found[:5])) or "none"
+        raise StudyError(f"no study '{study}' in experiment '{experiment}' at {uri} (latest studies: {names})")
+    return named[0]

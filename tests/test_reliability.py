@@ -1,0 +1,154 @@
+"""Faults a study must survive, each caused for real: a lost tracking server, a killed worker,
+a trial beyond its memory ceiling, a diverging LR, a trial that keeps failing.
+
+Every process a test kills is one it started (or a descendant of one), found by its id.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from procs import BIN, free_port, start_group, start_mlflow_server, stop_group, wait_for_text
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["epochs=1", "eval_every=0.25", "data.n_samples=3000", "model.width=32", "hydra.sweeper.report=false"]
+
+
+def trial_runs(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("scaling")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, [r for r in runs if r.data.tags.get("scaling.kind") == "study"], \
+        [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
+
+
+def run_study(args, cwd: Path, log_name="study.log", timeout=300):
+    proc = start_group([BIN / "scaling-train", "-m", *args], cwd, cwd / log_name)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+    return proc.returncode, (cwd / log_name).read_text()
+
+
+def test_mlflow_server_lost_mid_study_loses_nothing(tmp_path):
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    args = ["-m", "batch_size=32,128", "lr_multiplier=0.5,1", "hydra.sweeper.asha.enabled=false",
+            "hydra.sweeper.max_concurrent=1", f"mlflow.tracking_uri={uri}", *SMALL]
+    study = start_group([BIN / "scaling-train", *args], tmp_path, tmp_path / "study.log",
+                        env={"SCALING_MLFLOW_WAIT_S": "180"})
+    try:
+        wait_for_text(tmp_path / "study.log", "done 1/4", study)
+        stop_group(server)  # the tracking server goes away mid-study ...
+        wait_for_text(tmp_path / "study.log", "MLflow unreachable", study, timeout=120)
+        time.sleep(3)
+        server = start_mlflow_server(tmp_path, port)  # ... and comes back on the same store
+        assert study.wait(timeout=300) == 0, (tmp_path / "study.log").read_text()[-3000:]
+    finally:
+        if study.poll() is None:
+            stop_group(study)
+    try:
+        client, studies, trials = trial_runs(uri)
+        assert len(studies) == 1 and studies[0].data.tags["trial.status"] == "completed"
+        assert len(trials) == 4 and all(t.data.tags["trial.status"] == "completed" for t in trials)
+        for t in trials:
+            bs = int(t.data.params["batch_size"])
+            total = 2400 // bs
+            every = max(1, round(0.25 * total))
+            expected = sorted({s * bs for s in range(every, total + 1, every)} | {total * bs})
+            assert [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")] == expected
+        assert not list(tmp_path.glob(".studies/*/mlflow_journal.jsonl")), "the journal was not drained"
+    finally:
+        stop_group(server)
+
+
+def _history(client, run_id: str, key: str = "val/loss") -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(tmp_path):
+    common = ["batch_size=32", "lr_multiplier=1", "epochs=4", "eval_every=0.25", "data.n_samples=6000",
+              "model.width=64", "threads=1"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ref = start_group([BIN / "scaling-train", *common, f"mlflow.tracking_uri={uri}", "mlflow.experiment=reference"],
+                      tmp_path, tmp_path / "ref.log")
+    assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-2000:]
+
+    study = start_group([BIN / "scaling-train", "-m", *common, "seed=0,1", f"mlflow.tracking_uri={uri}",
+                         "hydra.sweeper.asha.enabled=false", "hydra.sweeper.max_concurrent=1",
+                         "hydra.sweeper.report=false"], tmp_path, tmp_path / "study.log")
+    try:
+        deadline = time.time() + 180
+        # checkpoints are numbered per evaluation (only the newest is kept): wait for the third
+        while not [p for p in tmp_path.glob(".studies/*/tune-0/trial_00000/checkpoint_*") if int(p.name[-6:]) >= 2]:
+            assert time.time() < deadline and study.poll() is None, (tmp_path / "study.log").read_text()[-3000:]
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(study.pid).children(recursive=True)
+                   if "ImplicitFunc" in " ".join(p.cmdline())]
+        assert workers, "no trial worker found among the study's processes"
+        for w in workers:
+            w.kill()  # the process running the trial dies mid-trial
+        assert study.wait(timeout=300) == 0, (tmp_path / "study.log").read_text()[-3000:]
+    finally:
+        if study.poll() is None:
+            stop_group(study)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    reference = client.search_runs([client.get_experiment_by_name("reference").experiment_id])[0]
+    trials = [r for r in client.search_runs([client.get_experiment_by_name("scaling").experiment_id])
+              if r.data.tags.get("scaling.kind") == "trial"]
+    seed0 = next(t for t in trials if t.data.params["seed"] == "0")
+    assert seed0.data.tags["trial.status"] == "completed"
+    restarted = [p for p in (tmp_path / ".studies").glob("*/tune-0/trial_00000/checkpoint_*")]
+    assert restarted, "no checkpoints were written"
+    got, want = _history(client, seed0.info.run_id), _history(client, reference.info.run_id)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6), \
+        "the resumed trial diverged from the uninterrupted run"
+    resumed = int(seed0.data.tags["trial.resumed_from_step"])  # restarted from its checkpoint, not from 0
+    assert resumed >= 2 * max(1, round(0.25 * 4800 // 32)), resumed
+
+
+def test_failing_trial_retries_are_bounded_and_end_as_error(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, log = run_study(["batch_size=32,64", "device=cuda", f"mlflow.tracking_uri={uri}",
+                           "hydra.sweeper.max_failures=1", *SMALL], tmp_path)
+    assert code == 0, log[-3000:]
+    _, studies, trials = trial_runs(uri)
+    assert len(trials) == 2
+    for t in trials:
+        assert t.data.tags["trial.status"] == "error"
+        assert "CUDA" in t.data.tags["trial.reason"]
+    assert studies[0].data.metrics["trials/error"] == 2
+
+
+def test_oom_and_divergence_end_their_trials_and_the_study_completes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, log = run_study(["batch_size=16,4096", "lr_multiplier=1,10000", "model.width=4096", "model.depth=1",
+                           "memory.limit_mb=200", "data.n_samples=6000", "epochs=1", "eval_every=0.5",
+                           "hydra.sweeper.asha.enabled=false", f"mlflow.tracking_uri={uri}",
+                           "hydra.sweeper.report=false"], tmp_path)
+    assert code == 0, log[-3000:]
+    client, studies, trials = trial_runs(uri)
+    by = {(t.data.params["batch_size"], t.data.params["lr_multiplier"]): t for t in trials}
+    assert by[("16", "1.0")].data.tags["trial.status"] == "completed"
+    assert by[("16", "10000.0")].data.tags["trial.status"] == "diverged"
+    for lr in ("1.0", "10000.0"):
+        oom = by[("4096", lr)]
+        assert oom.data.tags["trial.status"] == "oom"
+        assert "batch_size=4096" in oom.data.tags["trial.reason"]
+    assert "largest batch size that fit: 16" in log
+    best = json.loads(client.download_artifacts(studies[0].info.run_id, "best_per_batch_size.json", str(tmp_path)) and
+                      (tmp_path / "best_per_batch_size.json").read_text())
+    assert list(best) == ["16"] and best["16"]["lr_multiplier"] == 1.0, "a diverged or oom trial was chosen as best"
+    assert studies[0].data.metrics["trials/oom"] == 2 and studies[0].data.metrics["trials/diverged"] == 1

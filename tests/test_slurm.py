@@ -1,0 +1,111 @@
+"""SLURM, for real: a one-node cluster of this host (munged, slurmctld, slurmd) started by the test.
+
+- cluster/slurm/submit.py + study.sbatch: a Ray head started with srun inside the allocation,
+  then `scaling-study hydra.sweeper.ray.address=...` joins it; every trial lands in MLflow.
+- Hydra's submitit launcher (hydra/launcher=submitit_slurm): the plain grid, one SLURM job per
+  trial, no Ray, recorded on a shared MLflow server.
+
+The daemons listen on 127.0.0.1 only and are stopped by their process ids at teardown. The
+binaries come from Debian's slurm-wlm and munge (cluster/install-system-deps.sh); without them
+the tests skip, naming what is missing.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from cluster_procs import BIN, MlflowServer, SlurmCluster, free_port, is_loopback, listeners, slurm_missing
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["epochs=1", "eval_every=0.25", "data.n_samples=3000", "model.width=32"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = slurm_missing()
+    if missing:
+        pytest.skip(f"SLURM is not installed (missing {', '.join(missing)}): run cluster/install-system-deps.sh")
+    if os.geteuid() != 0:
+        pytest.skip("the throwaway SLURM cluster runs its daemons as root (slurmd launches the jobs)")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def job_env(slurm) -> dict[str, str]:
+    """The submitting environment: this venv first on PATH (sbatch exports it to the job)."""
+    return {**os.environ, **slurm.env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+
+
+def test_daemons_listen_on_loopback_only(slurm):
+    addresses = listeners(slurm.pids())
+    assert addresses, "slurmctld and slurmd listen nowhere?"
+    assert all(is_loopback(a) for a in addresses), addresses
+    assert "idle" in slurm.run("sinfo", "-h", "-o", "%T").stdout
+
+
+def test_sbatch_study_runs_ray_on_the_allocation_and_records_every_trial(slurm, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")  # short: Ray's sockets live there
+    db = tmp_path / "mlflow.db"
+    submit = [sys.executable, ROOT / "cluster" / "slurm" / "submit.py",
+              "nodes=1", f"cpus_per_task={min(os.cpu_count() or 1, 2)}", "time=00:10:00",
+              f"output={tmp_path / 'study-%j.out'}", f"env.RAY_PORT={free_port()}", f"env.RAY_TEMP_DIR={ray_tmp}",
+              "--",
+              "batch_size=32,64", "lr_multiplier=1", "scaling.rule=linear", "warmup.epochs=0", *TINY,
+              "hydra.sweeper.asha.grace_period=0.25", "hydra.sweeper.report=false", "hydra.sweeper.resources.cpu=1",
+              "hydra.sweeper.study_name=slurm-study", f"mlflow.tracking_uri=sqlite:///{db}"]
+    proc = slurm.run(*submit, cwd=tmp_path, env=job_env(slurm), timeout=60)
+    job = proc.stdout.split("submitted job ")[1].split(";")[0].strip()
+    state = slurm.wait_job(job, timeout=300)
+    log = (tmp_path / f"study-{job}.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert "ray head on" in log and "at 127.0.0.1:" in log and "ray cluster ready: 1 node(s)" in log
+    assert "scaling-study exited with 0" in log, log[-4000:]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("scaling")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    studies = [r for r in runs if r.data.tags.get("scaling.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
+    assert len(studies) == 1 and len(trials) == 2
+    assert studies[0].data.tags["trial.status"] == "completed"
+    assert {t.data.tags["trial.status"] for t in trials} == {"completed"}
+    assert all(t.data.tags.get("ray.node_id") for t in trials), "trial runs must name the Ray node they ran on"
+    # the job's Ray is gone with the job (stopped through srun, not with `ray stop`)
+    left = slurm.run("pgrep", "-f", ray_tmp, check=False).stdout.split()
+    assert not left, f"Ray processes of the job outlived it: {left}"
+
+
+def test_submitit_launcher_runs_the_plain_grid_as_slurm_jobs(slurm, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    server = MlflowServer(tmp_path)
+    try:
+        args = [str(BIN / "scaling-train"), "-m", "hydra/sweeper=basic", "hydra/launcher=submitit_slurm",
+                "batch_size=32,64", *TINY, "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+                f"mlflow.tracking_uri={server.url}", "threads=1"]
+        import subprocess
+
+        proc = subprocess.run(args, cwd=tmp_path, env=job_env(slurm), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        client = MlflowClient(tracking_uri=server.url)
+        exp = client.get_experiment_by_name("scaling")
+        runs = client.search_runs([exp.experiment_id], max_results=100)
+        assert sorted(r.data.params["batch_size"] for r in runs) == ["32", "64"]
+        assert {r.data.tags["trial.status"] for r in runs} == {"completed"}
+        # each trial ran as its own SLURM job, with submitit's logs in the sweep dir
+        logs = list(tmp_path.glob("multirun/**/.submitit/*/*_log.out"))
+        assert len(logs) == 2, logs
+    finally:
+        server.stop()
