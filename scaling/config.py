@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODES = ("min", "max")
 WARMUP_STARTS = ("ref", "zero")
+BACKENDS = ("auto", "gloo", "nccl")
 # Every metric the trial loop reports; a target on anything else could never be met.
 REPORTED_METRICS = (
     "train/loss", "val/loss", "val/acc", "lr", "samples", "step", "epoch",
@@ -184,6 +185,33 @@ class MlflowConfig:
     enabled: bool = True
 
 
+@dataclass
+class ParallelConfig:
+    """Data-parallel workers per trial; the global batch (so the scaling rule) is the same however it is split."""
+
+    workers: int = 1
+    """Data-parallel workers (ranks) per trial; with max_micro_batch, the fewest to start from."""
+    max_micro_batch: Optional[int] = None
+    """Per-worker micro-batch limit (null: off). Above it a trial first adds workers, up to max_workers,
+    then accumulates gradients; excludes micro_batch_size."""
+    max_workers: int = 1
+    """Most workers max_micro_batch may give a trial."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (gloo on CPU, nccl on CUDA) | gloo | nccl."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """How one optimizer step's batch is split: workers x micro_batch x accumulation == batch_size."""
+
+    workers: int
+    micro_batch: int
+    accumulation: int
+
+    def __str__(self) -> str:
+        return f"{self.workers}x{self.micro_batch}x{self.accumulation}"
+
+
 LR_FIND_MODES = ("exp", "linear")
 LR_FIND_SUGGESTIONS = ("valley", "steep", "minimum/10")
 LR_FIND_MIN_ITERS = 10  # below this fastai's trims (first 10%, last 5) leave nothing to suggest from
@@ -230,10 +258,11 @@ class TrialConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     lr_find: LrFindConfig = field(default_factory=LrFindConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     batch_size: int = 128
     micro_batch_size: Optional[int] = None
-    """Gradient accumulation when smaller than batch_size (null: one micro-batch)."""
+    """Per-worker micro-batch: gradient accumulation when below batch_size / parallel.workers (null: one)."""
     lr_multiplier: float = 1.0
     """Multiplies the rule's LR; the study's LR axis."""
     lr: Optional[float] = None
@@ -291,6 +320,7 @@ def validate(cfg: Any) -> None:
         if cfg.batch_size % cfg.micro_batch_size:
             raise ConfigError("micro_batch_size", cfg.micro_batch_size,
                               f"must divide batch_size={cfg.batch_size}")
+    split = _validate_parallel(cfg)
     _positive("lr_multiplier", cfg.lr_multiplier)
     if cfg.lr is not None:
         _positive("lr", cfg.lr)
@@ -335,8 +365,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError("divergence.factor", cfg.divergence.factor, "must be above 1")
     if cfg.gns.enabled:
         _fraction("gns.ema", cfg.gns.ema)
-        mb = cfg.micro_batch_size or cfg.batch_size
-        if cfg.batch_size // mb < 2:
+        if split.workers > 1:
+            raise ConfigError("gns.enabled", True, f"is not supported with {split.workers} data-parallel workers "
+                              "(parallel.workers / max_micro_batch): the estimator needs one process's micro-batches")
+        if split.accumulation < 2:
             raise ConfigError("gns.enabled", True,
                               "needs at least 2 micro-batches per step: set micro_batch_size below batch_size")
     if cfg.memory.limit_mb is not None:
@@ -352,6 +384,49 @@ def validate(cfg: Any) -> None:
     if not cfg.mlflow.experiment.strip():
         raise ConfigError("mlflow.experiment", cfg.mlflow.experiment, "must not be empty")
     _validate_lr_find(cfg)
+
+
+def _validate_parallel(cfg: Any) -> Split:
+    """Check the parallel node against batch_size and micro_batch_size; return the split."""
+    p, B = cfg.parallel, cfg.batch_size
+    _positive("parallel.workers", p.workers, integer=True)
+    _positive("parallel.max_workers", p.max_workers, integer=True)
+    _choice("parallel.backend", p.backend, BACKENDS)
+    if p.backend == "nccl" and cfg.device == "cpu":
+        raise ConfigError("parallel.backend", p.backend, "needs CUDA; use gloo (or auto) with device=cpu")
+    if B % p.workers:
+        raise ConfigError("parallel.workers", p.workers, f"must divide batch_size={B}")
+    if p.max_micro_batch is not None:
+        _positive("parallel.max_micro_batch", p.max_micro_batch, integer=True)
+        if cfg.micro_batch_size is not None:
+            raise ConfigError("parallel.max_micro_batch", p.max_micro_batch,
+                              f"excludes micro_batch_size={cfg.micro_batch_size}; set one of them")
+    elif cfg.micro_batch_size is not None and B % (p.workers * cfg.micro_batch_size):
+        raise ConfigError("micro_batch_size", cfg.micro_batch_size,
+                          f"times parallel.workers={p.workers} (= {p.workers * cfg.micro_batch_size}) "
+                          f"must divide batch_size={B}")
+    return plan_split(cfg)
+
+
+def plan_split(cfg: Any) -> Split:
+    """Return how a step's batch_size samples are split: workers x micro_batch x accumulation.
+
+    Without parallel.max_micro_batch: parallel.workers workers, each taking micro_batch_size samples
+    (null: its whole share) per forward pass. With it: the fewest workers from parallel.workers up to
+    max(workers, max_workers) (dividing batch_size) whose share fits the limit; if none fits, the most
+    of them, then the fewest accumulation steps that bring the micro-batch under the limit.
+    """
+    p, B = cfg.parallel, int(cfg.batch_size)
+    if p.max_micro_batch is None:
+        w = int(p.workers)
+        micro = int(cfg.micro_batch_size or B // w)
+        return Split(w, micro, B // (w * micro))
+    limit = int(p.max_micro_batch)
+    ws = [w for w in range(int(p.workers), max(int(p.workers), int(p.max_workers)) + 1) if B % w == 0]
+    w = next((w for w in ws if B // w <= limit), ws[-1])
+    share = B // w
+    acc = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= limit)
+    return Split(w, share // acc, acc)
 
 
 def _validate_data(d: Any, batch_size: int) -> None:

@@ -12,6 +12,10 @@ come fastai's three suggestions: valley, steep and minimum/10.
 `schedule.from_lr_find`, and `main` is `scaling-lr-find` (see scaling.lr_find_cli).
 torch is imported inside the functions, so the console script rejects a bad command line
 before paying for it.
+
+Not torch-lr-finder (a test checks we agree with it, curve for curve): it is a dev-only
+dependency, it has only the steepest-gradient suggestion, and it trains and then restores the
+caller's model, where a trial wants a fresh one built from its config.
 """
 from __future__ import annotations
 

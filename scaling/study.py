@@ -92,6 +92,7 @@ def trainable(params: dict, configs: dict) -> None:
     from omegaconf import OmegaConf
     from ray import tune
 
+    from scaling.config import plan_split
     from scaling.train import run_trial
 
     torch.set_num_threads(max(1, int(params.get("cpus", 1))))
@@ -103,7 +104,16 @@ def trainable(params: dict, configs: dict) -> None:
             resume = torch.load(os.path.join(d, "state.pt"), weights_only=False)
     elif params["point"].get("resume_from"):
         resume = torch.load(params["point"]["resume_from"], weights_only=False)
-    run_trial(cfg, TuneReporter(params.get("checkpoint", True)), resume=resume, ref_lr=params.get("ref_lr"))
+    reporter = TuneReporter(params.get("checkpoint", True))
+    workers = plan_split(cfg).workers
+    if workers > 1:  # this trial drives a Ray Train run of `workers` data-parallel ranks (scaling.distributed)
+        from scaling.distributed import run_data_parallel
+
+        run_data_parallel(cfg, reporter, workers, resume=resume, ref_lr=params.get("ref_lr"),
+                          checkpoints=reporter.checkpointing, cpus_per_worker=params.get("cpus", 1),
+                          gpus_per_worker=params.get("gpus", 0), storage_path=tune.get_context().get_trial_dir())
+        return
+    run_trial(cfg, reporter, resume=resume, ref_lr=params.get("ref_lr"))
 
 
 # ------------------------------------------------------------------ driver side

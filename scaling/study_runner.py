@@ -45,12 +45,29 @@ def _write_state(path: Path, state: dict) -> None:
     os.replace(tmp, path / STATE_FILE)  # atomic: a kill never leaves a half-written state
 
 
+def _probe_address(address) -> None:
+    """Raise ConfigError at once if nothing listens at a host:port Ray address (ray.init would retry for minutes)."""
+    import socket
+
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("hydra.sweeper.ray.address", address, "must be auto, local or host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        raise ConfigError("hydra.sweeper.ray.address", address, f"unreachable ({exc.strerror or exc})") from None
+
+
 def _check_cluster(sweeper) -> None:
     import ray
 
     from scaling.study import init_ray
 
     r = sweeper.conf.ray
+    _probe_address(r.address)
     try:
         init_ray(r.address, r.num_cpus, r.num_gpus)
     except Exception as exc:  # noqa: BLE001

@@ -118,24 +118,24 @@ def get_experiment_id(client, name: str) -> str:
 def make_client(uri: str):
     """Return an MlflowClient for `uri`.
 
-    A new SQLite store is created (its schema migrated) under a file lock: jobs that a Hydra
+    A new SQLite store is created (its schema migrated) under a lock on its folder: jobs that a Hydra
     launcher starts together (submitit, joblib) otherwise race to create the same file and one
     fails in alembic ("Online migration expected to match one row ...").
     """
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    if uri.startswith("sqlite:///"):
-        import fcntl
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    import fcntl
 
-        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY)  # the lock is on the folder: no lock file left behind
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            client.search_experiments(max_results=1)  # opens (creates, migrates) the store
-        finally:
-            os.close(fd)  # releases the lock
+    folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)  # the lock is on the folder: no lock file left behind
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)  # opens (creates, migrates) the store
+    finally:
+        os.close(fd)  # releases the lock
     return client
 
 

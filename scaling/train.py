@@ -2,6 +2,8 @@
 
 It knows nothing of Ray or MLflow: every evaluation goes to `reporter.report(metrics)`, and
 the caller decides where that lands. Budgets are in epochs (samples), never raw steps.
+In a torch.distributed process group it is one data-parallel rank (scaling.distributed starts
+the ranks); only rank 0 reports.
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from scaling.config import effective_lr, validate, warmup_start_lr
+from scaling.config import effective_lr, plan_split, validate, warmup_start_lr
 from scaling.data import Dataset, load_dataset
+from scaling.distributed import Group
 from scaling.memory import PeakMemory
 from scaling.models import build_model
 from scaling.noise import MicroGradNorms, NoiseScale
@@ -57,13 +60,14 @@ def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optiona
               resume: Optional[dict] = None, ref_lr: Optional[float] = None) -> TrialResult:
     """Train one trial to its budget (or until it diverges, stops early or runs out of memory)."""
     validate(cfg)
-    reporter = reporter or Reporter()
-    device = resolve_device(cfg.device)
+    group = Group.for_trial(cfg)  # one rank of W data-parallel workers (W = 1: none)
+    reporter = (reporter or Reporter()) if group.rank == 0 else Reporter()
+    device = group.device(resolve_device(cfg.device))
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     meter = PeakMemory(device)
     try:
-        result = _train(cfg, reporter, device, meter, dataset, resume, ref_lr)
+        result = _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group)
     except (TrialOOM, MemoryError, torch.OutOfMemoryError) as exc:
         result = TrialResult("oom", reason=f"out of memory at batch_size={cfg.batch_size}: {exc}".strip(": "))
     except RuntimeError as exc:
@@ -75,7 +79,7 @@ def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optiona
     return result
 
 
-def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult:
+def _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group: Group) -> TrialResult:
     # ---- set-up: data, model, optimizer, schedule (all lengths from epochs)
     data = (dataset or load_dataset(cfg.data)).to(device)  # small data lives on the device: batches are index slices
     # The window opens after the data is in place: the dataset is shared by every trial of a
@@ -84,9 +88,11 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult
     meter.reset()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    net = group.wrap(model, device)  # DistributedDataParallel across the ranks; `model` itself when alone
     B = cfg.batch_size
-    micro = cfg.micro_batch_size or B  # if micro < B: gradient accumulation, one step per B samples
-    n_micro = B // micro
+    split = plan_split(cfg)  # B = workers x micro x n_micro: each rank takes B / workers of every batch,
+    micro, n_micro = split.micro_batch, split.accumulation  # in n_micro micro-batches (gradient accumulation)
+    shard = group.shard(B)
     steps_per_epoch = data.n_train // B  # drop the ragged tail: every step sees exactly B samples
     if steps_per_epoch < 1:
         from scaling.config import ConfigError
@@ -105,7 +111,8 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult
     grad_norms = MicroGradNorms() if gns else None
     params = [p for p in model.parameters() if p.requires_grad]
     info = {"lr": lr, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "n_micro": n_micro,
-            "warmup_steps": warmup_steps, "n_train": data.n_train, "device": str(device)}
+            "warmup_steps": warmup_steps, "n_train": data.n_train, "device": str(device),
+            "workers": split.workers, "micro_batch": micro, "split": str(split)}
 
     s = _LoopState()  # everything a checkpoint must restore besides model/optimizer/schedule
     if resume is not None:
@@ -133,7 +140,7 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult
         epoch, pos = divmod(s.step, steps_per_epoch)
         if pos == 0 or order is None:
             order = _epoch_order(data.n_train, cfg.seed, epoch, device)
-        idx = order[pos * B:(pos + 1) * B]
+        idx = order[pos * B:(pos + 1) * B][shard]  # this rank's contiguous part of the global batch
 
         # ---- forward/backward with gradient accumulation over n_micro micro-batches
         t_step = time.perf_counter()
@@ -143,13 +150,15 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult
         loss_sum = 0.0
         for m in range(n_micro):
             mi = idx[m * micro:(m + 1) * micro]
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = F.cross_entropy(model(data.x_train[mi]), data.y_train[mi])
-            loss_sum += loss.item()  # one sync per micro-batch buys divergence detection within a step
-            scaler.scale(loss / n_micro).backward()
+            with group.no_sync(net, last=m == n_micro - 1):  # DDP all-reduces the gradients once per step
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = F.cross_entropy(net(data.x_train[mi]), data.y_train[mi])
+                loss_sum += loss.item()  # one sync per micro-batch buys divergence detection within a step
+                scaler.scale(loss / n_micro).backward()
             if grad_norms:
                 grad_norms.after_micro_backward(params)
-        train_loss = loss_sum / n_micro
+        # the global mean (one all-reduce across ranks): every rank takes the same decisions below
+        train_loss = group.sum(loss_sum, device) / (n_micro * group.world)
 
         # ---- divergence: a non-finite loss or one above factor x the first loss stops before the step
         s.initial_loss = s.initial_loss if s.initial_loss is not None else train_loss
@@ -173,17 +182,17 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr) -> TrialResult
         s.loss_acc += train_loss
         s.loss_n += 1
         if s.step == 1:
-            _check_memory(cfg, meter)
+            _check_memory(cfg, meter, group, device)
 
         # ---- evaluate, report, and decide whether to stop, on schedule only
         if s.step % eval_interval == 0 or s.step == total_steps:
             metrics = _progress(s, B, steps_per_epoch, optimizer, t0, s.loss_acc / s.loss_n, lr_now)
-            metrics.update(evaluate(model, data, amp_dtype))
+            metrics.update(evaluate(model, data, amp_dtype, group=group))
             metrics["mem/peak_mb"] = meter.peak_mb()
             if gns and gns.b_simple is not None:
                 metrics["gns/b_simple"] = gns.b_simple
             s.loss_acc, s.loss_n = 0.0, 0
-            _check_memory(cfg, meter)
+            _check_memory(cfg, meter, group, device)
             stop = _update_after_eval(cfg, s, metrics)
             s.elapsed_s = metrics["time/elapsed_s"]
             s.history.append(metrics)  # before report(): the checkpoint taken there must include it
@@ -221,20 +230,29 @@ def _progress(s: _LoopState, B: int, steps_per_epoch: int, optimizer, t0: float,
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Dataset, amp_dtype=None, chunk: int = 4096) -> dict[str, float]:
-    """Return val/loss and val/acc over the whole validation split."""
+def evaluate(model: torch.nn.Module, data: Dataset, amp_dtype=None, chunk: int = 4096,
+             group: Optional[Group] = None) -> dict[str, float]:
+    """Return val/loss and val/acc over the whole validation split.
+
+    In a data-parallel group each rank evaluates its shard and the totals are summed over the ranks
+    (one all-reduce), so every rank returns the same numbers.
+    """
+    group = group or Group()
     was_training = model.training
     model.eval()
-    loss, correct = torch.zeros((), device=data.x_val.device), torch.zeros((), device=data.x_val.device)
-    for i in range(0, len(data.y_val), chunk):
-        x, y = data.x_val[i:i + chunk], data.y_val[i:i + chunk]
+    part = group.shard(len(data.y_val))
+    x_val, y_val = data.x_val[part], data.y_val[part]
+    totals = torch.zeros(2, device=x_val.device)  # loss sum, correct count
+    for i in range(0, len(y_val), chunk):
+        x, y = x_val[i:i + chunk], y_val[i:i + chunk]
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-        loss += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+        totals[1] += (logits.argmax(1) == y).sum()
     model.train(was_training)
+    loss, correct = group.sum_(totals).tolist()
     n = len(data.y_val)
-    return {"val/loss": loss.item() / n, "val/acc": correct.item() / n}
+    return {"val/loss": loss / n, "val/acc": correct / n}
 
 
 def _update_after_eval(cfg, s: _LoopState, metrics: dict[str, float]) -> str:
@@ -257,10 +275,13 @@ def _update_after_eval(cfg, s: _LoopState, metrics: dict[str, float]) -> str:
     return ""
 
 
-def _check_memory(cfg, meter: PeakMemory) -> None:
+def _check_memory(cfg, meter: PeakMemory, group: Group, device: torch.device) -> None:
     limit = cfg.memory.limit_mb
-    if limit is not None and meter.peak_mb() > limit:
-        raise TrialOOM(f"peak {meter.peak_mb():.0f} MB exceeds memory.limit_mb={limit:g}")
+    if limit is None:
+        return
+    peak = group.max(meter.peak_mb(), device)  # the worst rank's: every rank stops together
+    if peak > limit:
+        raise TrialOOM(f"peak {peak:.0f} MB exceeds memory.limit_mb={limit:g}")
 
 
 def _end(cfg, reporter, s: _LoopState, status: str, reason: str, info: dict, meter: PeakMemory,

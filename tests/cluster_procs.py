@@ -206,9 +206,12 @@ def _which(name: str) -> str:
 class SlurmCluster:
     """A one-node SLURM cluster of this host: munged + slurmctld + slurmd, all state under `root`."""
 
-    def __init__(self, root: Path):
-        # munged and slurm check their directories' ownership and modes: a private dir of our own
-        self.root = Path(tempfile.mkdtemp(prefix="slurm-", dir=str(root)))
+    def __init__(self, keep: Path):
+        # munged wants every folder above its socket searchable by all (pytest's tmp dirs are
+        # private): the cluster lives in a folder of its own under /tmp; its logs are copied to
+        # `keep` at stop().
+        self.keep = Path(keep)
+        self.root = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
         self.root.chmod(0o755)
         self.conf = self.root / "slurm.conf"
         self.daemons: list[Group] = []
@@ -318,6 +321,10 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
                     pass
         for daemon in reversed(self.daemons):  # slurmd, slurmctld, munged
             daemon.stop()
+        for log in [*self.root.glob("*.out"), *self.root.glob("log/*"), self.conf]:
+            if log.is_file():
+                shutil.copy(log, self.keep / log.name)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ MLflow
@@ -334,7 +341,9 @@ class MlflowServer:
         args = [BIN / "mlflow", command, "--backend-store-uri", self.backend, "--host", "127.0.0.1",
                 "--port", str(self.port)]
         if command == "server":
-            args += ["--default-artifact-root", str(self.root / "artifacts"), "--workers", "1"]
+            # artifacts go through the server (proxied): clients need no access to its disk
+            self.artifacts = self.root / "artifacts"
+            args += ["--artifacts-destination", str(self.artifacts), "--workers", "1"]
         self.group = Group(args, self.root / f"mlflow-{command}-{self.port}.log", cwd=self.root)
         wait_until(self._healthy, 120, f"mlflow {command} at {self.url}", self.group.proc, self.group.log)
 
@@ -349,4 +358,4 @@ class MlflowServer:
         return group_pids(self.group.pid)
 
     def stop(self) -> None:
-        self.group.stop()
+        self.group.stop(grace=5)

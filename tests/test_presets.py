@@ -5,12 +5,14 @@ MLflow) with every grid axis pinned to one value, so each is a one-trial study o
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from scaling.cli import CONF_DIR
 from scaling.config import validate
@@ -66,28 +68,27 @@ def test_preset_is_documented(name):
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_composes_and_every_axis_value_validates(compose_cfg, name):
+def test_every_grid_point_validates(compose_cfg, name):
+    from omegaconf import OmegaConf
+
     cfg, grid = preset_grid(name)
     assert cfg.name == name and grid.axes
     assert len(grid.points) <= cfg.hydra.sweeper.max_trials
-    # a covering set: trial i takes value i mod len of every axis, so each value is composed once
-    width = max(len(v) for v in grid.axes.values())
-    for i in range(width):
-        point = [f"{k}={v[i % len(v)]}" for k, v in grid.axes.items()]
-        validate(compose_cfg(f"experiment={name}", *grid.fixed, *point))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", PRESETS)
-def test_every_grid_point_validates(name):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    _, grid = preset_grid(name)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for point in grid.points:
-            validate(compose("config", overrides=[f"experiment={name}", *point]))
+    # Hydra composes a point as: the groups it names, then its plain keys set on the result. Compose
+    # once per distinct group choice and set the plain keys with OmegaConf (typed, struct mode):
+    # the same configs as composing every point, in a fraction of the time.
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    bases = {}
+    for point in grid.points:
+        chosen = tuple(o for o in point if o.split("=")[0] in groups)
+        if chosen not in bases:
+            bases[chosen] = compose_cfg(f"experiment={name}", *chosen)
+        trial = copy.deepcopy(bases[chosen])
+        for o in point:
+            key, value = o.split("=", 1)
+            if key not in groups:
+                OmegaConf.update(trial, key, yaml.safe_load(value), merge=False)
+        validate(trial)
 
 
 def test_pins_cover_every_axis():
@@ -97,19 +98,26 @@ def test_pins_cover_every_axis():
         assert set(grid.axes) <= pinned, f"{name}: unpinned axes {set(grid.axes) - pinned}"
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """Return one MLflow store for every smoke run (creating its tables costs seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('presets')}/mlflow.db"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NEW)
-def test_preset_runs_as_a_one_trial_study(tmp_path, name):
+def test_preset_runs_as_a_one_trial_study(tmp_path, store, name):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = store
     extra = []
     if name == "cifar10_resnet":
         from fake_vision import write_fake_cifar10
 
         write_fake_cifar10(tmp_path / "data", n_train=400, n_test=100)
         extra = [f"data.root={tmp_path / 'data'}"]  # bf16 autocast and device=auto (the CPU here) as preset
-    args = ["-m", f"experiment={name}", *SMALL, *PIN[name], *extra, f"mlflow.tracking_uri={uri}"]
+    args = ["-m", f"experiment={name}", *SMALL, *PIN[name], *extra, f"mlflow.tracking_uri={uri}",
+            f"mlflow.experiment={name}"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     proc = subprocess.run([str(BIN / "scaling-train"), *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=240)
@@ -117,7 +125,7 @@ def test_preset_runs_as_a_one_trial_study(tmp_path, name):
     assert f"study {name}-" in proc.stdout and ": 1 trials |" in proc.stdout, proc.stdout[-2000:]
 
     client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
     [trial] = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
     assert trial.data.tags["trial.status"] == "completed", trial.data.tags.get("trial.reason")
     p = trial.data.params

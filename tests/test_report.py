@@ -150,9 +150,9 @@ def bad(tmp_path_factory):
     """Three small studies in one store: no completed trial, one batch size (reported by the driver), target never met."""
     cwd = tmp_path_factory.mktemp("bad")
     studies = {
-        "all-diverged": ["batch_size=32,64", "lr_multiplier=1000", "epochs=0.5", "hydra.sweeper.report=false"],
+        "all-diverged": ["batch_size=32,64", "lr_multiplier=1000", "epochs=1", "hydra.sweeper.report=false"],
         "one-batch": ["batch_size=64", "lr_multiplier=0.5,2", "epochs=1", "hydra.sweeper.report=true"],
-        "never-reached": ["batch_size=32,128,512", "lr_multiplier=1", "epochs=0.5", "target.value=0.99",
+        "never-reached": ["batch_size=32,128,512", "lr_multiplier=1", "epochs=1", "target.value=0.99",
                           "hydra.sweeper.report=false"],
     }
     procs = {}

@@ -12,6 +12,7 @@ the tests skip, naming what is missing.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -88,24 +89,22 @@ def test_sbatch_study_runs_ray_on_the_allocation_and_records_every_trial(slurm, 
 
 
 def test_submitit_launcher_runs_the_plain_grid_as_slurm_jobs(slurm, tmp_path):
+    import subprocess
+
     from mlflow.tracking import MlflowClient
 
-    server = MlflowServer(tmp_path)
-    try:
-        args = [str(BIN / "scaling-train"), "-m", "hydra/sweeper=basic", "hydra/launcher=submitit_slurm",
-                "batch_size=32,64", *TINY, "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
-                f"mlflow.tracking_uri={server.url}", "threads=1"]
-        import subprocess
-
-        proc = subprocess.run(args, cwd=tmp_path, env=job_env(slurm), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        client = MlflowClient(tracking_uri=server.url)
-        exp = client.get_experiment_by_name("scaling")
-        runs = client.search_runs([exp.experiment_id], max_results=100)
-        assert sorted(r.data.params["batch_size"] for r in runs) == ["32", "64"]
-        assert {r.data.tags["trial.status"] for r in runs} == {"completed"}
-        # each trial ran as its own SLURM job, with submitit's logs in the sweep dir
-        logs = list(tmp_path.glob("multirun/**/.submitit/*/*_log.out"))
-        assert len(logs) == 2, logs
-    finally:
-        server.stop()
+    db = tmp_path / "mlflow.db"
+    args = [str(BIN / "scaling-train"), "-m", "hydra/sweeper=basic", "hydra/launcher=slurm", "batch_size=32,64",
+            *TINY, "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1", "threads=1",
+            f"mlflow.tracking_uri=sqlite:///{db}"]
+    proc = subprocess.run(args, cwd=tmp_path, env=job_env(slurm), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Submitit 'slurm' sweep output dir" in proc.stdout + proc.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id], max_results=100)
+    assert sorted(r.data.params["batch_size"] for r in runs) == ["32", "64"]
+    assert {r.data.tags["trial.status"] for r in runs} == {"completed"}
+    # each trial ran as a task of one SLURM job array: submitit's folders are named <job>_<task>
+    jobs = sorted(p.parent.name for p in tmp_path.glob("multirun/*/*/.submitit/*/*_log.out"))
+    assert len(jobs) == 2 and all(re.fullmatch(r"\d+_\d+", j) for j in jobs), jobs
+    assert all(slurm.job_state(j) == "COMPLETED" for j in jobs)

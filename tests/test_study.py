@@ -160,6 +160,9 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
     (["batch_size=32,64", "hydra.sweeper.resources.gpu=1"], "resources.gpu"),
     (["batch_size=32,64", "mlflow.tracking_uri=http://127.0.0.1:9"], "mlflow.tracking_uri"),
     (["batch_size=32,64", "hydra.sweeper.study_name=../escape"], "study_name"),
+    (["batch_size=32,64", "hydra.sweeper.ray.address=127.0.0.1:1"], "ray.address"),
+    (["batch_size=32,64", "hydra.sweeper.storage_path=/proc/no/such"], "storage_path"),
+    (["batch_size=32,64", "hydra.sweeper.max_trials=1"], "max_trials"),
 ])
 def test_bad_study_input_is_one_line_and_leaves_nothing(tmp_path, args, key):
     proc = run_cli(["-m", *args, "epochs=1", "data.n_samples=3000"], tmp_path, timeout=120)

@@ -1,0 +1,47 @@
+"""The grid comes from Hydra's own override grammar (no Ray, no MLflow needed)."""
+import math
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from scaling.config import ConfigError
+from scaling.grid import build_grid, stratum_keys
+
+
+def parse(*args):
+    return OverridesParser.create().parse_overrides(list(args))
+
+
+def test_choice_and_range_are_axes_and_plain_values_are_fixed():
+    g = build_grid(parse("batch_size=32,64", "lr_multiplier=range(1,4)", "epochs=2"))
+    assert g.axes == {"batch_size": ["32", "64"], "lr_multiplier": ["1", "2", "3"]}
+    assert g.fixed == ["epochs=2"]
+    assert len(g.points) == 6 and ["epochs=2", "batch_size=32", "lr_multiplier=1"] in g.points
+
+
+def test_a_later_override_replaces_an_earlier_axis():
+    g = build_grid(parse("batch_size=16,32,64", "lr_multiplier=1,2", "batch_size=128"))
+    assert "batch_size" not in g.axes and "batch_size=128" in g.fixed and len(g.points) == 2
+
+
+def test_log_interval_is_sampled_log_uniformly_num_samples_times():
+    g = build_grid(parse("batch_size=32,64", "lr_multiplier=tag(log,interval(0.01,100))"), num_samples=400, seed=1)
+    assert len(g.points) == 800 and g.sampled == {"lr_multiplier": "tag(log,interval(0.01,100))"}
+    draws = [float(p[-1].split("=")[1]) for p in g.points[::2]]
+    assert all(0.01 <= d <= 100 for d in draws)
+    logs = sorted(math.log10(d) for d in draws)
+    assert abs(logs[len(logs) // 2]) < 0.3, "the median of a log-uniform draw on [1e-2, 1e2] is near 1"
+    assert build_grid(parse("lr_multiplier=interval(0.1,1)"), num_samples=3, seed=1).points == \
+        build_grid(parse("lr_multiplier=interval(0.1,1)"), num_samples=3, seed=1).points
+
+
+def test_empty_sweep_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match="batch_size"):
+        build_grid(parse("batch_size=range(5,5)"))
+
+
+def test_strata_exclude_lr_and_seed_unless_group_by_is_given():
+    axes = ["batch_size", "lr_multiplier", "scaling.rule", "seed", "+warmup.epochs"]
+    assert stratum_keys(axes, None) == ["batch_size", "scaling.rule", "+warmup.epochs"]
+    assert stratum_keys(axes, ["batch_size"]) == ["batch_size"]
+    assert stratum_keys(axes, []) == []

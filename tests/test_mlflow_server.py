@@ -1,0 +1,66 @@
+"""The team setup: one shared `mlflow server`, studies record to it over HTTP, reports read from it.
+
+The server runs on 127.0.0.1 with a SQLite backend and proxied artifacts (clients upload
+through the server, so they need no access to its disk); the test starts it and stops it by
+its process group.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from cluster_procs import BIN, MlflowServer, is_loopback, listeners
+
+pytestmark = pytest.mark.slow
+
+TINY = ["epochs=1", "eval_every=0.25", "data.n_samples=3000", "model.width=32", "threads=1",
+        "hydra.sweeper.asha.grace_period=0.25"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def run(args, cwd, timeout=300):
+    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_server_listens_on_loopback_only(server):
+    addresses = listeners(server.pids())
+    assert addresses and all(is_loopback(a) for a in addresses), addresses
+
+
+def test_study_records_to_the_server_and_the_report_reads_from_it(server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    proc = run([BIN / "scaling-train", "-m", "batch_size=32,64", "lr_multiplier=0.5,2", *TINY,
+                "hydra.sweeper.report=false", "hydra.sweeper.study_name=shared-server",
+                f"mlflow.tracking_uri={server.url}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not list(tmp_path.glob("*.db")) and not (tmp_path / "mlruns").exists(), "recorded locally, not on the server"
+
+    client = MlflowClient(tracking_uri=server.url)
+    runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id], max_results=100)
+    studies = [r for r in runs if r.data.tags.get("scaling.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
+    assert len(studies) == 1 and len(trials) == 4
+    assert studies[0].data.tags["trial.status"] == "completed"
+
+    # a teammate's machine: only the URL, nothing local
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    report = run([BIN / "scaling-report", "shared-server", "--tracking-uri", server.url], elsewhere)
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    assert "Study shared-server" in report.stdout
+    names = [a.path for a in client.list_artifacts(studies[0].info.run_id, "report")]
+    assert any(n.endswith(".png") for n in names), names
+    # uploaded through the server: the files are in the server's artifact store
+    assert list(server.artifacts.rglob("report/*.png"))
