@@ -171,3 +171,16 @@ def test_bad_study_input_is_one_line_and_leaves_nothing(tmp_path, args, key):
     assert len(lines) == 1 and lines[0].startswith("error:") and key in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "mlflow.db").exists(), "an MLflow store was created for a rejected study"
+
+
+def test_basic_sweeper_with_joblib_launcher_records_one_run_per_job(tmp_path):
+    """The plain grid without Ray: Hydra's basic sweeper, jobs in 2 joblib processes, one writer each."""
+    proc = run_cli(["-m", "hydra/sweeper=basic", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                    "batch_size=32,64", "lr_multiplier=0.5,1", "epochs=0.5", "eval_every=0.25",
+                    "data.n_samples=3000", "model.width=32", "threads=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    studies, trials = study_runs(tmp_path)
+    assert studies == [] and len(trials) == 4
+    assert {(t.data.params["batch_size"], t.data.params["lr_multiplier"]) for t in trials} == \
+        {("32", "0.5"), ("32", "1.0"), ("64", "0.5"), ("64", "1.0")}
+    assert all(t.data.tags["trial.status"] == "completed" for t in trials)
