@@ -312,8 +312,26 @@ def _fraction(key: str, value: float, *, open_low: bool = False) -> None:
         raise ConfigError(key, value, "must be below 1")
 
 
+def _check_keys(cfg: Any, schema: type = None, prefix: str = "") -> None:
+    """Raise ConfigError for a key the schema does not know (Hydra's `+key=` skips that check)."""
+    import dataclasses
+
+    schema = schema or TrialConfig
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        if key == "hydra" and not prefix:  # Hydra's own node, when a caller kept it
+            continue
+        if key not in fields:
+            raise ConfigError(prefix + str(key), cfg[key], "is not a config key")
+        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub) and hasattr(cfg[key], "keys"):
+            _check_keys(cfg[key], sub, f"{prefix}{key}.")
+
+
 def validate(cfg: Any) -> None:
     """Raise ConfigError for the first value a user got wrong; pure, imports nothing heavy."""
+    if hasattr(cfg, "keys"):
+        _check_keys(cfg)
     _positive("batch_size", cfg.batch_size, integer=True)
     if cfg.micro_batch_size is not None:
         _positive("micro_batch_size", cfg.micro_batch_size, integer=True)
