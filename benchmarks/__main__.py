@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import asha, startup, study, throughput
-from benchmarks.common import REPO, Ctx, Row, load_average, log, machine
+from benchmarks.common import REPO, Ctx, Row, cpu_share, load_average, log, machine
 
 # Run (and table) order follows the row numbers.
 GROUPS = {
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run; wider spreads)")
     p.add_argument("--out", default=str(REPO / "bench-results" / "latest.json"), help="where to write the JSON")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (study outputs, mlflow.db)")
+    p.add_argument("--repeat-asha", type=int, default=1, metavar="N", help="ASHA study runs (each ~1 min)")
+    p.add_argument("--budget", type=float, default=570, metavar="S",
+                   help="seconds the suite aims to finish in: the study row drops its second pair when short")
     args = p.parse_args(argv)
     names = [n.strip() for arg in args.only for n in arg.split(",") if n.strip()] or list(GROUPS)
     unknown = [n for n in names if n not in GROUPS]
@@ -57,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
 
     info = machine()
+    info["cpu_share_start"] = round(cpu_share(0.5), 2)
     print(f"machine: {info['cpu']}, {info['cores_usable']}/{info['cores']} cores usable, GPU: {info['gpu']}, "
-          f"load average {info['load_avg_start']} | python {info['python']}, torch {info.get('torch')}, "
+          f"load average {info['load_avg_start']}, CPU share of a probe {info['cpu_share_start']} | python {info['python']}, torch {info.get('torch')}, "
           f"ray {info.get('ray')}, mlflow {info.get('mlflow')} | git {info.get('git', '?')}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="scaling-bench-")).resolve()
-    ctx = Ctx(quick=args.quick, tmp=tmp)
-    rows: list[Row] = []
     t0 = time.perf_counter()
+    ctx = Ctx(quick=args.quick, tmp=tmp, cache={"asha_runs": max(1, args.repeat_asha), "groups": names},
+              deadline=t0 + args.budget)
+    rows: list[Row] = []
     try:
         for name in (n for n in GROUPS if n in names):
             t = time.perf_counter()
@@ -80,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     total = time.perf_counter() - t0
-    info["load_avg_end"] = load_average()
+    info["load_avg_end"], info["cpu_share_end"] = load_average(), round(cpu_share(0.5), 2)
 
     print(table(rows))
     notes = [f"  {r.name}: {r.note}" for r in rows if r.note]
     if notes:
         print("notes:\n" + "\n".join(notes))
     print(f"ratio column: median [min-max over repeats]; {total:.0f}s in all ({'quick' if args.quick else 'full'}); "
-          f"load average at end {info['load_avg_end']}")
+          f"load average at end {info['load_avg_end']}, CPU share {info['cpu_share_end']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "mode": "quick" if args.quick else "full", "groups": names,

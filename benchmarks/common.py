@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's console scripts (scaling-train, scaling-study)
+CONTENDED = 0.85  # CPU time / wall time below which other processes' load makes wall time meaningless
 
 
 @dataclass
@@ -43,6 +44,10 @@ class Ctx:
     quick: bool
     tmp: Path
     cache: dict[str, Any] = field(default_factory=dict)
+    deadline: float = float("inf")  # time.perf_counter() by which the suite should be done
+
+    def time_left(self) -> float:
+        return self.deadline - time.perf_counter()
 
 
 def not_measurable(name: str, target: str, reason: str, detail: str = "") -> Row:
@@ -91,6 +96,7 @@ class Timed:
     launched: float
     output: str
     marks: dict[str, float]
+    cpu_s: float = float("nan")  # the child's own user + system CPU time (not its daemons')
 
 
 def run_timed(argv: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[dict] = None,
@@ -114,19 +120,31 @@ def run_timed(argv: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[
                     seen[k] = time.perf_counter() - t0
             if time.perf_counter() - t0 > timeout:
                 raise subprocess.TimeoutExpired(argv, timeout)
-        rc = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+        _, status, usage = os.wait4(proc.pid, 0)  # like proc.wait(), plus the child's CPU time
+        wall = time.perf_counter() - t0
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+        cpu = usage.ru_utime + usage.ru_stime
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)  # our own child's session only
         proc.wait()
-        rc = -9
+        rc, wall, cpu = -9, time.perf_counter() - t0, float("nan")
         lines.append(f"\n[benchmarks] killed after {timeout:.0f}s\n")
-    return Timed(rc, time.perf_counter() - t0, launched, "".join(lines), seen)
+    return Timed(rc, wall, launched, "".join(lines), seen, cpu)
 
 
 def script(name: str) -> str:
     """Return the path of a console script of this venv (scaling-train, scaling-study)."""
     path = BIN / name
     return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+def cpu_share(seconds: float = 0.2) -> float:
+    """Return the CPU share this process gets for a pure-Python spin: ~1.0 on an idle core,
+    ~cores / load on a machine that other processes oversubscribe."""
+    c0, t0 = time.thread_time(), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sum(range(1000))
+    return (time.thread_time() - c0) / (time.perf_counter() - t0)
 
 
 def load_average() -> list[float]:

@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.common import Ctx, Row, log, paired, summarize
+from benchmarks.common import CONTENDED, Ctx, Row, log, paired, summarize
 
 BASE = ["mlflow.enabled=false", "threads=1", "device=cpu"]
-CONTENDED = 0.85  # median CPU time / wall time below which wall-clock ratios are not trusted
 
 
 @dataclass
@@ -122,7 +121,7 @@ def ratio_row(name: str, pairs: list[tuple[Rate, Rate]], *, a_label: str, b_labe
 def trial_throughput(ctx: Ctx) -> list[Row]:
     """Row 1: run_trial samples/s / hand loop samples/s at batch 32 and 512 (target >= 0.95)."""
     compose, data = _setup()
-    repeats = 3 if ctx.quick else 9
+    repeats = 3 if ctx.quick else 7
     rows = []
     for B, epochs in ((32, 1), (512, 3)):  # ~0.5-1 s of training per measurement
         over = [f"batch_size={B}", f"epochs={epochs}", f"eval_every={epochs}"]
@@ -138,7 +137,7 @@ def trial_throughput(ctx: Ctx) -> list[Row]:
 def gns_overhead(ctx: Ctx) -> list[Row]:
     """Row 5: time per sample with gns.enabled=true vs off, both with micro_batch_size=B/4 (target <= 1.10)."""
     compose, data = _setup()
-    repeats = 3 if ctx.quick else 7
+    repeats = 3 if ctx.quick else 5
     rows = []
     for B, epochs in ((128, 1), (512, 3)):
         over = [f"batch_size={B}", f"micro_batch_size={B // 4}", f"epochs={epochs}", f"eval_every={epochs}"]

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from scaling.config import ConfigError, register_configs, validate
+from scaling.config import ConfigError, plan_split, register_configs, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "-sc", "--shell-completion",
@@ -99,7 +99,12 @@ def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str
         reporters.append(ProgressReporter(cfg.epochs, desc=trial_run_name(cfg)))
     reporter = MultiReporter(*reporters)
     try:
-        result = run_trial(cfg, reporter, ref_lr=ref_lr)
+        if plan_split(cfg).workers > 1:  # data-parallel: one local process per worker (scaling.distributed)
+            from scaling.distributed import run_data_parallel
+
+            result = run_data_parallel(cfg, reporter, ref_lr=ref_lr)
+        else:
+            result = run_trial(cfg, reporter, ref_lr=ref_lr)
     except ConfigError:
         raise
     except Exception as exc:  # a crash is recorded as `error`, then re-raised for the caller

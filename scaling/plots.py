@@ -102,6 +102,9 @@ def cost_to_target(a: Analysis) -> Figure:
             lo, hi = fit.b_crit_interval
             if hi > lo:
                 ax.axvspan(max(lo, bs[0]), min(hi, bs[-1]), color="tab:red", alpha=0.08, label="B_crit 95% interval")
+        else:
+            ax.text(0.98, 0.02, "no fit: needs 3 batch sizes that reach the target", transform=ax.transAxes,
+                    ha="right", fontsize=8, color="dimgray")
         missed = a.costs.loc[~a.costs["reached"], "batch_size"]
         if len(missed):
             ax.text(0.02, 0.02, "not reached: B=" + ", ".join(f"{b:g}" for b in missed), transform=ax.transAxes,

@@ -136,12 +136,11 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
         table.add_row(*row)
     console.print(table)
 
-    n_b = int(a.best["batch_size"].nunique())
     f = a.lr_fit
     if f is not None:
         up_to = f"; {f.verdict} holds up to B={f.up_to:g}" if f.up_to else ""
         console.print(f"[bold]LR scaling[/bold]: best LR ~ B^alpha, alpha = {f.alpha:.2f} "
-                      f"({_interval(*f.alpha_interval, n_b, '.2f')}, {f.n_points} batch sizes) -> [bold]{f.verdict}[/bold]; "
+                      f"(95% CI {f.alpha_interval[0]:.2f} to {f.alpha_interval[1]:.2f}, {f.n_points} batch sizes) -> [bold]{f.verdict}[/bold]; "
                       f"consistent with {', '.join(f.consistent) or 'no rule'}{up_to}")
     else:
         console.print("[bold]LR scaling[/bold]: not fitted (see notes)")

@@ -7,6 +7,7 @@ more than a small trial.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ class TuneReporter(Reporter):
         self.total_steps = None
         self.node_id: Optional[str] = None
         self.resumed_from: Optional[int] = None
+        self.derived: Optional[str] = None  # the loop's derived values, sent once (the driver logs derived.*)
 
     def _node(self) -> dict[str, str]:
         """Return the Ray node this trial runs on (the driver tags the trial run with it)."""
@@ -55,6 +57,11 @@ class TuneReporter(Reporter):
     def start(self, info: dict[str, Any]) -> None:
         self.total_steps = info.get("total_steps")
         self.resumed_from = info.get("resumed_from_step")
+        self.derived = json.dumps({k: v for k, v in info.items() if k != "resumed_from_step"})
+
+    def _once(self) -> dict[str, str]:
+        derived, self.derived = self.derived, None
+        return {"derived": derived} if derived else {}
 
     def report(self, metrics: dict[str, float], checkpoint=None) -> None:
         from ray import tune
@@ -63,7 +70,7 @@ class TuneReporter(Reporter):
         # The last evaluation carries the status: the scheduler stops trials at max_t on this very
         # report, so a later "finish" report might never reach the driver.
         last = self.total_steps is not None and metrics.get("step", 0) >= self.total_steps
-        result = {**metrics, "trial_status": "completed" if last else "running", **self._node()}
+        result = {**metrics, "trial_status": "completed" if last else "running", **self._node(), **self._once()}
         if self.resumed_from:
             result["resumed_from_step"] = self.resumed_from
         if self.checkpointing and checkpoint is not None:
@@ -80,7 +87,7 @@ class TuneReporter(Reporter):
 
         final = {"val/loss": math.nan, "val/acc": math.nan, "epoch": 0.0, "samples": 0, **self.last,
                  **result.metrics, **(result.target or {})}
-        final.update(trial_status=result.status, trial_reason=result.reason, **self._node())
+        final.update(trial_status=result.status, trial_reason=result.reason, **self._node(), **self._once())
         if result.status in ("diverged", "oom"):
             final["val/loss"] = math.nan  # never "best": the scheduler and the report treat NaN as worst
         tune.report(final)
@@ -152,6 +159,8 @@ def _callback_class():
             if node and self.nodes.get(i) != node:  # tag the run with where it ran (a retry may move it)
                 self.nodes[i] = node
                 self.recorder.trial_tags(i, {"ray.node_id": node, "ray.node_ip": str(result.get("node_ip", ""))})
+            if result.get("derived"):  # the trial loop's derived values (lr, steps, the data-parallel split)
+                self.recorder.trial_params(i, {f"derived.{k}": str(v) for k, v in json.loads(result["derived"]).items()})
             if result.get("resumed_from_step") and i not in self.resumed:
                 self.resumed.add(i)
                 self.recorder.trial_tag(i, "trial.resumed_from_step", str(result["resumed_from_step"]))

@@ -145,8 +145,8 @@ def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
     records = [{"trial": r.info.run_id, "name": r.info.run_name, "status": r.data.tags.get(STATUS_TAG, "running"),
                 "reason": r.data.tags.get("trial.reason", ""), "params": r.data.params, "metrics": r.data.metrics}
                for r in runs]
-    probe = trials_frame(records)
-    trials = trials_frame(records, _axis_columns(run.data.params.get("grid"), list(probe.columns)))
+    columns = {k for r in records for k in r["params"]}
+    trials = trials_frame(records, _axis_columns(run.data.params.get("grid"), columns))
 
     def fetch(trial: str, metric: str) -> list:
         return [(m.step, m.value) for m in client.get_metric_history(trial, metric)]

@@ -115,6 +115,10 @@ class StudyRecorder:
                       "summary": {k: float(v) for k, v in (summary or {}).items()},
                       "step": max(self.logged_samples.get(index, 0), 0)})
 
+    def trial_params(self, index: int, params: dict[str, str]) -> None:
+        """Queue params for the trial's run (the trial loop's derived values, `derived.*`)."""
+        self._submit({"op": "params", "index": index, "params": {k: str(v) for k, v in params.items()}})
+
     def trial_tags(self, index: int, tags: dict[str, str]) -> None:
         """Queue tags for the trial's run (e.g. `ray.node_id`, the node it ran on)."""
         self._submit({"op": "tags", "index": index, "tags": {k: str(v) for k, v in tags.items()}})
@@ -199,6 +203,8 @@ class StudyRecorder:
             self.client.set_tag(self.trial_runs[i], intent["key"], intent["value"])
         elif intent["op"] == "tag":
             self.client.set_tag(self.trial_runs[i], intent["key"], intent["value"])
+        elif intent["op"] == "params":
+            log_params(self.client, self.trial_runs[i], intent["params"])
         elif intent["op"] == "metrics":
             log_metrics(self.client, self.trial_runs[i], intent["metrics"], step=int(intent["metrics"].get("samples", 0)))
         else:

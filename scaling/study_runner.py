@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, plan_split
 from scaling.grid import Grid, stratum_keys
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, init_ray, trainable
 
@@ -61,7 +61,7 @@ def _probe_address(address) -> None:
         raise ConfigError("hydra.sweeper.ray.address", address, f"unreachable ({exc.strerror or exc})") from None
 
 
-def _check_cluster(sweeper) -> None:
+def _check_cluster(sweeper, most_workers: int = 1) -> None:
     import ray
 
     from scaling.study import init_ray
@@ -80,6 +80,11 @@ def _check_cluster(sweeper) -> None:
     if want.cpu > res.get("CPU", 0):
         ray.shutdown()
         raise ConfigError("hydra.sweeper.resources.cpu", want.cpu, f"exceeds the cluster's {res.get('CPU', 0):g} CPUs")
+    for kind, per_worker in (("CPU", want.cpu), ("GPU", want.gpu)):
+        if most_workers > 1 and most_workers * per_worker > res.get(kind, 0):
+            ray.shutdown()
+            raise ConfigError("parallel.workers", most_workers, f"x hydra.sweeper.resources.{kind.lower()}="
+                              f"{per_worker:g} exceeds the cluster's {res.get(kind, 0):g} {kind}s")
 
 
 def _scheduler(sweeper, grid: Grid, specs: dict[int, TrialSpec]):
@@ -95,6 +100,35 @@ def _scheduler(sweeper, grid: Grid, specs: dict[int, TrialSpec]):
                           axes=[f"point.{_bare(k)}" for k in grid.axis_names], stratified=a.stratified)
 
 
+def _trial_resources(workers: dict[int, int], res) -> Any:
+    """Return Tune's resource request per trial, from the trial's data-parallel plan.
+
+    A single-worker trial holds resources.cpu/gpu itself. A trial of W > 1 workers is only the driver
+    of a Ray Train run, and Ray Train reserves the W workers' resources itself, in its own placement
+    group with one bundle of resources.cpu/gpu per worker (Train V2 cannot borrow the trial's). The
+    driver therefore asks Tune for no CPU or GPU: holding any would starve that placement group and
+    deadlock a full node. Tune refuses an empty request, so it takes a token 1 byte of memory.
+    """
+    from ray import tune
+
+    single = tune.PlacementGroupFactory([{"CPU": res.cpu, "GPU": res.gpu}])
+    driver = tune.PlacementGroupFactory([{"memory": 1}])
+    return lambda config: driver if workers[int(config["point"]["index"])] > 1 else single
+
+
+def _max_concurrent(sweeper, workers: dict[int, int]) -> Any:
+    """Return the cap on running trials: the configured one, or with data-parallel trials (whose Tune
+    request holds no CPU/GPU) as many as single-worker trials could run, so drivers do not pile up."""
+    import ray
+
+    m, res = sweeper.conf.max_concurrent, sweeper.conf.resources
+    if m is not None or max(workers.values()) == 1:
+        return m
+    total = ray.cluster_resources()
+    fits = [total.get(k, 0) // v for k, v in (("CPU", res.cpu), ("GPU", res.gpu)) if v > 0]
+    return max(1, int(min(fits))) if fits else None
+
+
 def _bare(key: str) -> str:
     """Return an override key without Hydra's +/~ prefixes and @package suffix."""
     return key.lstrip("+~").split("@")[0]
@@ -108,12 +142,13 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
     from scaling.study_record import StudyRecorder
 
     specs = _specs(grid, configs)
+    workers = {i: plan_split(OmegaConf.create(s.config)).workers for i, s in specs.items()}  # data-parallel ranks
     name = sweeper.study_name(grid)
     storage = _storage(sweeper, name)
     state_path = storage / STATE_FILE
     state = json.loads(state_path.read_text()) if sweeper.conf.resume and state_path.exists() else {}
     try:
-        _check_cluster(sweeper)
+        _check_cluster(sweeper, max(workers.values()))
     except ConfigError as exc:
         fail(str(exc))
     first = configs[0]
@@ -136,7 +171,7 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
     callback = _callback_class()(recorder, specs, scheduler)
     res = sweeper.conf.resources
     configs_by_index = {i: s.config for i, s in specs.items()}
-    run = tune.with_resources(tune.with_parameters(trainable, configs=configs_by_index), {"cpu": res.cpu, "gpu": res.gpu})
+    run = tune.with_resources(tune.with_parameters(trainable, configs=configs_by_index), _trial_resources(workers, res))
     attempt = len(list(storage.glob("tune-*")))
     checkpoints = _latest_checkpoints(storage) if state else {}
     _relog_from_checkpoints(recorder, checkpoints, specs)
@@ -150,9 +185,10 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
         # its own last checkpoint, found by its stable folder name.
         tuner = tune.Tuner(
             run,
-            param_space={"point": tune.grid_search(points), "cpus": res.cpu, "checkpoint": sweeper.conf.checkpoint},
+            param_space={"point": tune.grid_search(points), "cpus": res.cpu, "gpus": res.gpu,
+                         "checkpoint": sweeper.conf.checkpoint},
             tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
-                                        max_concurrent_trials=sweeper.conf.max_concurrent,
+                                        max_concurrent_trials=_max_concurrent(sweeper, workers),
                                         trial_dirname_creator=lambda t: f"trial_{t.config['point']['index']:05d}"),
             run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=str(storage), callbacks=[callback],
                                       verbose=0, failure_config=tune.FailureConfig(max_failures=sweeper.conf.max_failures),

@@ -52,9 +52,9 @@ class RayConf:
 @dataclass
 class ResourcesConf:
     cpu: float = 1.0
-    """CPUs per trial (also torch's thread count)."""
+    """CPUs per trial, or per worker of a data-parallel trial (parallel.*); also torch's thread count."""
     gpu: float = 0.0
-    """GPUs per trial; fractions pack several trials on one GPU."""
+    """GPUs per trial (per worker); fractions pack several trials on one GPU."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ NEW = ("rule_comparison", "optimizers", "architecture", "schedules", "cifar10_re
 # One value per grid axis (a shell override replaces the preset's axis): one trial per preset,
 # picked to exercise the non-default paths (a rule with warmup, Adam, GELU + He, one-cycle after warmup).
 PIN = {
-    "rule_comparison": ["batch_size=64", "scaling.rule=sqrt", "warmup.epochs=0.25", "lr_multiplier=2"],
+    "rule_comparison": ["batch_size=64", "scaling.rule=sqrt", "warmup.epochs=0.25", "lr_multiplier=1"],
     "optimizers": ["optimizer=adam", "batch_size=64", "lr_multiplier=0.1"],
     "architecture": ["model.width=16", "model.depth=3", "model.activation=gelu", "model.init=he",
                      "batch_size=64", "lr_multiplier=1"],

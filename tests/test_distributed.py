@@ -1,0 +1,152 @@
+"""Data-parallel trials: the split plan, its config errors, and 2 workers x B/2 == 1 worker x B.
+
+The equivalence runs the real trial loop in 2 spawned processes joined by gloo on 127.0.0.1
+(scaling.distributed's local launcher); the study test runs a tiny Hydra multirun whose one trial
+is a Ray Train run of 2 workers inside a Ray Tune trial, on a local Ray with 2 CPUs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from scaling.config import ConfigError, Split, plan_split, validate
+from scaling.reporters import RecordingReporter
+
+# batch_size, parallel.workers, micro_batch_size, parallel.max_micro_batch, parallel.max_workers -> split
+PLANS = [
+    (128, 1, None, None, 1, Split(1, 128, 1)),  # the default: one worker, one micro-batch
+    (128, 1, 32, None, 1, Split(1, 32, 4)),  # gradient accumulation, as before
+    (128, 2, None, None, 1, Split(2, 64, 1)),  # explicit workers: each takes its half
+    (128, 2, 16, None, 1, Split(2, 16, 4)),  # workers x accumulation
+    (128, 1, None, 128, 4, Split(1, 128, 1)),  # fits the limit: no parallelism
+    (128, 1, None, 64, 4, Split(2, 64, 1)),  # the fewest workers that fit
+    (512, 1, None, 128, 4, Split(4, 128, 1)),
+    (1024, 1, None, 128, 4, Split(4, 128, 2)),  # workers exhausted: then accumulate
+    (100, 1, None, 30, 4, Split(4, 25, 1)),  # 3 does not divide 100: skipped
+    (96, 1, None, 20, 4, Split(4, 12, 2)),  # no worker count fits: the most, then the fewest accumulation steps
+    (7, 1, None, 2, 4, Split(1, 1, 7)),  # a prime batch: only accumulation can split it
+    (64, 4, None, 64, 8, Split(4, 16, 1)),  # parallel.workers is the floor
+    (256, 2, None, 32, 1, Split(2, 32, 4)),  # max_workers below workers: workers wins
+]
+
+
+@pytest.mark.parametrize("B, workers, micro, limit, max_workers, want", PLANS)
+def test_plan_split(B, workers, micro, limit, max_workers, want):
+    cfg = types.SimpleNamespace(batch_size=B, micro_batch_size=micro, parallel=types.SimpleNamespace(
+        workers=workers, max_micro_batch=limit, max_workers=max_workers, backend="auto"))
+    split = plan_split(cfg)
+    assert split == want
+    assert split.workers * split.micro_batch * split.accumulation == B
+    assert limit is None or split.micro_batch <= limit
+
+
+@pytest.mark.parametrize("overrides, key, value", [
+    (["batch_size=32", "parallel.workers=3"], "parallel.workers", "3"),
+    (["batch_size=32", "parallel.workers=0"], "parallel.workers", "0"),
+    (["batch_size=32", "parallel.workers=2", "micro_batch_size=32"], "micro_batch_size", "32"),
+    (["batch_size=48", "parallel.workers=2", "micro_batch_size=16"], "micro_batch_size", "16"),
+    (["parallel.max_micro_batch=16", "micro_batch_size=16"], "parallel.max_micro_batch", "16"),
+    (["parallel.max_micro_batch=0"], "parallel.max_micro_batch", "0"),
+    (["parallel.max_workers=0"], "parallel.max_workers", "0"),
+    (["parallel.backend=mpi"], "parallel.backend", "'mpi'"),
+    (["parallel.backend=nccl", "device=cpu"], "parallel.backend", "'nccl'"),
+    (["gns.enabled=true", "batch_size=64", "micro_batch_size=16", "parallel.workers=2"], "gns.enabled", "True"),
+])
+def test_bad_parallel_config_is_one_line_naming_key_and_value(compose_cfg, overrides, key, value):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(*overrides))
+    message = str(info.value)
+    assert info.value.key == key and message.startswith(f"{key}={value}:") and "\n" not in message, message
+
+
+def test_run_trial_without_a_process_group_refuses_several_workers(compose_cfg, tiny, tiny_data):
+    from scaling.train import run_trial
+
+    with pytest.raises(ConfigError, match="run_data_parallel"):
+        run_trial(compose_cfg(*tiny, "parallel.workers=2"), dataset=tiny_data)
+
+
+class CheckpointingReporter(RecordingReporter):
+    """Also takes every checkpoint it is offered, as the Tune reporter does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checkpoints: list[dict] = []
+
+    def report(self, metrics, checkpoint=None) -> None:
+        super().report(metrics, checkpoint)
+        if checkpoint is not None:
+            self.checkpoints.append(checkpoint())
+
+
+CURVE = ("train/loss", "val/loss", "val/acc")
+
+
+@pytest.mark.parametrize("micro, split", [("null", "2x32x1"), ("16", "2x16x2")], ids=["2x32", "2x16x2acc"])
+def test_two_workers_give_the_single_worker_loss_curve(compose_cfg, tiny, tiny_data, micro, split):
+    """2 gloo processes x B/2 (with or without accumulation) == 1 process x B, same seed, same data order."""
+    from scaling.distributed import run_data_parallel
+    from scaling.train import run_trial
+
+    common = [*tiny, "batch_size=64", "eval_every=0.25"]
+    one = RecordingReporter()
+    run_trial(compose_cfg(*common), one, dataset=tiny_data)
+    two = CheckpointingReporter()
+    result = run_data_parallel(compose_cfg(*common, "parallel.workers=2", f"micro_batch_size={micro}"), two, 2,
+                               dataset=tiny_data, checkpoints=True, launcher="local")
+
+    assert result.status == "completed" and two.result is result
+    assert (two.info["workers"], two.info["split"]) == (2, split) and one.info["split"] == "1x64x1"
+    assert two.info["total_steps"] == one.info["total_steps"] == 1600 // 64
+    assert [h["step"] for h in two.history] == [h["step"] for h in one.history] == [6, 12, 18, 24, 25]
+    assert [h["samples"] for h in two.history] == [h["samples"] for h in one.history]
+    diffs = {k: max(abs(a[k] - b[k]) for a, b in zip(one.history, two.history)) for k in CURVE}
+    print(f"\n{split} vs 1x64x1: max abs diff over {len(one.history)} evaluations: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    for a, b in zip(one.history, two.history):
+        for k in CURVE:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (k, a["step"])
+    # rank 0's checkpoints reach the caller: the plain model's state (no DDP prefix), one per evaluation
+    assert len(two.checkpoints) == len(two.history)
+    state = two.checkpoints[-1]
+    assert state["loop"]["step"] == two.history[-1]["step"] and not any(k.startswith("module.") for k in state["model"])
+
+
+# --------------------------------------------------------------------------- the Ray path
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.slow
+def test_study_trial_runs_on_two_ray_train_workers(tmp_path, compose_cfg, tiny, tiny_data):
+    """A one-trial study on a local 2-CPU Ray: the trial is a Ray Train run of 2 gloo workers."""
+    from mlflow.tracking import MlflowClient
+
+    from scaling.train import run_trial
+
+    args = ["batch_size=64", "parallel.workers=2", "epochs=1", "eval_every=0.5", "data.n_samples=2000",
+            "model.width=32", "threads=1", "hydra.sweeper.ray.num_cpus=2", "hydra.sweeper.report=false"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([str(BIN / "scaling-train"), "-m", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
+    assert len(trials) == 1
+    trial = trials[0]
+    assert trial.data.tags["trial.status"] == "completed", trial.data.tags.get("trial.reason")
+    p = trial.data.params
+    assert (p["parallel.workers"], p["derived.workers"], p["derived.split"]) == ("2", "2", "2x32x1")
+    # the same numbers as one process with the whole batch
+    one = RecordingReporter()
+    run_trial(compose_cfg(*tiny, "batch_size=64"), one, dataset=tiny_data)
+    assert trial.data.metrics["epoch"] == 1.0
+    for k in CURVE:
+        assert trial.data.metrics[k] == pytest.approx(one.history[-1][k], rel=1e-5, abs=1e-6), k
