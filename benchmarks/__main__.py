@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     info["cpu_share_start"] = round(cpu_share(0.5), 2)
     print(f"machine: {info['cpu']}, {info['cores_usable']}/{info['cores']} cores usable, GPU: {info['gpu']}, "
-          f"load average {info['load_avg_start']}, CPU share of a probe {info['cpu_share_start']} | python {info['python']}, torch {info.get('torch')}, "
-          f"ray {info.get('ray')}, mlflow {info.get('mlflow')} | git {info.get('git', '?')}", flush=True)
+          f"load average {info['load_avg_start']}, CPU share of a probe {info['cpu_share_start']} | "
+          f"python {info['python']}, torch {info.get('torch')}, ray {info.get('ray')}, mlflow {info.get('mlflow')} "
+          f"| git {info.get('git', '?')}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="scaling-bench-")).resolve()
     t0 = time.perf_counter()
     ctx = Ctx(quick=args.quick, tmp=tmp, cache={"asha_runs": max(1, args.repeat_asha), "groups": names},
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += GROUPS[name](ctx)
             except Exception as exc:  # noqa: BLE001 - one broken group must not hide the others
                 traceback.print_exc()
-                rows.append(Row(name, f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}",
-                                "-", None, "-", False))
+                first = (str(exc).splitlines() or [""])[0][:100]
+                rows.append(Row(name, f"error: {type(exc).__name__}: {first}", "-", None, "-", False))
             log(f"{name} done in {time.perf_counter() - t:.0f}s")
     finally:
         if args.keep:

@@ -41,8 +41,9 @@ def asha_vs_grid(ctx: Ctx) -> list[Row]:
             f"{int(full['samples_full_grid']):,} (full grid)", frac.median, "<= 0.333", frac.median <= 1 / 3,
             frac.spread, note=f"asha wall / full-grid wall = {wall.median:.2f} [{wall.spread}]; printed line "
                               f"{'agrees' if printed_ok else 'DISAGREES'} with MLflow samples/trained", data=data),
-        Row("3b. asha best val/loss per batch size vs full grid", f"{runs[worst_run]['best_per_batch_size'].get(wb, math.nan):.4f} "
-            f"(batch {wb}, worst)", f"{full['best_per_batch_size'][wb]:.4f} (full grid)", worst.median,
+        Row("3b. asha best val/loss per batch size vs full grid",
+            f"{runs[worst_run]['best_per_batch_size'].get(wb, math.nan):.4f} (batch {wb}, worst)",
+            f"{full['best_per_batch_size'][wb]:.4f} (full grid)", worst.median,
             "<= 1.02x", worst.median <= 1.02, worst.spread,
             note="ratio = 1 + worst regret over batch sizes; per batch size: " + "; ".join(
                 " ".join(f"{b}:{v:+.1%}" for b, v in sorted(rg.items())) for rg in regrets)),

@@ -37,8 +37,9 @@ def _command_row(ctx: Ctx, name: str, argv: list[str], limit_s: float, want_rc: 
     return Row(name, f"{use.median:.2f} s{' CPU' if use is cpu else ''} (exit {rcs[0]})",
                f"{bare.median:.2f} s (python -c pass)", use.median / limit_s, f"<= {limit_s:g} s, exit {want_rc}",
                use.median <= limit_s and rc_ok, f"{use.lo / limit_s:.2f}-{use.hi / limit_s:.2f}",
-               note=f"judged on {basis}, CPU share of a probe {share:.2f}; wall {cmd.median:.2f} s [{cmd.lo:.2f}-{cmd.hi:.2f}], CPU "
-                    f"{cpu.median:.2f} s; exit codes {rcs}; last line: {last[-1][:100] if last else ''!r}",
+               note=f"judged on {basis}, CPU share of a probe {share:.2f}; wall {cmd.median:.2f} s "
+                    f"[{cmd.lo:.2f}-{cmd.hi:.2f}], CPU {cpu.median:.2f} s; exit codes {rcs}; "
+                    f"last line: {last[-1][:100] if last else ''!r}",
                data={"seconds": cmd.values, "cpu_seconds": cpu.values, "bare_python_s": bare.values,
                      "exit_codes": rcs})
 

@@ -12,17 +12,21 @@ numbers, so early stopping and target checks agree without another message).
 Only rank 0 reports. `run_data_parallel` starts the ranks and replays rank 0's reporter calls on the
 caller's reporter (MLflow, Ray Tune...), so a data-parallel trial is recorded like any other:
 
-- inside Ray (a Tune trial): a Ray Train TorchTrainer (Train V2, the default in Ray >= 2.5x) started
-  from the Tune function trainable, which Ray documents as the way to nest Train in Tune now that
+- inside Ray (a Tune trial): a Ray Train TorchTrainer (Train V2, this Ray's default) started from the
+  Tune function trainable, which Ray documents as the way to nest Train in Tune now that
   `Tuner(TorchTrainer)` is deprecated. Ray Train places the W workers in its own placement group (one
-  bundle of cpu/gpu per worker) and sets up gloo/nccl; rank 0 sends its reporter calls through a
-  `ray.util.queue.Queue` to the trial, which replays them as `tune.report` with a Tune checkpoint, so
-  ASHA, checkpoints and resume work as for a single-worker trial. When Tune stops the trial (ASHA), the
-  trial kills the Train workers, which ends the Train run.
+  bundle of cpu/gpu per worker; the Tune trial itself holds no CPU/GPU, see
+  study_runner._trial_resources) and sets up gloo/nccl. `ray.train.report` is a barrier of all workers
+  and carries checkpoints as Train paths, so rank 0 instead sends its reporter calls through a
+  `ray.util.queue.Queue` to the trial, which replays them as `tune.report` with a Tune checkpoint:
+  ASHA, checkpoints, retries and resume work as for a single-worker trial. When Tune stops the trial
+  (ASHA), the trial kills the Train workers, which ends the Train run and frees its resources.
 - outside Ray (plain `scaling-train`): W local processes (torch.multiprocessing spawn) joined by gloo
   (nccl on CUDA) through a TCPStore on 127.0.0.1 with a port the OS picks, reporting through a queue.
 
-This module imports ray only inside the Ray launcher: train.py, which uses `Group`, stays free of it.
+Limits: BatchNorm statistics are per rank and micro-batch (as with gradient accumulation); the
+online gradient noise scale (gns.enabled) is refused with W > 1. This module imports ray only inside
+the Ray launcher: train.py, which uses `Group`, stays free of it.
 """
 from __future__ import annotations
 

@@ -19,6 +19,13 @@ FIGURES = ("lr_heatmap", "cost_to_target", "best_lr", "loss_curves", "memory_par
 _INT = FuncFormatter(lambda v, _: f"{v:g}")
 
 
+class _PlainLog(LogFormatter):
+    """Log-axis labels as plain numbers (20, 5,000), not 2x10^1 or 5e+03."""
+
+    def _num_to_string(self, x, vmin, vmax):
+        return f"{x:,.0f}" if x >= 1 else f"{x:.2g}"
+
+
 def _batch_axis(ax, batch_sizes) -> None:
     """Log2 batch-size axis with a tick at every measured batch size."""
     ax.set_xscale("log", base=2)
@@ -50,11 +57,13 @@ def lr_heatmap(a: Analysis) -> Figure:
     sc = ax.scatter(ok["batch_size"], ok[LR], c=ok["value"], cmap="viridis_r", marker="s", s=520, edgecolors="white",
                     zorder=2)
     fig.colorbar(sc, ax=ax, label="best val/loss (seed median; lower is better)")
-    if len(ok) <= 80:
+    per_column = int(ok.groupby("batch_size").size().max()) if len(ok) else 0
+    if len(ok) <= 120:
         lo, hi = np.nanmin(ok["value"]), np.nanmax(ok["value"])
+        size = 7 if per_column <= 12 else 6
         for b, lr, v in zip(ok["batch_size"], ok[LR], ok["value"]):
             dark = (v - lo) / max(hi - lo, 1e-12) > 0.55  # viridis_r is dark at high values
-            ax.annotate(f"{v:.2f}", (b, lr), ha="center", va="center", fontsize=7, color="white" if dark else "black",
+            ax.annotate(f"{v:.2f}", (b, lr), ha="center", va="center", fontsize=size, color="white" if dark else "black",
                         zorder=3)
     bad = g[~np.isfinite(g["value"])]
     if len(bad):
@@ -111,8 +120,8 @@ def cost_to_target(a: Analysis) -> Figure:
                     fontsize=8, color="crimson")
         _batch_axis(ax, a.costs["batch_size"])
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # 20, 50, not 2x10^1
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.yaxis.set_major_formatter(_PlainLog(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.set_ylabel(label)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
@@ -204,7 +213,7 @@ def memory_pareto(a: Analysis, budget_mb: Optional[float] = None) -> Figure:
             label += f" mb={r['micro_batch_size']:g}"
         if "precision" in r and m["precision"].nunique() > 1:
             label += f" {r['precision']}"
-        ax.annotate(label, (r["peak_mb"], r["time_to_target_s"]), xytext=(6, 4), textcoords="offset points", fontsize=8)
+        ax.annotate(label, (r["peak_mb"], r["time_to_target_s"]), xytext=(9, 7), textcoords="offset points", fontsize=8)
     if budget_mb is not None:
         ax.axvline(budget_mb, color="crimson", ls="--", label=f"memory budget {budget_mb:g} MB")
         ax.axvspan(budget_mb, max(budget_mb, m["peak_mb"].max()) * 10, color="crimson", alpha=0.06)

@@ -44,6 +44,7 @@ class TuneReporter(Reporter):
         self.total_steps = None
         self.node_id: Optional[str] = None
         self.resumed_from: Optional[int] = None
+        self.extra: dict[str, Any] = {}  # sent with every result (e.g. a range test's ref_lr)
         self.derived: Optional[str] = None  # the loop's derived values, sent once (the driver logs derived.*)
 
     def _node(self) -> dict[str, str]:
@@ -73,6 +74,7 @@ class TuneReporter(Reporter):
         result = {**metrics, "trial_status": "completed" if last else "running", **self._node(), **self._once()}
         if self.resumed_from:
             result["resumed_from_step"] = self.resumed_from
+        result.update(self.extra)
         if self.checkpointing and checkpoint is not None:
             import torch
 
@@ -112,15 +114,23 @@ def trainable(params: dict, configs: dict) -> None:
     elif params["point"].get("resume_from"):
         resume = torch.load(params["point"]["resume_from"], weights_only=False)
     reporter = TuneReporter(params.get("checkpoint", True))
+    ref_lr = params.get("ref_lr")
+    if cfg.schedule.from_lr_find and resume is None:  # Smith: the cycle's peak from a range test at this batch size
+        from scaling.lr_finder import trial_ref_lr
+
+        ref_lr, _ = trial_ref_lr(cfg, ref_lr=ref_lr)
+        reporter.extra["lr_find_ref_lr"] = ref_lr
+    elif resume is not None and resume.get("ref_lr") is not None:
+        ref_lr = resume["ref_lr"]
     workers = plan_split(cfg).workers
     if workers > 1:  # this trial drives a Ray Train run of `workers` data-parallel ranks (scaling.distributed)
         from scaling.distributed import run_data_parallel
 
-        run_data_parallel(cfg, reporter, workers, resume=resume, ref_lr=params.get("ref_lr"),
+        run_data_parallel(cfg, reporter, workers, resume=resume, ref_lr=ref_lr,
                           checkpoints=reporter.checkpointing, cpus_per_worker=params.get("cpus", 1),
                           gpus_per_worker=params.get("gpus", 0), storage_path=tune.get_context().get_trial_dir())
         return
-    run_trial(cfg, reporter, resume=resume, ref_lr=params.get("ref_lr"))
+    run_trial(cfg, reporter, resume=resume, ref_lr=ref_lr)
 
 
 # ------------------------------------------------------------------ driver side
@@ -139,6 +149,7 @@ def _callback_class():
             self.final: dict[int, dict] = {}
             self.samples_trained: dict[int, int] = {}
             self.resumed: set[int] = set()
+            self.tagged_lr: set[int] = set()
             self.nodes: dict[int, str] = {}  # trial index -> the Ray node id it last reported from
 
         def _index(self, trial) -> int:
@@ -160,10 +171,14 @@ def _callback_class():
                 self.nodes[i] = node
                 self.recorder.trial_tags(i, {"ray.node_id": node, "ray.node_ip": str(result.get("node_ip", ""))})
             if result.get("derived"):  # the trial loop's derived values (lr, steps, the data-parallel split)
-                self.recorder.trial_params(i, {f"derived.{k}": str(v) for k, v in json.loads(result["derived"]).items()})
+                derived = json.loads(result["derived"])
+                self.recorder.trial_params(i, {f"derived.{k}": str(v) for k, v in derived.items()})
             if result.get("resumed_from_step") and i not in self.resumed:
                 self.resumed.add(i)
                 self.recorder.trial_tag(i, "trial.resumed_from_step", str(result["resumed_from_step"]))
+            if "lr_find_ref_lr" in result and i not in self.tagged_lr:
+                self.tagged_lr.add(i)
+                self.recorder.trial_tag(i, "lr_find.ref_lr", repr(result["lr_find_ref_lr"]))
             status = result.get("trial_status", "running")
             if status in ("running", "completed"):  # "completed" rides on the last evaluation
                 self.recorder.trial_metrics(i, metrics)

@@ -161,6 +161,7 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
     _write_state(storage, {"study_run_id": recorder.run_id, "name": name, "n_trials": len(specs)})
     recorder.use_journal(storage / "mlflow_journal.jsonl")
     recorder.flush()
+    _resolve_auto_ref_lr(specs, recorder)
     if state:
         print(f"resuming study {name} (mlflow run {recorder.run_id}); "
               f"{len(recorder.finished_indices())}/{len(specs)} trials already finished", flush=True)
@@ -201,6 +202,34 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
     return _finish(sweeper, recorder, specs, callback, wall, interrupted)
 
 
+def _resolve_auto_ref_lr(specs: dict[int, TrialSpec], recorder) -> None:
+    """Run the LR range test once per distinct (data, model, optimizer, ref batch) for ref_lr=auto.
+
+    The chosen LR replaces `auto` in each trial's config and is recorded in the study run.
+    """
+    from omegaconf import OmegaConf
+
+    from scaling.lr_finder import resolve_ref_lr
+
+    found: dict[str, float] = {}
+    for spec in specs.values():
+        c = spec.config
+        if c["scaling"]["ref_lr"] != "auto":
+            continue
+        key = json.dumps([c["data"], c["model"], c["optimizer"], c["scaling"]["ref_batch_size"], c["lr_find"],
+                          c["seed"]], sort_keys=True, default=str)
+        if key not in found:
+            run_id = recorder.run_id if not found else None  # the first curve and plot go into the study run
+            found[key], _ = resolve_ref_lr(OmegaConf.create(c), client=recorder.client if run_id else None,
+                                           run_id=run_id)
+            print(f"scaling.ref_lr=auto: the range test at batch size {c['scaling']['ref_batch_size']} "
+                  f"chose ref_lr={found[key]:.4g}", flush=True)
+        c["scaling"]["ref_lr"] = found[key]
+    if found:
+        values = sorted(set(found.values()))
+        recorder.client.set_tag(recorder.run_id, "scaling.ref_lr_auto", ",".join(f"{v:.6g}" for v in values))
+
+
 def _latest_checkpoints(storage: Path) -> dict[int, str]:
     """Return, per trial index, the newest checkpoint left by earlier attempts of this study."""
     found: dict[int, tuple[float, str]] = {}
@@ -239,21 +268,28 @@ def _point(spec: TrialSpec) -> dict:
     return point
 
 
-def prepare_data(configs: list) -> None:
-    """Generate each distinct dataset once, in the driver, so trials only read the cache."""
+def data_key(data: Any) -> str:
+    """Return a key naming a dataset config (plain dict or DictConfig)."""
+    container = OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else dict(data)
+    container.pop("root", None)  # made absolute for the workers; the same files either way
+    return json.dumps(container, sort_keys=True)
+
+
+def prepare_data(configs: list) -> dict[str, int]:
+    """Generate each distinct dataset once, in the driver, so trials only read the cache; return n_train per dataset."""
     from scaling.data import load_dataset
 
-    seen = set()
+    n_train: dict[str, int] = {}
     for c in configs:
-        key = json.dumps(OmegaConf.to_container(c.data, resolve=True), sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            load_dataset(c.data)
+        key = data_key(c.data)
+        if key not in n_train:
+            n_train[key] = load_dataset(c.data).n_train
+    return n_train
 
 
 def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool) -> dict:
-    epochs = {i: float(s.config["epochs"]) for i, s in specs.items()}
-    full = sum(int(epochs[i] * _n_train(s)) for i, s in specs.items())
+    n_train = getattr(sweeper, "n_train", {})
+    full = sum(_budget_samples(s, n_train.get(data_key(s.config["data"]), 0)) for s in specs.values())
     trained = sum(max(v, 0) for v in recorder.logged_samples.values())  # all attempts, from MLflow
     try:
         recorder.drain()  # every trial run exists before the summary names them
@@ -271,16 +307,16 @@ def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool) 
             from scaling.report import report_study
 
             report_study(recorder.uri, recorder.run_id)
-        except ImportError:
-            pass
+        except Exception as exc:  # noqa: BLE001 - the study is recorded; a failed report must not hide that
+            print(f"error: the report failed ({type(exc).__name__}: {exc}); run scaling-report {recorder.run_id}",
+                  file=sys.stderr, flush=True)
     return {"study_run_id": recorder.run_id, "counts": counts, "best": best}
 
 
-def _n_train(spec: TrialSpec) -> int:
-    d = spec.config["data"]
-    n = int(d.get("n_samples", 0)) - int(round(int(d.get("n_samples", 0)) * float(d.get("val_fraction", 0.2))))
+def _budget_samples(spec: TrialSpec, n_train: int) -> int:
+    """Return the samples a trial trains on its full budget: whole steps of batch_size, as train.py counts them."""
     b = int(spec.config["batch_size"])
-    return (n // b) * b if n > 0 else 0
+    return max(1, round(float(spec.config["epochs"]) * (n_train // b))) * b if n_train >= b else 0
 
 
 def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: int, trained: int) -> None:

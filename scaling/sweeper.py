@@ -192,7 +192,7 @@ class ScalingSweeper(Sweeper):
             self._check_storage()
             from scaling.study_runner import prepare_data
 
-            prepare_data(configs)  # every dataset once, in the driver; a missing file fails here
+            self.n_train = prepare_data(configs)  # every dataset once, in the driver; a missing file fails here
         except Exception as exc:  # noqa: BLE001
             fail(one_line(exc))
         from scaling.study_runner import run_study

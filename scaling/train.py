@@ -85,6 +85,7 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group: Group) 
     # The window opens after the data is in place: the dataset is shared by every trial of a
     # study (and its size is not a function of the batch size); model, optimizer and
     # activations are what a batch-size comparison needs to see.
+    _warm_up(cfg, device)
     meter.reset()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
@@ -130,7 +131,7 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group: Group) 
         # buffers, which the next steps update in place, so a reporter that keeps the dict in
         # memory (rather than torch.save-ing it at once) would otherwise resume from a later state.
         return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "schedule": schedule.state_dict(), "loop": dict(s.__dict__),
+                              "schedule": schedule.state_dict(), "loop": dict(s.__dict__), "ref_lr": ref_lr,
                               "gns": gns.state_dict() if gns else None})
 
     t0 = time.perf_counter() - s.elapsed_s
@@ -214,6 +215,28 @@ class _LoopState:
     train_time_s: float = 0.0
     elapsed_s: float = 0.0
     history: list = field(default_factory=list)  # every evaluation: a resumed study re-logs what it missed
+
+
+_WARMED: set = set()
+
+
+def _warm_up(cfg, device: torch.device) -> None:
+    """Pay torch's one-time costs (lazy imports, kernel caches) once per process and optimizer,
+    outside the memory window: on CPU they otherwise land in the first trial's peak (~80 MB
+    against a few MB for a small MLP), which made a reused worker's first trial look huge."""
+    key = (device.type, cfg.optimizer.name, cfg.precision)
+    if device.type != "cpu" or key in _WARMED:
+        return
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), 1e-3)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 0, 1]))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _WARMED.add(key)
 
 
 def _epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 BIN = Path(sys.executable).parent
+ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -116,10 +117,17 @@ def is_loopback(address: str) -> bool:
 # ------------------------------------------------------------------ Ray
 
 # `ray start` swaps 127.0.0.1 for the host's routable address (and then listens on every
-# interface) unless Ray is told the cluster is single-machine, and in that mode it refuses to
-# add worker nodes. This runs the real `ray start` with that one swap turned off, so a head and
-# a worker node can share the loopback interface.
-_RAY_LOOPBACK = ("import sys; from ray._private import services; services.resolve_ip_for_localhost = lambda h: h; "
+# interface) unless Ray is told the cluster is single-machine (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
+# and in that mode it refuses to add worker nodes. This runs the real `ray start` with the swap
+# turned off and worker nodes allowed, in the `ray start` process only: the processes it starts
+# (raylet, agents, job drivers) inherit the single-machine setting and stay on loopback.
+def ray_cli(*args) -> list[str]:
+    """A `ray` command line (the real CLI, 127.0.0.1 kept as is: see _RAY_LOOPBACK)."""
+    return [str(BIN / "python"), "-c", _RAY_LOOPBACK, *[str(a) for a in args]]
+
+
+_RAY_LOOPBACK = ("import sys; from ray._private import ray_constants, services; ray_constants.ENABLE_RAY_CLUSTER = True; "
+                 "services.resolve_ip_for_localhost = lambda h: h; "
                  "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; sys.exit(main())")
 
 
@@ -140,7 +148,9 @@ class RayCluster:
     def env(self) -> dict[str, str]:
         """The environment a driver needs to join: token auth, and 127.0.0.1 kept as is."""
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token), "RAY_USAGE_STATS_ENABLED": "0",
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                # the project's console scripts on the nodes' PATH, as on a cluster where it is installed
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def _start(self, role: str, args: list[str], num_cpus: int, resources: dict) -> Group:
         # short paths: Ray's unix sockets live under the temp dir (108-byte limit)
@@ -150,16 +160,20 @@ class RayCluster:
         for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                      "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"):
             ports += [flag, str(free_port())]
-        env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}  # allow worker nodes
         group = Group([BIN / "python", "-c", _RAY_LOOPBACK, "start", "--block", "--node-ip-address=127.0.0.1",
                        f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}", f"--temp-dir={tmp}",
-                       "--disable-usage-stats", *args, *ports], self.root / f"ray-{role}-{len(self.nodes)}.log", env=env)
+                       "--disable-usage-stats", *args, *ports], self.root / f"ray-{role}-{len(self.nodes)}.log", env=self.env)
         self.nodes.append(group)
         return group
 
-    def start_head(self, num_cpus: int = 1, resources: Optional[dict] = None) -> None:
-        head = self._start("head", ["--head", f"--port={self.port}", "--include-dashboard=false"], num_cpus,
-                           resources or {"head_node": 1})
+    def start_head(self, num_cpus: int = 1, resources: Optional[dict] = None, dashboard: bool = False) -> None:
+        """Start the head; with `dashboard`, also the dashboard and its jobs API (needs ray[default])."""
+        args = ["--head", f"--port={self.port}", "--include-dashboard=false"]
+        if dashboard:
+            self.dashboard_url = f"http://127.0.0.1:{free_port()}"
+            args = ["--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_url.rsplit(':', 1)[1]}", f"--ray-client-server-port={free_port()}"]
+        head = self._start("head", args, num_cpus, resources or {"head_node": 1})
         wait_until(lambda: "Ray runtime started" in head.log.read_text(), 120, "the Ray head", head.proc, head.log)
 
     def add_node(self, num_cpus: int = 1, resources: Optional[dict] = None) -> None:

@@ -63,3 +63,40 @@ def test_study_on_an_existing_cluster_runs_trials_on_every_node(cluster, tmp_pat
     assert used == {n["id"] for n in cluster.nodes_info}, "the trials did not spread over both nodes"
     # the driver only disconnected: the cluster it joined is still up for the next study
     assert len(cluster.alive_nodes()) == 2
+
+
+def _dashboard_missing() -> str:
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+
+        return str(get_dashboard_dependency_error() or "")
+    except ImportError as exc:
+        return str(exc)
+
+
+@pytest.mark.skipif(bool(_dashboard_missing()), reason="`ray job submit` needs the jobs API: pip install 'ray[default]'")
+def test_ray_job_submit_runs_a_study_from_the_working_dir(tmp_path):
+    """The documented `ray job submit --working-dir . -- scaling-study ...`, against a jobs API on 127.0.0.1."""
+    from mlflow.tracking import MlflowClient
+
+    from cluster_procs import ROOT_DIR, ray_cli
+
+    c = RayCluster(tmp_path)
+    try:
+        c.start_head(num_cpus=2, dashboard=True)
+        addresses = listeners(c.pids())
+        assert all(is_loopback(a) for a in addresses), addresses
+        db = tmp_path / "mlflow.db"
+        proc = subprocess.run(
+            ray_cli("job", "submit", f"--address={c.dashboard_url}", "--working-dir", ROOT_DIR, "--",
+                    "scaling-study", "batch_size=32,64", "lr_multiplier=1", "scaling.rule=linear", "warmup.epochs=0",
+                    *TINY, "hydra.sweeper.ray.address=auto", f"hydra.sweeper.storage_path={tmp_path / 'studies'}",
+                    f"mlflow.tracking_uri=sqlite:///{db}"),
+            cwd=ROOT_DIR, capture_output=True, text=True, timeout=300, env={**os.environ, **c.env})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout + proc.stderr
+        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id], max_results=100)
+        assert sorted(r.data.tags.get("scaling.kind") for r in runs) == ["study", "trial", "trial"]
+    finally:
+        c.stop()

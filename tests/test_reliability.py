@@ -135,7 +135,7 @@ def test_failing_trial_retries_are_bounded_and_end_as_error(tmp_path):
 def test_oom_and_divergence_end_their_trials_and_the_study_completes(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code, log = run_study(["batch_size=16,4096", "lr_multiplier=1,10000", "model.width=4096", "model.depth=1",
-                           "memory.limit_mb=200", "data.n_samples=6000", "epochs=1", "eval_every=0.5",
+                           "memory.limit_mb=100", "data.n_samples=6000", "epochs=1", "eval_every=0.5",
                            "hydra.sweeper.asha.enabled=false", f"mlflow.tracking_uri={uri}",
                            "hydra.sweeper.report=false"], tmp_path)
     assert code == 0, log[-3000:]

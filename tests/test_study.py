@@ -184,3 +184,17 @@ def test_basic_sweeper_with_joblib_launcher_records_one_run_per_job(tmp_path):
     assert {(t.data.params["batch_size"], t.data.params["lr_multiplier"]) for t in trials} == \
         {("32", "0.5"), ("32", "1.0"), ("64", "0.5"), ("64", "1.0")}
     assert all(t.data.tags["trial.status"] == "completed" for t in trials)
+
+
+def test_ref_lr_auto_runs_the_range_test_first_and_trials_use_it(tmp_path):
+    proc = run_cli(["-m", "batch_size=32,128", "scaling.ref_lr=auto", "lr_find.num_iters=40",
+                    "hydra.sweeper.asha.enabled=false", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    studies, trials = study_runs(tmp_path)
+    chosen = float(studies[0].data.tags["scaling.ref_lr_auto"])
+    assert f"chose ref_lr={chosen:.4g}" in proc.stdout
+    assert "lr_find.png" in {a.path for a in client_for(tmp_path).list_artifacts(studies[0].info.run_id)}
+    for t in trials:
+        assert float(t.data.params["scaling.ref_lr"]) == pytest.approx(chosen)
+        bs = int(t.data.params["batch_size"])
+        assert float(t.data.params["lr.effective"]) == pytest.approx(chosen * bs / 128)

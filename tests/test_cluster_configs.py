@@ -1,0 +1,229 @@
+"""The cluster configurations users start from, checked without launching anything.
+
+- cluster/ray/cluster.yaml against Ray's own schema and `ray up`'s own config preparation;
+- cluster/k8s/rayjob.yaml by structure (KubeRay's RayJob: ray.io/v1, head and GPU workers);
+- cluster/slurm: the sbatch script parses, submit.py renders the allocation from slurm.yaml;
+- conf/hydra/launcher: the submitit launchers compose;
+- every server the project starts or documents binds to 127.0.0.1 (no 0.0.0.0 anywhere).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "cluster"
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def sweeper_keys() -> set[str]:
+    from scaling.sweeper import AshaConf, RayConf, ResourcesConf, ScalingSweeperConf
+
+    keys = {f.name for f in fields(ScalingSweeperConf)}
+    for name, conf in (("asha", AshaConf), ("ray", RayConf), ("resources", ResourcesConf)):
+        keys |= {f"{name}.{f.name}" for f in fields(conf)}
+    return keys
+
+
+def check_study_overrides(overrides: list[str]) -> None:
+    """Fail unless every override names a real key: hydra.sweeper.* of the sweeper, the rest of the trial config."""
+    from scaling.cli import compose
+
+    trial = [o for o in overrides if not o.startswith("hydra.")]
+    for o in overrides:
+        if o.startswith("hydra.sweeper."):
+            assert o.split("=", 1)[0][len("hydra.sweeper."):] in sweeper_keys(), o
+    compose(["experiment=default_study", *trial])  # raises on an unknown key or a bad value
+
+
+# ------------------------------------------------------------------ ray up
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> dict:
+    return load(CLUSTER / "ray" / "cluster.yaml")
+
+
+def test_ray_cluster_yaml_matches_rays_schema(ray_cluster):
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(ray_cluster, schema)
+    # what `ray up` itself does: fill in the provider's defaults, then validate
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(ray_cluster))
+
+
+def test_ray_cluster_yaml_has_gpu_nodes_token_auth_and_a_loopback_dashboard(ray_cluster):
+    types = ray_cluster["available_node_types"]
+    assert ray_cluster["head_node_type"] in types
+    gpu_types = [t for t in types.values() if re.match(r"(g4dn|g5|g6|p3|p4d|p5)\.", t["node_config"]["InstanceType"])]
+    assert gpu_types and any(t.get("max_workers", 0) > 0 for t in gpu_types)
+    head = " ".join(ray_cluster["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    for cmds in (ray_cluster["head_start_ray_commands"], ray_cluster["worker_start_ray_commands"]):
+        assert "RAY_AUTH_MODE=token" in " ".join(cmds)
+    assert "~/.ray/auth_token" in ray_cluster["file_mounts"]
+    setup = " ".join(ray_cluster["setup_commands"])
+    assert "pip install" in setup and "~/scaling" in setup
+
+
+# ------------------------------------------------------------------ KubeRay
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    return load(CLUSTER / "k8s" / "rayjob.yaml")
+
+
+def test_rayjob_runs_scaling_study_on_gpu_workers(rayjob):
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    spec = rayjob["spec"]
+    command = spec["entrypoint"].split()
+    assert command[0] == "scaling-study"
+    assert "hydra.sweeper.ray.address=auto" in command
+    check_study_overrides(command[1:])
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    assert head["template"]["spec"]["containers"][0]["image"]
+    workers = cluster["workerGroupSpecs"]
+    assert workers and all(w["groupName"] and w["maxReplicas"] >= w["minReplicas"] for w in workers)
+    gpus = [c["resources"]["limits"].get("nvidia.com/gpu", 0) for w in workers
+            for c in w["template"]["spec"]["containers"]]
+    assert any(int(g) >= 1 for g in gpus), "no worker asks for a GPU"
+    per_trial = float(next(o.split("=")[1] for o in command if o.startswith("hydra.sweeper.resources.gpu=")))
+    assert per_trial <= max(int(g) for g in gpus), "a trial asks for more GPUs than a worker has"
+
+
+def test_rayjob_keeps_the_jobs_api_private(rayjob):
+    spec = rayjob["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert spec["submissionMode"] == "SidecarMode"  # the submitter reaches the dashboard on localhost
+    assert cluster["authOptions"]["mode"] == "token"
+    assert cluster["headGroupSpec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_ray_versions_agree_across_the_cluster_configs(ray_cluster, rayjob):
+    version = rayjob["spec"]["rayClusterSpec"]["rayVersion"]
+    assert f"ray[default,tune]=={version}" in " ".join(ray_cluster["setup_commands"])
+    assert f"rayproject/ray:{version}-" in (CLUSTER / "k8s" / "Dockerfile").read_text()
+
+
+# ------------------------------------------------------------------ SLURM
+
+
+def test_sbatch_script_parses_and_follows_rays_slurm_pattern():
+    script = CLUSTER / "slurm" / "study.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "#SBATCH --ntasks-per-node=1" in text
+    assert "ray start --head" in text and "ray start --address=" in text
+    assert 'hydra.sweeper.ray.address="$ip_head"' in text
+    assert "ray stop" not in text.replace("`ray stop`", "")  # only this job's Ray is stopped, by pid
+
+
+def submit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CLUSTER / "slurm" / "submit.py"), "--dry-run", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_submit_renders_the_allocation_from_the_config():
+    proc = submit("nodes=4", "gpus_per_node=8", "cpus_per_task=32", "time=12:00:00", "partition=gpu",
+                  "additional.mail-type=END", "--", "batch_size=64,128", "hydra.sweeper.resources.gpu=1")
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.splitlines()[0]
+    for flag in ("--nodes=4", "--gpus-per-node=8", "--cpus-per-task=32", "--time=12:00:00", "--partition=gpu",
+                 "--ntasks-per-node=1", "--mail-type=END"):
+        assert flag in line.split(), line
+    assert line.endswith("study.sbatch batch_size=64,128 hydra.sweeper.resources.gpu=1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nodez=2"], "nodez"),
+    (["--", "hydra.sweeper.resources.gpu=1"], "gpus_per_node=0"),
+    (["cpus_per_task=2", "--", "hydra.sweeper.resources.cpu=4"], "cpus_per_task=2"),
+])
+def test_submit_refuses_typos_and_trials_that_do_not_fit(args, message):
+    proc = submit(*args)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
+
+
+# ------------------------------------------------------------------ Hydra launchers
+
+
+@pytest.mark.parametrize("launcher, target", [("slurm", "SlurmLauncher"), ("slurm_local", "LocalLauncher")])
+def test_submitit_launchers_compose(launcher, target):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher (the slurm extra)")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from scaling.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/sweeper=basic", f"hydra/launcher={launcher}",
+                                           "hydra.launcher.timeout_min=5"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert cfg.hydra.launcher.timeout_min == 5 and cfg.hydra.launcher.stderr_to_stdout
+
+
+# ------------------------------------------------------------------ nothing listens on every interface
+
+SCANNED = {".yaml", ".yml", ".md", ".sh", ".sbatch", ".toml", ".cfg", ".ini", ".json", ".py", ".txt", ".conf", ""}
+ANY_ADDRESS = re.compile(r"0\.0\.0\.0|--host[= ]::(\s|$)|dashboard-host[=: ]+['\"]?::")
+
+
+def project_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode != 0:  # not a git checkout (an sdist): scan the usual folders
+        names = [str(p.relative_to(ROOT)) for d in ("cluster", "conf", "scaling", "notebooks") for p in (ROOT / d).rglob("*")]
+        names += ["README.md", "Makefile", "pyproject.toml"]
+    else:
+        names = out.stdout.splitlines()
+    me = Path(__file__).resolve()
+    files = []
+    for name in names:
+        path = ROOT / name
+        if path.is_file() and path.resolve() != me and (path.suffix in SCANNED or path.name in ("Makefile", "Dockerfile")):
+            files.append(path)
+    return files
+
+
+def test_no_config_doc_or_script_opens_a_server_on_every_interface():
+    offenders = []
+    for path in project_files():
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if ANY_ADDRESS.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, ("bind to 127.0.0.1 and document an SSH tunnel / kubectl port-forward instead:\n"
+                           + "\n".join(offenders))
+
+
+def test_documented_servers_bind_loopback():
+    readme = (CLUSTER / "README.md").read_text()
+    for command in re.findall(r"^\s*(mlflow (?:server|ui)\b.*?)$", readme, flags=re.M):
+        assert "--host 127.0.0.1" in command, command
+    for command in re.findall(r"^\s*(.*ray start --head\b.*?)$", readme, flags=re.M):
+        assert "--include-dashboard=false" in command or "--dashboard-host=127.0.0.1" in command, command
+    assert os.path.exists(CLUSTER / "install-system-deps.sh")
