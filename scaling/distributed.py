@@ -133,7 +133,7 @@ def run_data_parallel(cfg: Any, reporter: Optional[Reporter] = None, workers: Op
     if workers != split.workers:
         raise ConfigError("parallel.workers", workers, f"differs from the trial's plan {split} (workers x micro x acc)")
     reporter = reporter or Reporter()
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    container = OmegaConf.to_container(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg), resolve=True)
     if launcher == "auto":
         launcher = "ray" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else "local"
     job = dict(cfg=container, resume=resume, ref_lr=ref_lr, checkpoints=checkpoints)
@@ -232,6 +232,7 @@ def _relay(get: Callable[[float], Optional[tuple]], reporter: Reporter, running:
 
 def _launch_local(job: dict, workers: int, reporter: Reporter, dataset: Any):
     import multiprocessing
+    import queue as queues
 
     import torch.multiprocessing as tmp
 
@@ -248,7 +249,7 @@ def _launch_local(job: dict, workers: int, reporter: Reporter, dataset: Any):
     def get(timeout: float) -> Optional[tuple]:
         try:
             return queue.get(timeout=timeout) if timeout else queue.get_nowait()
-        except Exception:  # noqa: BLE001 - queue.Empty
+        except queues.Empty:
             return None
 
     try:

@@ -54,6 +54,7 @@ class PeakMemory:
     def reset(self) -> None:
         """Start a new measurement window: the peak becomes what is allocated now."""
         gc.collect()
+        gc.freeze()  # long-lived objects (torch, ray, mlflow) leave the GC's scans: a full collect took ~0.5 s per trial
         if self.is_cuda:
             import torch
 

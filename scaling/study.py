@@ -254,6 +254,9 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Tune saves its experiment state every few seconds by default; MLflow + our checkpoints
+    # already hold what a resume needs, so save it less often (measured: 4.4 s of a 60 s study)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "30")
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,

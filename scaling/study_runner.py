@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import math
 import os
 import sys
@@ -177,6 +178,10 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
     checkpoints = _latest_checkpoints(storage) if state else {}
     _relog_from_checkpoints(recorder, checkpoints, specs)
     todo = [i for i in specs if i not in recorder.finished_indices()]
+    # Asynchronous ASHA judges each trial against those that reached a rung before it: in grid
+    # order (LRs ascending) every newcomer beats the earlier, slower LRs and nothing is pruned
+    # (measured: 0.93 of the full grid trained, against 0.30 in a shuffled order).
+    random.Random(sweeper.conf.sample_seed).shuffle(todo)
     points = [{**_point(specs[i]), **({"resume_from": checkpoints[i]} if i in checkpoints else {})} for i in todo]
     t0 = time.time()
     interrupted = False

@@ -162,12 +162,9 @@ class ScalingSweeper(Sweeper):
         return Path(self.conf.storage_path or Path.cwd() / ".studies").expanduser().resolve()
 
     def _check_storage(self) -> None:
-        import os
+        from scaling.tracking import check_writable
 
-        root = self.storage_root()
-        probe = next((p for p in [root, *root.parents] if p.exists()), None)
-        if probe is None or not probe.is_dir() or not os.access(probe, os.W_OK):
-            raise ConfigError("hydra.sweeper.storage_path", str(root), f"is not writable ({probe} is not a writable folder)")
+        check_writable("hydra.sweeper.storage_path", str(self.storage_root()), self.storage_root())
 
     def study_name(self, grid: Grid) -> str:
         """Return the study's name: the configured one, or preset name + a hash of the grid."""

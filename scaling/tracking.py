@@ -40,9 +40,21 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
         if scheme == "sqlite":
             path = path[1:]  # sqlite:///rel.db -> rel.db ; sqlite:////abs.db -> /abs.db
         folder = Path(path).expanduser().resolve().parent if scheme == "sqlite" else Path(path).expanduser().resolve()
-        probe = folder if folder.exists() else folder.parent
-        if not os.access(probe, os.W_OK):
-            raise ConfigError("mlflow.tracking_uri", uri, f"folder {probe} is not writable")
+        check_writable("mlflow.tracking_uri", uri, folder)
+
+
+def check_writable(key: str, value: str, folder: Path) -> None:
+    """Raise ConfigError unless files can be created in `folder` or its nearest existing ancestor."""
+    import tempfile
+
+    probe = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    try:
+        if probe is None or not probe.is_dir():
+            raise OSError(f"{probe} is not a folder")
+        with tempfile.TemporaryFile(dir=probe):  # os.access() says yes to root even on /proc
+            pass
+    except OSError as exc:
+        raise ConfigError(key, value, f"folder {folder} is not writable ({exc.strerror or exc})") from None
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

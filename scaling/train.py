@@ -7,6 +7,7 @@ the ranks); only rank 0 reports.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -134,6 +135,9 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group: Group) 
                               "schedule": schedule.state_dict(), "loop": dict(s.__dict__), "ref_lr": ref_lr,
                               "gns": gns.state_dict() if gns else None})
 
+    # hot-loop constants: an OmegaConf read costs ~10 us, a step of a small model ~300 us
+    diverge_factor, grad_clip, fp16 = cfg.divergence.factor, cfg.optimizer.grad_clip, cfg.precision == "fp16"
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
     t0 = time.perf_counter() - s.elapsed_s
     order = None
     while s.step < total_steps:
@@ -152,10 +156,12 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group: Group) 
         for m in range(n_micro):
             mi = idx[m * micro:(m + 1) * micro]
             with group.no_sync(net, last=m == n_micro - 1):  # DDP all-reduces the gradients once per step
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with autocast():
                     loss = F.cross_entropy(net(data.x_train[mi]), data.y_train[mi])
                 loss_sum += loss.item()  # one sync per micro-batch buys divergence detection within a step
-                scaler.scale(loss / n_micro).backward()
+                if n_micro > 1:
+                    loss = loss / n_micro
+                (scaler.scale(loss) if fp16 else loss).backward()
             if grad_norms:
                 grad_norms.after_micro_backward(params)
         # the global mean (one all-reduce across ranks): every rank takes the same decisions below
@@ -163,20 +169,24 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group: Group) 
 
         # ---- divergence: a non-finite loss or one above factor x the first loss stops before the step
         s.initial_loss = s.initial_loss if s.initial_loss is not None else train_loss
-        if not math.isfinite(train_loss) or train_loss > cfg.divergence.factor * s.initial_loss:
+        if not math.isfinite(train_loss) or train_loss > diverge_factor * s.initial_loss:
             return _end(cfg, reporter, s, "diverged", f"train/loss={train_loss:.4g} at step {s.step}", info,
                         meter, _progress(s, B, steps_per_epoch, optimizer, t0, train_loss))
 
         # ---- clip and step
         if gns:
-            gns.update(*grad_norms.end_step(params, loss_scale=scaler.get_scale() if scaler.is_enabled() else 1.0),
+            gns.update(*grad_norms.end_step(params, loss_scale=scaler.get_scale() if fp16 else 1.0),
                        b_small=micro, b_big=B)
-        if cfg.optimizer.grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
+        if grad_clip is not None:
+            if fp16:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         lr_now = optimizer.param_groups[0]["lr"]
-        scaler.step(optimizer)
-        scaler.update()
+        if fp16:  # the scaler skips steps whose gradients overflowed
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         schedule.step()
         s.step += 1
         s.train_time_s += time.perf_counter() - t_step

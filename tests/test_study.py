@@ -46,9 +46,10 @@ def study_runs(path: Path):
 
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory):
-    """2 batch sizes x 3 LR multipliers, one trial at a time so the worst LR meets a full rung."""
+    """2 batch sizes x 4 LR multipliers, one trial at a time (in the sweeper's seeded shuffled order)."""
     cwd = tmp_path_factory.mktemp("study")
-    proc = run_cli(["-m", "batch_size=32,256", "lr_multiplier=1,2,0.01", "hydra.sweeper.max_concurrent=1", *TINY], cwd)
+    proc = run_cli(["-m", "batch_size=32,256", "lr_multiplier=1,2,0.01,0.003", "hydra.sweeper.max_concurrent=1",
+                    *TINY], cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, proc
 
@@ -56,11 +57,11 @@ def small_study(tmp_path_factory):
 def test_study_records_one_parent_and_a_child_per_trial(small_study):
     cwd, proc = small_study
     studies, trials = study_runs(cwd)
-    assert len(studies) == 1 and len(trials) == 6
+    assert len(studies) == 1 and len(trials) == 8
     study = studies[0]
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {study.info.run_id}
     assert study.data.tags["trial.status"] == "completed"
-    assert study.data.metrics["trials/total"] == 6
+    assert study.data.metrics["trials/total"] == 8
     assert '"batch_size": ["32", "256"]' in study.data.params["grid"]
     assert study.info.run_id in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
     names = {t.info.run_name for t in trials}

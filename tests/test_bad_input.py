@@ -1,0 +1,100 @@
+"""The bad-input catalogue: every case goes through a real console script and must end at once,
+non-zero, in ONE line that names the key (or value), without a traceback, and leave nothing
+behind: no MLflow store, no Ray process, no output folder.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SMALL = ["data.n_samples=2000", "epochs=1"]
+
+CASES = [
+    # (script, args, text the one line must contain)
+    ("scaling-train", ["batch_size=abc"], "batch_size"),
+    ("scaling-train", ["batch_size=-1"], "batch_size=-1"),
+    ("scaling-train", ["batch_size=0"], "batch_size=0"),
+    ("scaling-train", ["lr_multiplier=nan"], "lr_multiplier"),
+    ("scaling-train", ["epochs=0"], "epochs=0"),
+    ("scaling-train", ["eval_every=5", "epochs=1"], "eval_every=5"),
+    ("scaling-train", ["batchsize=3"], "batchsize"),
+    ("scaling-train", ["+batchsize=3"], "batchsize"),
+    ("scaling-train", ["optimizer=foo"], "optimizer/foo"),
+    ("scaling-train", ["model.activation=swish"], "model.activation='swish'"),
+    ("scaling-train", ["scaling.rule=cubic"], "scaling.rule='cubic'"),
+    ("scaling-train", ["micro_batch_size=3"], "micro_batch_size=3"),
+    ("scaling-train", ["batch_size=100000", *SMALL], "batch_size=100000"),
+    ("scaling-train", ["target.metric=val/f1"], "target.metric='val/f1'"),
+    ("scaling-train", ["mlflow.tracking_uri=http://127.0.0.1:9"], "mlflow.tracking_uri"),
+    ("scaling-train", ["mlflow.tracking_uri=ftp://host/x"], "mlflow.tracking_uri"),
+    ("scaling-train", ["mlflow.tracking_uri=sqlite:////proc/nope/x.db"], "mlflow.tracking_uri"),
+    ("scaling-train", ["seed=-1"], "seed=-1"),
+    ("scaling-train", ["warmup.epochs=10", "epochs=1"], "warmup.epochs=10"),
+    ("scaling-train", ["batch_size=[1,2"], "batch_size=[1,2"),
+    ("scaling-train", ["device=tpu"], "device='tpu'"),
+    ("scaling-train", ["precision=fp8"], "precision='fp8'"),
+    ("scaling-train", ["memory.limit_mb=-5"], "memory.limit_mb=-5"),
+    ("scaling-train", ["scaling.ref_lr=0"], "scaling.ref_lr=0"),
+    ("scaling-study", ["batch_size=-1"], "batch_size=-1"),
+    ("scaling-train", ["-m", "batch_size=32,abc", *SMALL], "batch_size"),
+    ("scaling-train", ["-m", "bogus=1,2", *SMALL], "bogus"),
+    ("scaling-train", ["-m", "batch_size=range(5,5)", *SMALL], "batch_size"),
+    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.asha.grace_period=100", *SMALL], "grace_period"),
+    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.resources.gpu=4", *SMALL], "resources.gpu"),
+    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.resources.cpu=64", *SMALL], "resources.cpu"),
+    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.max_trials=1", *SMALL], "max_trials"),
+    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.study_name=../../etc", *SMALL], "study_name"),
+    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.study_name=/abs/path", *SMALL], "study_name"),
+    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.ray.address=127.0.0.1:1", *SMALL], "ray.address"),
+    ("scaling-train", ["-m", "lr_multiplier=interval(0,1", *SMALL], "lr_multiplier"),
+    ("scaling-train", ["-m", "batch_size=32,64", "mlflow.tracking_uri=http://127.0.0.1:9", *SMALL],
+     "mlflow.tracking_uri"),
+    ("scaling-lr-find", ["lr_find.start_lr=1", "lr_find.end_lr=0.1"], "lr_find.start_lr"),
+    ("scaling-lr-find", ["lr_find.start_lr=-1"], "lr_find.start_lr"),
+    ("scaling-lr-find", ["lr_find.num_iters=3"], "lr_find.num_iters"),
+    ("scaling-lr-find", ["batch_size=100000", *SMALL], "batch_size"),
+    ("scaling-report", ["no-such-study", "--tracking-uri", "sqlite:///{tmp}/store.db"], "no-such-study"),
+    ("scaling-report", ["--memory-budget", "abc"], "memory-budget"),
+    ("scaling-report", ["--tracking-uri", "sqlite:////nonexistent/x.db"], "x.db"),
+]
+
+
+def _left_behind(tmp_path: Path) -> list[str]:
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("store.db",)]
+    for proc in psutil.process_iter(["cwd", "name"]):
+        try:
+            if proc.info["cwd"] == str(tmp_path):
+                leftovers.append(f"process {proc.pid} {proc.info['name']}")
+        except (psutil.Error, TypeError):
+            pass
+    return leftovers
+
+
+@pytest.mark.parametrize("script, args, needle", CASES, ids=[f"{c[0]}:{' '.join(c[1])[:40]}" for c in CASES])
+def test_bad_input_ends_in_one_line_and_leaves_nothing(tmp_path, script, args, needle):
+    if script == "scaling-report" and "{tmp}" in " ".join(args):
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/store.db").create_experiment("scaling")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    t0 = time.time()
+    proc = subprocess.run([str(BIN / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    elapsed = time.time() - t0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0, proc.stdout[-1000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
+    assert needle in lines[0], lines[0]
+    assert elapsed < 60, f"took {elapsed:.0f}s"
+    assert _left_behind(tmp_path) == []
