@@ -30,10 +30,12 @@ def fail(message: str, code: int = 2) -> None:
 
 def one_line(exc: BaseException) -> str:
     """Return a one-line description of a Hydra/OmegaConf composition error."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
 
     if isinstance(exc, ConfigError):
         return str(exc)
+    if isinstance(exc, OverrideParseException):
+        return f"{exc.override}: {str(exc).strip().splitlines()[0]} (see Hydra's override grammar)"
     head = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, MissingConfigException) and exc.options:
         # Hydra names the missing file `missing_cfg_file` ("optimizer/foo"); there is no `config_name`
@@ -64,8 +66,16 @@ def compose(overrides: Sequence[str], config_name: str = "config") -> Any:
 def preflight(argv: Sequence[str]) -> None:
     """Exit with one line if a single-run command line does not compose, validate and reach MLflow."""
     argv = [a for a in argv if a != "--yes"]
-    if any(a.split("=")[0] in INFO_FLAGS for a in argv) or any(a in MULTIRUN_FLAGS for a in argv):
-        return  # help output needs no check; a multirun's grid is checked by the sweeper
+    if any(a.split("=")[0] in INFO_FLAGS for a in argv):
+        return  # help output needs no check
+    if any(a in MULTIRUN_FLAGS for a in argv):  # the sweeper checks the grid; the syntax is checked here
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        try:
+            OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        except Exception as exc:  # noqa: BLE001
+            fail(one_line(exc))
+        return
     from scaling.tracking import check_tracking_uri
 
     try:
@@ -173,6 +183,7 @@ def study_main(argv: Optional[Sequence[str]] = None) -> None:
         argv = ["experiment=default_study", *argv]
     if not any(a in MULTIRUN_FLAGS for a in argv) and not any(a.split("=")[0] in INFO_FLAGS for a in argv):
         argv = ["--multirun", *argv]
+    preflight(argv)
     _run_hydra(_train_task, argv)
 
 

@@ -347,7 +347,8 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 class MlflowServer:
     """`mlflow server` (or `mlflow ui`) on 127.0.0.1 with a SQLite store, started and stopped by pid."""
 
-    def __init__(self, root: Path, command: str = "server", backend: Optional[str] = None):
+    def __init__(self, root: Path, command: str = "server", backend: Optional[str] = None,
+                 extra_args: tuple = (), env: Optional[dict] = None):
         self.root = Path(root)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -358,7 +359,7 @@ class MlflowServer:
             # artifacts go through the server (proxied): clients need no access to its disk
             self.artifacts = self.root / "artifacts"
             args += ["--artifacts-destination", str(self.artifacts), "--workers", "1"]
-        self.group = Group(args, self.root / f"mlflow-{command}-{self.port}.log", cwd=self.root)
+        self.group = Group([*args, *extra_args], self.root / f"mlflow-{command}-{self.port}.log", cwd=self.root, env=env)
         wait_until(self._healthy, 120, f"mlflow {command} at {self.url}", self.group.proc, self.group.log)
 
     def _healthy(self) -> bool:

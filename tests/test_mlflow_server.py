@@ -64,3 +64,27 @@ def test_study_records_to_the_server_and_the_report_reads_from_it(server, tmp_pa
     assert any(n.endswith(".png") for n in names), names
     # uploaded through the server: the files are in the server's artifact store
     assert list(server.artifacts.rglob("report/*.png"))
+
+
+def test_basic_auth_server_refuses_anonymous_writes_and_records_with_credentials(tmp_path):
+    """The documented shared deployment: `mlflow server --app-name basic-auth`, users by name and password."""
+    import urllib.error
+    import urllib.request
+
+    password = "test-" + os.urandom(8).hex()
+    server = MlflowServer(tmp_path, extra_args=("--app-name", "basic-auth"),
+                          env={"MLFLOW_AUTH_ADMIN_PASSWORD": password})
+    try:
+        request = urllib.request.Request(f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+        creds = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        proc = subprocess.run([str(BIN / "scaling-train"), "epochs=0.5", "eval_every=0.5", "data.n_samples=2000",
+                               "model.width=32", "threads=1", f"mlflow.tracking_uri={server.url}"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **creds, "PYTHONUNBUFFERED": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"at {server.url}" in proc.stdout
+    finally:
+        server.stop()

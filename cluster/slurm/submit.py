@@ -39,12 +39,25 @@ class SlurmConf:
     env: Dict[str, str] = field(default_factory=dict)
 
 
+STRINGS = {"job_name", "time", "partition", "account", "qos", "constraint", "output"}
+
+
 def load(config: Path, overrides: List[str]):
-    """Return the typed config: `config` merged with key=value overrides (unknown keys fail)."""
+    """Return the typed config: `config` merged with key=value overrides (unknown keys fail).
+
+    String fields and env.* take the text as given: YAML would read time=12:00:00 as the
+    base-60 integer 43200.
+    """
+    import yaml
     from omegaconf import OmegaConf
 
-    schema = OmegaConf.structured(SlurmConf)
-    cfg = OmegaConf.merge(schema, OmegaConf.load(config), OmegaConf.from_dotlist(overrides))
+    cfg = OmegaConf.merge(OmegaConf.structured(SlurmConf), OmegaConf.load(config))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"'{item}' is not key=value")
+        key, text = item.split("=", 1)
+        raw = key in STRINGS or key.startswith("env.")
+        OmegaConf.update(cfg, key, text if raw else yaml.safe_load(text), merge=True)
     if cfg.nodes < 1 or cfg.cpus_per_task < 1 or cfg.gpus_per_node < 0:
         raise ValueError("nodes and cpus_per_task must be >= 1, gpus_per_node >= 0")
     return cfg
@@ -69,7 +82,12 @@ def sbatch_command(cfg, study: List[str], wait: bool = False) -> List[str]:
     if cfg.mem_gb:
         flags["mem"] = f"{cfg.mem_gb}G"
     flags.update(dict(cfg.additional))
-    cmd = ["sbatch", "--parsable"] + [f"--{k}={v}" for k, v in flags.items() if v is not None]
+    cmd = ["sbatch", "--parsable"]
+    for k, v in flags.items():
+        if v is True:  # a switch: {exclusive: true} -> --exclusive
+            cmd.append(f"--{k}")
+        elif v is not None and v is not False:
+            cmd.append(f"--{k}={v}")
     if cfg.env:
         cmd.append("--export=ALL," + ",".join(f"{k}={v}" for k, v in cfg.env.items()))
     if wait:
