@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system packages the cluster tests use: SLURM (slurmctld, slurmd, sbatch),
-# munge (its authentication), and headless Chromium + chromedriver (the MLflow UI test).
+# munge (its authentication), headless Chromium + chromedriver (the MLflow UI test), and ss/ps/pgrep
+# (iproute2, procps: the tests check what listens where and that nothing outlives them).
 # Idempotent: does nothing when every package is already installed. Debian/Ubuntu, as root
 # (or with sudo). CI calls it before `make test`; users only need it to run those tests.
 set -euo pipefail
 
-PACKAGES=(slurm-wlm munge chromium chromium-driver)
+PACKAGES=(slurm-wlm munge chromium chromium-driver iproute2 procps)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

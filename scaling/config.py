@@ -41,6 +41,9 @@ class ConfigError(ValueError):
         self.key, self.value, self.problem = key, value, problem
         super().__init__(f"{key}={value!r}: {problem}")
 
+    def __reduce__(self):  # copy and pickle (Ray ships a trial's or a rank's error to the driver)
+        return type(self), (self.key, self.value, self.problem)
+
 
 @dataclass
 class DataConfig:

@@ -223,11 +223,16 @@ def _callback_class():
 
 def _error_reason(trial) -> str:
     """Return the last line of a failed trial's error (the exception), or a generic reason."""
-    try:
-        err = trial.get_error()
-    except Exception:  # noqa: BLE001 - the error file may be gone with a lost node
-        err = None
-    lines = [line.strip() for line in str(err or "").splitlines() if line.strip()]
+    text = ""
+    try:  # Tune writes the error next to the trial locally before calling back; storage may lag
+        with open(trial.error_file) as f:
+            text = f.read()
+    except (OSError, TypeError, AttributeError):
+        try:
+            text = str(trial.get_error() or "")
+        except Exception:  # noqa: BLE001 - the error file may be gone with a lost node
+            text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][-2000:] if lines else "worker failed (no error recorded)"
 
 

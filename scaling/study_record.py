@@ -41,6 +41,7 @@ class StudyRecorder:
         self.logged_samples: dict[int, int] = {}  # trial index -> highest step logged
         self.status: dict[int, str] = {}
         self.best: dict[int, float] = {}
+        self._ready: set[int] = set()  # trial runs created and filled with params
         self.pending: deque = deque()  # trial writes not yet applied to MLflow, in order
         self.journal: Optional[Path] = None
         self.retry_s = 5.0
@@ -79,6 +80,7 @@ class StudyRecorder:
         for r in runs:
             i = int(r.data.tags[TRIAL_INDEX_TAG])
             self.trial_runs[i] = r.info.run_id
+            self._ready.add(i)
             self.status[i] = r.data.tags.get(STATUS_TAG, "running")
             self.logged_samples[i] = int(r.data.metrics.get("samples", -1)) if "samples" in r.data.metrics else -1
             if "best/val_loss" in r.data.metrics:
@@ -217,18 +219,22 @@ class StudyRecorder:
             self.client.set_terminated(run_id, status="FAILED" if intent["status"] == "error" else "FINISHED")
 
     def _create_trial_run(self, index: int, config: dict, extra_tags: dict) -> None:
-        if index in self.trial_runs:
+        if index in self._ready:
             self.client.set_terminated(self.trial_runs[index], status="RUNNING")
             return
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.create(config)
-        tags = {KIND_TAG: "trial", STATUS_TAG: "running", "mlflow.parentRunId": self.run_id,
-                STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **extra_tags}
-        run = self.client.create_run(self.exp_id, run_name=trial_run_name(cfg), tags=tags)
-        self.trial_runs[index] = run.info.run_id
-        log_params(self.client, run.info.run_id, trial_params(cfg))
-        self.client.log_text(run.info.run_id, OmegaConf.to_yaml(cfg), "config.yaml")
+        if index not in self.trial_runs:
+            tags = {KIND_TAG: "trial", STATUS_TAG: "running", "mlflow.parentRunId": self.run_id,
+                    STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **extra_tags}
+            self.trial_runs[index] = self.client.create_run(self.exp_id, run_name=trial_run_name(cfg),
+                                                            tags=tags).info.run_id
+        # A retry after the store failed between creating the run and filling it lands here again;
+        # MLflow accepts a param logged twice with the same value.
+        log_params(self.client, self.trial_runs[index], trial_params(cfg))
+        self.client.log_text(self.trial_runs[index], OmegaConf.to_yaml(cfg), "config.yaml")
+        self._ready.add(index)
 
     # ---------------------------------------------------------------- end of study
     def finish(self, n_trials: int, samples_full_grid: int, samples_trained: int, best_per_batch: dict,

@@ -118,17 +118,17 @@ def is_loopback(address: str) -> bool:
 
 # `ray start` swaps 127.0.0.1 for the host's routable address (and then listens on every
 # interface) unless Ray is told the cluster is single-machine (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
-# and in that mode it refuses to add worker nodes. This runs the real `ray start` with the swap
-# turned off and worker nodes allowed, in the `ray start` process only: the processes it starts
+# and in that mode it refuses to add worker nodes. This runs the real `ray` CLI with the swap
+# turned off and worker nodes allowed, in the CLI's process only: the processes it starts
 # (raylet, agents, job drivers) inherit the single-machine setting and stay on loopback.
-def ray_cli(*args) -> list[str]:
-    """A `ray` command line (the real CLI, 127.0.0.1 kept as is: see _RAY_LOOPBACK)."""
-    return [str(BIN / "python"), "-c", _RAY_LOOPBACK, *[str(a) for a in args]]
-
-
 _RAY_LOOPBACK = ("import sys; from ray._private import ray_constants, services; ray_constants.ENABLE_RAY_CLUSTER = True; "
                  "services.resolve_ip_for_localhost = lambda h: h; "
                  "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; sys.exit(main())")
+
+
+def ray_cli(*args) -> list[str]:
+    """A `ray` command line: the real CLI, with 127.0.0.1 kept as is (see _RAY_LOOPBACK)."""
+    return [str(BIN / "python"), "-c", _RAY_LOOPBACK, *[str(a) for a in args]]
 
 
 class RayCluster:
@@ -142,7 +142,9 @@ class RayCluster:
         self.token.write_text(secrets.token_hex(32))
         self.token.chmod(0o600)
         self.nodes: list[Group] = []
+        self.nodes_info: list[dict] = []  # what wait_for_nodes() saw last
         self.temp_dirs: list[str] = []
+        self.dashboard_url: Optional[str] = None
 
     @property
     def env(self) -> dict[str, str]:
@@ -191,8 +193,10 @@ class RayCluster:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     def wait_for_nodes(self, n: int, timeout: float = 120) -> list[dict]:
-        return wait_until(lambda: (lambda nodes: nodes if len(nodes) >= n else None)(self.alive_nodes()),
-                          timeout, f"{n} alive Ray nodes", every=1)
+        """Wait until `n` nodes are alive; return (and keep in nodes_info) their ids and resources."""
+        self.nodes_info = wait_until(lambda: (lambda nodes: nodes if len(nodes) >= n else None)(self.alive_nodes()),
+                                     timeout, f"{n} alive Ray nodes", every=1)
+        return self.nodes_info
 
     def pids(self) -> set[int]:
         return set().union(*(group_pids(g.pid) for g in self.nodes)) if self.nodes else set()

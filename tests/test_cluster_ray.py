@@ -26,7 +26,7 @@ def cluster(tmp_path_factory):
     try:
         c.start_head(num_cpus=1, resources={"head_node": 1})
         c.add_node(num_cpus=1, resources={"worker_node": 1})
-        c.nodes_info = c.wait_for_nodes(2)
+        c.wait_for_nodes(2)
         yield c
     finally:
         c.stop()

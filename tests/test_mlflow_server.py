@@ -71,9 +71,11 @@ def test_basic_auth_server_refuses_anonymous_writes_and_records_with_credentials
     import urllib.error
     import urllib.request
 
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth] (the dev extra)")
     password = "test-" + os.urandom(8).hex()
     server = MlflowServer(tmp_path, extra_args=("--app-name", "basic-auth"),
-                          env={"MLFLOW_AUTH_ADMIN_PASSWORD": password})
+                          env={"MLFLOW_AUTH_ADMIN_PASSWORD": password,
+                               "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()})
     try:
         request = urllib.request.Request(f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1")
         with pytest.raises(urllib.error.HTTPError) as refused:

@@ -2,8 +2,8 @@
 
 - cluster/slurm/submit.py + study.sbatch: a Ray head started with srun inside the allocation,
   then `scaling-study hydra.sweeper.ray.address=...` joins it; every trial lands in MLflow.
-- Hydra's submitit launcher (hydra/launcher=submitit_slurm): the plain grid, one SLURM job per
-  trial, no Ray, recorded on a shared MLflow server.
+- Hydra's submitit launcher (hydra/launcher=slurm): the plain grid, one SLURM job per trial,
+  no Ray, every job writing its run into one SQLite store.
 
 The daemons listen on 127.0.0.1 only and are stopped by their process ids at teardown. The
 binaries come from Debian's slurm-wlm and munge (cluster/install-system-deps.sh); without them
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from cluster_procs import BIN, MlflowServer, SlurmCluster, free_port, is_loopback, listeners, slurm_missing
+from cluster_procs import BIN, SlurmCluster, free_port, is_loopback, listeners, slurm_missing
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,8 @@ def test_sbatch_study_runs_ray_on_the_allocation_and_records_every_trial(slurm, 
               "batch_size=32,64", "lr_multiplier=1", "scaling.rule=linear", "warmup.epochs=0", *TINY,
               "hydra.sweeper.asha.grace_period=0.25", "hydra.sweeper.report=false", "hydra.sweeper.resources.cpu=1",
               "hydra.sweeper.study_name=slurm-study", f"mlflow.tracking_uri=sqlite:///{db}"]
-    proc = slurm.run(*submit, cwd=tmp_path, env=job_env(slurm), timeout=60)
+    proc = slurm.run(*submit, cwd=tmp_path, env=job_env(slurm), timeout=60, check=False)
+    assert proc.returncode == 0 and "submitted job " in proc.stdout, proc.stdout + proc.stderr
     job = proc.stdout.split("submitted job ")[1].split(";")[0].strip()
     state = slurm.wait_job(job, timeout=300)
     log = (tmp_path / f"study-{job}.out").read_text()
@@ -85,6 +87,7 @@ def test_sbatch_study_runs_ray_on_the_allocation_and_records_every_trial(slurm, 
     assert all(t.data.tags.get("ray.node_id") for t in trials), "trial runs must name the Ray node they ran on"
     # the job's Ray is gone with the job (stopped through srun, not with `ray stop`)
     left = slurm.run("pgrep", "-f", ray_tmp, check=False).stdout.split()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not left, f"Ray processes of the job outlived it: {left}"
 
 
