@@ -43,6 +43,7 @@ class TuneReporter(Reporter):
         self.last: dict[str, float] = {}
         self.total_steps = None
         self.node_id: Optional[str] = None
+        self.gpu_ids = ""
         self.resumed_from: Optional[int] = None
         self.extra: dict[str, Any] = {}  # sent with every result (e.g. a range test's ref_lr)
         self.derived: Optional[str] = None  # the loop's derived values, sent once (the driver logs derived.*)
@@ -53,7 +54,8 @@ class TuneReporter(Reporter):
             import ray
 
             self.node_id = ray.get_runtime_context().get_node_id()
-        return {"node_id": self.node_id}
+            self.gpu_ids = ",".join(str(g) for g in ray.get_gpu_ids())
+        return {"node_id": self.node_id, "gpu_ids": self.gpu_ids}
 
     def start(self, info: dict[str, Any]) -> None:
         self.total_steps = info.get("total_steps")
@@ -105,6 +107,11 @@ def trainable(params: dict, configs: dict) -> None:
     from scaling.train import run_trial
 
     torch.set_num_threads(max(1, int(params.get("cpus", 1))))
+    gpus = float(params.get("gpus", 0) or 0)
+    if 0 < gpus < 1 and torch.cuda.is_available():
+        # Ray does not enforce fractions: make the share a hard ceiling of torch's allocator, so a
+        # trial packed at 0.25 GPU gets an OOM (status `oom`) instead of starving its neighbours
+        torch.cuda.set_per_process_memory_fraction(gpus)
     cfg = OmegaConf.create(configs[params["point"]["index"]])
     resume = None
     ckpt = tune.get_checkpoint()  # Ray's retry after a lost worker, else an earlier attempt's file
@@ -169,7 +176,8 @@ def _callback_class():
             node = result.get("node_id")
             if node and self.nodes.get(i) != node:  # tag the run with where it ran (a retry may move it)
                 self.nodes[i] = node
-                self.recorder.trial_tags(i, {"ray.node_id": node, "ray.node_ip": str(result.get("node_ip", ""))})
+                self.recorder.trial_tags(i, {"ray.node_id": node, "ray.node_ip": str(result.get("node_ip", "")),
+                                             "ray.gpu_ids": str(result.get("gpu_ids", ""))})
             if result.get("derived"):  # the trial loop's derived values (lr, steps, the data-parallel split)
                 derived = json.loads(result["derived"])
                 self.recorder.trial_params(i, {f"derived.{k}": str(v) for k, v in derived.items()})

@@ -66,6 +66,9 @@ def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optiona
     device = group.device(resolve_device(cfg.device))
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cuda" and cfg.memory.limit_mb is not None:  # the allocator enforces the ceiling on CUDA
+        total_mb = torch.cuda.get_device_properties(device).total_memory / 2**20
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory.limit_mb / total_mb), device)
     meter = PeakMemory(device)
     try:
         result = _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group)

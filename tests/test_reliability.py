@@ -53,10 +53,6 @@ def test_mlflow_server_lost_mid_study_loses_nothing(tmp_path):
         time.sleep(3)
         server = start_mlflow_server(tmp_path, port)  # ... and comes back on the same store
         assert study.wait(timeout=300) == 0, (tmp_path / "study.log").read_text()[-3000:]
-    finally:
-        if study.poll() is None:
-            stop_group(study)
-    try:
         client, studies, trials = trial_runs(uri)
         assert len(studies) == 1 and studies[0].data.tags["trial.status"] == "completed"
         assert len(trials) == 4 and all(t.data.tags["trial.status"] == "completed" for t in trials)
@@ -68,7 +64,9 @@ def test_mlflow_server_lost_mid_study_loses_nothing(tmp_path):
             assert [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")] == expected
         assert not list(tmp_path.glob(".studies/*/mlflow_journal.jsonl")), "the journal was not drained"
     finally:
-        stop_group(server)
+        if study.poll() is None:
+            stop_group(study)
+        stop_group(server)  # whichever server is current; stopping a stopped one is a no-op
 
 
 def _history(client, run_id: str, key: str = "val/loss") -> list[tuple[int, float]]:

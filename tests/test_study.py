@@ -6,13 +6,12 @@ Every test drives the real console script in a subprocess (real Hydra, real Ray 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from procs import stop_group, wait_for_text
 
 pytestmark = pytest.mark.slow
 
@@ -104,22 +103,6 @@ def test_bare_multirun_sweeps_only_the_given_axes(tmp_path):
     assert {t.data.params["scaling.rule"] for t in trials} == {"linear"}
 
 
-def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists() and text in path.read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"study ended before '{text}': {path.read_text()[-2000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for '{text}'")
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started, nothing else
-    proc.wait(timeout=30)
-
-
 def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
     args = ["-m", "batch_size=32,256", "lr_multiplier=0.5,1,2", *TINY]
     for attempt, marker in enumerate(("done 2/6", "done 4/6")):
@@ -130,9 +113,9 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
                                     stderr=subprocess.STDOUT, start_new_session=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
             try:
-                _wait_for(log, marker, proc, timeout=180)
+                wait_for_text(log, marker, proc, timeout=180)
             finally:
-                _kill_group(proc)
+                stop_group(proc)  # the driver and the Ray processes it started, nothing else
     proc = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resuming study" in proc.stdout

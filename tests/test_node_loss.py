@@ -1,0 +1,65 @@
+"""A worker node lost mid-study: its trials resume on the node that is left, and the study completes.
+
+A real two-node Ray cluster on 127.0.0.1 (tests/cluster_procs.py); the worker node's process
+group, which this test started, is killed while it runs a trial.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from cluster_procs import BIN, RayCluster
+
+pytestmark = pytest.mark.slow
+
+
+def test_trials_of_a_lost_node_finish_on_the_remaining_node(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cluster = RayCluster(tmp_path / "ray")
+    (tmp_path / "ray").mkdir(exist_ok=True)
+    db = tmp_path / "mlflow.db"
+    study = None
+    try:
+        cluster.start_head(num_cpus=1, resources={"head_node": 1})
+        cluster.add_node(num_cpus=1, resources={"worker_node": 1})
+        head_id, worker_id = [next(n["id"] for n in cluster.wait_for_nodes(2) if tag in n["resources"])
+                              for tag in ("head_node", "worker_node")]
+        log = open(tmp_path / "study.log", "w")
+        study = subprocess.Popen(
+            [str(BIN / "scaling-train"), "-m", "batch_size=32,64", "lr_multiplier=0.5,1", "epochs=3", "eval_every=0.25",
+             "data.n_samples=4000", "model.width=64", "threads=1", "hydra.sweeper.asha.enabled=false",
+             "hydra.sweeper.report=false", f"hydra.sweeper.ray.address={cluster.address}",
+             f"mlflow.tracking_uri=sqlite:///{db}"],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **cluster.env, "PYTHONUNBUFFERED": "1"})
+        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        deadline = time.time() + 240
+        while True:  # wait until a trial on the worker node has checkpointed twice
+            assert time.time() < deadline and study.poll() is None, (tmp_path / "study.log").read_text()[-3000:]
+            time.sleep(1)
+            exp = db.exists() and client.get_experiment_by_name("scaling")
+            runs = client.search_runs([exp.experiment_id], "tags.`ray.node_id` = '%s'" % worker_id) if exp else []
+            if any(len(client.get_metric_history(r.info.run_id, "val/loss")) >= 2 for r in runs):
+                break
+        cluster.nodes[1].stop(grace=0)  # the worker node is lost
+        assert study.wait(timeout=420) == 0, (tmp_path / "study.log").read_text()[-3000:]
+    finally:
+        if study is not None and study.poll() is None:
+            os.killpg(study.pid, 9)
+            study.wait(timeout=60)
+        cluster.stop()
+    runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
+    study_run = next(r for r in runs if r.data.tags.get("scaling.kind") == "study")
+    assert len(trials) == 4 and {t.data.tags["trial.status"] for t in trials} == {"completed"}
+    assert study_run.data.tags["trial.status"] == "completed"
+    assert {t.data.tags["ray.node_id"] for t in trials} == {head_id}, "a trial did not move to the head"
+    moved = [t for t in trials if "trial.resumed_from_step" in t.data.tags]
+    assert moved, "the lost node's trial restarted from scratch instead of its checkpoint"
+    for t in trials:
+        steps = [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")]
+        assert steps == sorted(set(steps)), "a point was logged twice"
