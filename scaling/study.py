@@ -91,7 +91,10 @@ class TuneReporter(Reporter):
 
         final = {"val/loss": math.nan, "val/acc": math.nan, "epoch": 0.0, "samples": 0, **self.last,
                  **result.metrics, **(result.target or {})}
-        final.update(trial_status=result.status, trial_reason=result.reason, **self._node(), **self._once())
+        final.update(trial_status=result.status, trial_reason=result.reason, **self._node(), **self._once(),
+                     **self.extra)
+        if self.resumed_from:  # a trial lost after its last evaluation resumes straight into finish()
+            final["resumed_from_step"] = self.resumed_from
         if result.status in ("diverged", "oom"):
             final["val/loss"] = math.nan  # never "best": the scheduler and the report treat NaN as worst
         tune.report(final)
@@ -154,7 +157,6 @@ def _callback_class():
             self.t0 = time.time()
             self.running: set[int] = set()
             self.final: dict[int, dict] = {}
-            self.samples_trained: dict[int, int] = {}
             self.resumed: set[int] = set()
             self.tagged_lr: set[int] = set()
             self.nodes: dict[int, str] = {}  # trial index -> the Ray node id it last reported from
@@ -172,7 +174,6 @@ def _callback_class():
         def on_trial_result(self, iteration, trials, trial, result, **info):
             i = self._index(trial)
             metrics = {k: v for k, v in result.items() if "/" in k or k in ("lr", "samples", "step", "epoch")}
-            self.samples_trained[i] = max(self.samples_trained.get(i, 0), int(result.get("samples", 0)))
             node = result.get("node_id")
             if node and self.nodes.get(i) != node:  # tag the run with where it ran (a retry may move it)
                 self.nodes[i] = node

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.plugins.sweeper import Sweeper
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scaling.config import ConfigError, validate
 from scaling.grid import Grid, build_grid, stratum_keys
@@ -149,7 +149,7 @@ class ScalingSweeper(Sweeper):
             from scaling.cli import one_line
 
             raise ConfigError(" ".join(p for p in point), "", one_line(exc)) from None
-        with _open(cfg):
+        with open_dict(cfg):
             del cfg["hydra"]
         try:
             validate(cfg)
@@ -203,16 +203,3 @@ def _confirmed(n_trials: int) -> bool:
         return False
     answer = input(f"launch {n_trials} trials? [y/N] ").strip().lower()
     return answer in ("y", "yes")
-
-
-class _open:
-    """Context manager: temporarily lift struct mode so the hydra node can be removed."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-
-    def __enter__(self):
-        OmegaConf.set_struct(self.cfg, False)
-
-    def __exit__(self, *exc):
-        OmegaConf.set_struct(self.cfg, True)

@@ -59,10 +59,12 @@ def test_trials_of_a_lost_node_finish_on_the_remaining_node(tmp_path):
     study_run = next(r for r in runs if r.data.tags.get("scaling.kind") == "study")
     assert len(trials) == 4 and {t.data.tags["trial.status"] for t in trials} == {"completed"}
     assert study_run.data.tags["trial.status"] == "completed"
-    for run_id in lost:  # the trial that was running on the lost node finished on the head
+    for run_id in lost:  # the trial that was running on the lost node finished on the head, from its checkpoint
         moved = client.get_run(run_id)
         assert moved.data.tags["trial.status"] == "completed"
         assert moved.data.tags["ray.node_id"] == head_id != worker_id, "a lost trial did not move to the head"
+        assert int(moved.data.tags.get("trial.resumed_from_step", 0)) > 0, \
+            "the lost node's trial restarted from scratch instead of its checkpoint"
     for t in trials:
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")]
         assert steps == sorted(set(steps)), "a point was logged twice"
