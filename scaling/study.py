@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from scaling.reporters import Reporter
+from scaling.study_record import TERMINAL
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,8 @@ def _callback_class():
             done = Counter(self.recorder.status.values())
             best = best_per_batch_size(self.recorder, self.specs)
             bests = " ".join(f"{b}:{v['best/val_loss']:.3f}" for b, v in sorted(best.items()))
-            print(f"[{time.time() - self.t0:6.0f}s] done {sum(done.values())}/{len(self.specs)} "
+            finished = sum(n for status, n in done.items() if status in TERMINAL)
+            print(f"[{time.time() - self.t0:6.0f}s] done {finished}/{len(self.specs)} "
                   f"running {len(self.running)} pruned {done.get('pruned', 0)} diverged {done.get('diverged', 0)} "
                   f"| best val/loss per batch size {bests}", flush=True)
 

@@ -22,8 +22,8 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Optional
 
-from scaling.tracking import (KIND_TAG, STATUS_TAG, STUDY_TAG, get_experiment_id, log_metrics, log_params,
-                              make_client, provenance_tags, trial_params, trial_run_name)
+from scaling.tracking import (KIND_TAG, LAST_TRIAL_PARAM, STATUS_TAG, STUDY_TAG, get_experiment_id, log_metrics,
+                              log_params, make_client, provenance_tags, trial_params, trial_run_name)
 
 TRIAL_INDEX_TAG = "scaling.trial_index"
 TERMINAL = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
@@ -80,7 +80,8 @@ class StudyRecorder:
         for r in runs:
             i = int(r.data.tags[TRIAL_INDEX_TAG])
             self.trial_runs[i] = r.info.run_id
-            self._ready.add(i)
+            if LAST_TRIAL_PARAM in r.data.params:  # else killed before its params landed: log them again
+                self._ready.add(i)
             self.status[i] = r.data.tags.get(STATUS_TAG, "running")
             self.logged_samples[i] = int(r.data.metrics.get("samples", -1)) if "samples" in r.data.metrics else -1
             if "best/val_loss" in r.data.metrics:
@@ -203,8 +204,6 @@ class StudyRecorder:
                 self.client.set_tag(self.trial_runs[i], key, value)
         elif intent["op"] == "tag":
             self.client.set_tag(self.trial_runs[i], intent["key"], intent["value"])
-        elif intent["op"] == "tag":
-            self.client.set_tag(self.trial_runs[i], intent["key"], intent["value"])
         elif intent["op"] == "params":
             log_params(self.client, self.trial_runs[i], intent["params"])
         elif intent["op"] == "metrics":
@@ -230,10 +229,11 @@ class StudyRecorder:
                     STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **extra_tags}
             self.trial_runs[index] = self.client.create_run(self.exp_id, run_name=trial_run_name(cfg),
                                                             tags=tags).info.run_id
-        # A retry after the store failed between creating the run and filling it lands here again;
-        # MLflow accepts a param logged twice with the same value.
-        log_params(self.client, self.trial_runs[index], trial_params(cfg))
+        # A retry after the store failed (or the driver died) between creating the run and filling it
+        # lands here again; MLflow accepts a param logged twice with the same value. The config
+        # artifact goes first, so a run holding its last param is complete.
         self.client.log_text(self.trial_runs[index], OmegaConf.to_yaml(cfg), "config.yaml")
+        log_params(self.client, self.trial_runs[index], trial_params(cfg))
         self._ready.add(index)
 
     # ---------------------------------------------------------------- end of study

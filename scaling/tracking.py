@@ -76,6 +76,9 @@ def resolved_container(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+LAST_TRIAL_PARAM = "lr.rule_bypassed"
+
+
 def trial_params(cfg: Any, ref_lr: Optional[float] = None) -> dict[str, str]:
     """Return every resolved config value plus the derived LR values, as MLflow params."""
     params = {k: "null" if v is None else str(v) for k, v in flatten(resolved_container(cfg)).items()}
@@ -83,8 +86,8 @@ def trial_params(cfg: Any, ref_lr: Optional[float] = None) -> dict[str, str]:
     params["lr.base"] = repr(float(ref_lr if ref_lr is not None else cfg.scaling.ref_lr)) \
         if cfg.scaling.ref_lr != "auto" or ref_lr is not None else "auto"
     params["lr.rule_exponent"] = repr(lr_exponent(cfg.scaling.rule))
-    params["lr.rule_bypassed"] = str(cfg.lr is not None)
-    return params
+    params[LAST_TRIAL_PARAM] = str(cfg.lr is not None)  # last: log_params writes in order, so its presence
+    return params                                        # marks a trial run whose params all landed
 
 
 def trial_run_name(cfg: Any) -> str:

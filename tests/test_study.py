@@ -6,6 +6,7 @@ Every test drives the real console script in a subprocess (real Hydra, real Ray 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,8 +105,10 @@ def test_bare_multirun_sweeps_only_the_given_axes(tmp_path):
 
 
 def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
+    """Kill the driver twice mid-study (each time after one more trial finished), then finish it."""
     args = ["-m", "batch_size=32,256", "lr_multiplier=0.5,1,2", *TINY]
-    for attempt, marker in enumerate(("done 2/6", "done 4/6")):
+    finished = 1  # kill the first attempt once 2 trials are done; each resume, once one more is
+    for attempt in range(2):
         log = tmp_path / f"attempt{attempt}.log"
         extra = ["hydra.sweeper.resume=true"] if attempt else []
         with open(log, "w") as out:
@@ -113,7 +116,11 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
                                     stderr=subprocess.STDOUT, start_new_session=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
             try:
-                wait_for_text(log, marker, proc, timeout=180)
+                if attempt:  # the kill may land after more trials ended than the marker said
+                    wait_for_text(log, "trials already finished", proc, timeout=180)
+                    finished = int(re.search(r"(\d+)/6 trials already finished", log.read_text()).group(1))
+                if finished + 1 < 6:
+                    wait_for_text(log, f"done {finished + 1}/6", proc, timeout=180)
             finally:
                 stop_group(proc)  # the driver and the Ray processes it started, nothing else
     proc = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path)
@@ -126,6 +133,7 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
     client = client_for(tmp_path)
     for t in trials:
         assert t.data.tags["trial.status"] in ("completed", "pruned")
+        assert float(t.data.params["lr.effective"]) > 0, f"{t.info.run_name}: params lost to the kill"
         steps = [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")]
         assert steps == sorted(set(steps)), f"{t.info.run_name}: doubled points {steps}"
         if t.data.tags["trial.status"] == "completed":
