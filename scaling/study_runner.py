@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from scaling.config import ConfigError, plan_split
+from scaling.config import ConfigError, effective_lr, plan_split
 from scaling.grid import Grid, stratum_keys
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, init_ray, trainable
 
@@ -148,13 +148,16 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
     storage = _storage(sweeper, name)
     state_path = storage / STATE_FILE
     state = json.loads(state_path.read_text()) if sweeper.conf.resume and state_path.exists() else {}
+    if sweeper.conf.resume and not configs[0].mlflow.enabled:
+        fail(str(ConfigError("hydra.sweeper.resume", True, "needs mlflow.enabled=true: the MLflow record is "
+                                                          "what tells a resume which trials finished")))
     try:
         _check_cluster(sweeper, max(workers.values()))
     except ConfigError as exc:
         fail(str(exc))
     first = configs[0]
     recorder = StudyRecorder(first.mlflow.tracking_uri, first.mlflow.experiment, study_name=name,
-                             run_id=state.get("study_run_id"))
+                             run_id=state.get("study_run_id"), enabled=first.mlflow.enabled)
     sweep_dir = str(Path(sweeper.config.hydra.sweep.dir).resolve())
     study_params = {"grid": grid.describe(), "sweeper": OmegaConf.to_container(sweeper.conf, resolve=True),
                     "strata": stratum_keys(grid.axis_names, sweeper.conf.asha.group_by)}
@@ -167,7 +170,8 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
         print(f"resuming study {name} (mlflow run {recorder.run_id}); "
               f"{len(recorder.finished_indices())}/{len(specs)} trials already finished", flush=True)
     else:
-        print(f"study {name}: {len(specs)} trials | mlflow run {recorder.run_id} | sweep dir {sweep_dir}", flush=True)
+        where = f"mlflow run {recorder.run_id}" if recorder.enabled else "not recorded (mlflow.enabled=false)"
+        print(f"study {name}: {len(specs)} trials | {where} | sweep dir {sweep_dir}", flush=True)
 
     scheduler = _scheduler(sweeper, grid, specs)
     callback = _callback_class()(recorder, specs, scheduler)
@@ -230,7 +234,7 @@ def _resolve_auto_ref_lr(specs: dict[int, TrialSpec], recorder) -> None:
             print(f"scaling.ref_lr=auto: the range test at batch size {c['scaling']['ref_batch_size']} "
                   f"chose ref_lr={found[key]:.4g}", flush=True)
         c["scaling"]["ref_lr"] = found[key]
-    if found:
+    if found and recorder.enabled:
         values = sorted(set(found.values()))
         recorder.client.set_tag(recorder.run_id, "scaling.ref_lr_auto", ",".join(f"{v:.6g}" for v in values))
 
@@ -307,7 +311,7 @@ def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool) 
     if interrupted:
         print("interrupted: run the same command with hydra.sweeper.resume=true to finish the study", flush=True)
         raise SystemExit(130)
-    if sweeper.conf.report:
+    if sweeper.conf.report and recorder.enabled:
         try:
             from scaling.report import report_study
 
@@ -329,17 +333,16 @@ def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: 
     from rich.console import Console
     from rich.table import Table
 
-    client = recorder.client
     table = Table(title=f"study {recorder.study_name}: best trial per batch size")
     for col in ("batch size", "best lr (effective)", "lr×", "rule", "best val/loss", "val/acc", "peak MB", "status"):
         table.add_column(col, justify="right")
     for b in sorted(best):
         entry = best[b]
-        run = client.get_run(entry["run_id"])
-        m, p = run.data.metrics, run.data.params
-        table.add_row(str(b), f"{float(p.get('lr.effective', 'nan')):.4g}", f"{entry['lr_multiplier']:g}",
-                      entry["rule"], f"{entry['best/val_loss']:.4f}", f"{m.get('val/acc', math.nan):.3f}",
-                      f"{m.get('mem/peak_mb', math.nan):.0f}", run.data.tags.get("trial.status", "?"))
+        m = recorder.last_metrics.get(entry["trial"], {})  # a resumed trial's come from its relogged history
+        lr = effective_lr(OmegaConf.create(specs[entry["trial"]].config))
+        table.add_row(str(b), f"{lr:.4g}", f"{entry['lr_multiplier']:g}", entry["rule"],
+                      f"{entry['best/val_loss']:.4f}", f"{m.get('val/acc', math.nan):.3f}",
+                      f"{m.get('mem/peak_mb', math.nan):.0f}", recorder.status.get(entry["trial"], "?"))
     console = Console(file=sys.stdout)
     console.print(table)
     oom = sorted({int(s.config["batch_size"]) for i, s in specs.items() if recorder.status.get(i) == "oom"})
@@ -351,5 +354,6 @@ def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: 
     frac = trained / max(full, 1)
     print(f"{sum(counts.values())} trials in {wall:.0f}s: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
           + f" | samples trained {trained:,} of the full grid's {full:,} ({frac:.0%})")
-    print(f"mlflow ui --backend-store-uri {recorder.uri} --host 127.0.0.1 --port 5000   "
-          f"# then open the study run {recorder.run_id}", flush=True)
+    if recorder.enabled:
+        print(f"mlflow ui --backend-store-uri {recorder.uri} --host 127.0.0.1 --port 5000   "
+              f"# then open the study run {recorder.run_id}", flush=True)

@@ -183,9 +183,11 @@ class ScalingSweeper(Sweeper):
             from scaling.tracking import check_tracking_uri
 
             uris = {c.mlflow.tracking_uri for c in configs}
-            if len(uris) > 1 or len({c.mlflow.experiment for c in configs}) > 1:
-                raise ConfigError("mlflow.tracking_uri", sorted(uris), "must be the same for every trial of a study")
-            check_tracking_uri(configs[0].mlflow.tracking_uri)
+            if len(uris) > 1 or len({(c.mlflow.experiment, c.mlflow.enabled) for c in configs}) > 1:
+                raise ConfigError("mlflow.tracking_uri", sorted(uris), "must be the same for every trial of a study"
+                                  " (and mlflow.experiment, mlflow.enabled)")
+            if configs[0].mlflow.enabled:
+                check_tracking_uri(configs[0].mlflow.tracking_uri)
             self._check_storage()
             from scaling.study_runner import prepare_data
 

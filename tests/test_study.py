@@ -155,6 +155,7 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
     (["batch_size=32,64", "hydra.sweeper.ray.address=127.0.0.1:1"], "ray.address"),
     (["batch_size=32,64", "hydra.sweeper.storage_path=/proc/no/such"], "storage_path"),
     (["batch_size=32,64", "hydra.sweeper.max_trials=1"], "max_trials"),
+    (["batch_size=32,64", "mlflow.enabled=false", "hydra.sweeper.resume=true"], "hydra.sweeper.resume"),
 ])
 def test_bad_study_input_is_one_line_and_leaves_nothing(tmp_path, args, key):
     proc = run_cli(["-m", *args, "epochs=1", "data.n_samples=3000"], tmp_path, timeout=120)
@@ -190,3 +191,15 @@ def test_ref_lr_auto_runs_the_range_test_first_and_trials_use_it(tmp_path):
         assert float(t.data.params["scaling.ref_lr"]) == pytest.approx(chosen)
         bs = int(t.data.params["batch_size"])
         assert float(t.data.params["lr.effective"]) == pytest.approx(chosen * bs / 128)
+
+
+def test_study_with_mlflow_disabled_runs_and_records_nothing(tmp_path):
+    proc = run_cli(["-m", "batch_size=32,256", "lr_multiplier=1,2", "mlflow.enabled=false", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not recorded (mlflow.enabled=false)" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("│")]
+    assert [r.split("│")[1].strip() for r in rows] == ["32", "256"]
+    for r in rows:  # the summary is built from the run itself: a real LR and loss, no MLflow lookups
+        lr, loss = float(r.split("│")[2]), float(r.split("│")[5])
+        assert lr > 0 and 0 < loss < 10

@@ -42,3 +42,30 @@ def test_resume_does_not_rewrite_a_complete_trial_run(tracking_uri, compose_cfg)
     again.drain()
     history = again.client.get_metric_history(again.trial_runs[0], "val/loss")
     assert [(m.step, m.value) for m in history] == [(640, 1.5)]
+
+
+def test_queued_writes_land_complete_and_in_order(tracking_uri, compose_cfg):
+    """The writer thread applies a burst of evaluations in order, one request each; drain waits for all."""
+    rec = StudyRecorder(tracking_uri, "scaling", study_name="s")
+    rec.start({}, {})
+    rec.trial_started(0, compose_cfg("batch_size=32"))
+    for k in range(1, 41):
+        rec.trial_metrics(0, {"samples": 32.0 * k, "val/loss": 1.0 / k, "val/acc": k / 40})
+    rec.trial_finished(0, "completed", summary={"best/val_loss": 1 / 40})
+    rec.drain()
+    assert not rec.pending
+    run = rec.client.get_run(rec.trial_runs[0])
+    history = rec.client.get_metric_history(run.info.run_id, "val/loss")
+    assert [(m.step, m.value) for m in history] == [(32 * k, 1.0 / k) for k in range(1, 41)]
+    assert run.data.tags["trial.status"] == "completed" and run.info.status == "FINISHED"
+
+
+def test_disabled_recorder_keeps_the_bookkeeping_and_writes_nothing(tmp_path, compose_cfg):
+    rec = StudyRecorder(f"sqlite:///{tmp_path}/mlflow.db", "scaling", study_name="s", enabled=False)
+    rec.start({}, {})
+    rec.trial_started(0, compose_cfg("batch_size=32"))
+    rec.trial_metrics(0, {"samples": 64.0, "val/loss": 2.0, "best/val_loss": 2.0})
+    rec.trial_finished(0, "pruned")
+    assert rec.finish(1, 100, 64, {}) == {"pruned": 1}
+    assert rec.best == {0: 2.0} and rec.last_metrics[0]["val/loss"] == 2.0
+    assert list(tmp_path.iterdir()) == [], "a disabled recorder touched the tracking store"
