@@ -2,6 +2,7 @@
 import math
 
 import pytest
+from omegaconf import OmegaConf
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from scaling.config import ConfigError
@@ -45,3 +46,50 @@ def test_strata_exclude_lr_and_seed_unless_group_by_is_given():
     assert stratum_keys(axes, None) == ["batch_size", "scaling.rule", "+warmup.epochs"]
     assert stratum_keys(axes, ["batch_size"]) == ["batch_size"]
     assert stratum_keys(axes, []) == []
+
+
+def _planning_sweeper(*args: str):
+    """Return a ScalingSweeper set up by real Hydra for `scaling-train -m <args>` (no launch)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import HydraContext
+    from hydra import initialize_config_dir
+    from hydra.types import RunMode
+    from hydra.utils import instantiate
+    from hydra._internal.callbacks import Callbacks
+    from scaling.cli import CONF_DIR, register_configs
+    from scaling.sweeper import ScalingSweeper
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3")
+    loader = GlobalHydra.instance().config_loader()
+    master = loader.load_configuration("config", overrides=list(args), run_mode=RunMode.MULTIRUN)
+    sweeper = instantiate(master.hydra.sweeper)  # as Hydra's multirun does
+    assert isinstance(sweeper, ScalingSweeper)
+    sweeper.setup(hydra_context=HydraContext(config_loader=loader, callbacks=Callbacks()), task_function=None,
+                  config=master)
+    return sweeper
+
+
+def test_shared_composition_equals_composing_every_point_whole():
+    """Points that differ only in plain values share one composition; the result is Hydra's own."""
+    args = ["model.width=64", "optimizer=sgd,adam", "batch_size=32,256", "lr_multiplier=0.5,2"]
+    sweeper = _planning_sweeper()
+    calls = []
+    compose = sweeper._compose
+    sweeper._compose = lambda point, **kw: calls.append(point) or compose(point, **kw)
+    grid, configs = sweeper.plan(args)
+    assert len(configs) == 8 and len(calls) == 2, "one composition per optimizer choice"
+    for point, cfg in zip(grid.points, configs):
+        whole = compose(point)
+        assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(whole, resolve=True), point
+    by_point = {tuple(p): c for p, c in zip(grid.points, configs)}
+    assert by_point[("model.width=64", "optimizer=adam", "batch_size=256", "lr_multiplier=2")].optimizer.name == "adam"
+
+
+def test_a_bad_value_in_a_shared_composition_names_the_point():
+    sweeper = _planning_sweeper()
+    with pytest.raises(ConfigError, match="batch_sise"):
+        sweeper.plan(["batch_sise=32,64"])
+    with pytest.raises(ConfigError, match="lr_multiplier=abc"):
+        sweeper.plan(["batch_size=32", "lr_multiplier=1,abc"])
