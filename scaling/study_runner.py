@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 
 from scaling.config import ConfigError, effective_lr, plan_split
 from scaling.grid import Grid, stratum_keys
-from scaling.study import TrialSpec, _callback_class, best_per_batch_size, init_ray, trainable
+from scaling.study import TrialSpec, _callback_class, best_per_batch_size, trainable
 
 STATE_FILE = "scaling_study.json"
 
@@ -62,15 +63,49 @@ def _probe_address(address) -> None:
         raise ConfigError("hydra.sweeper.ray.address", address, f"unreachable ({exc.strerror or exc})") from None
 
 
-def _check_cluster(sweeper, most_workers: int = 1) -> None:
-    import ray
+def start_ray(sweeper) -> Future:
+    """Start (or join) Ray in a background thread and return its future.
+
+    A local `ray.init` takes ~4 s here, and the driver still has the data, the tracking store
+    and its imports to prepare: started first, it is ready when they are (row 2 of the
+    benchmarks). The thread then waits, never ending: Ray starts its GCS and raylet with
+    PR_SET_PDEATHSIG, which fires when the starting *thread* exits (a pool thread that
+    finished its task killed them, and the study then hung on "Failed to connect to GCS").
+    Ray sets its SIGTERM handler only from the main thread, so it is set here: SIGTERM
+    (scancel, preemption) exits through atexit, which stops the local Ray.
+    """
+    import signal
+    import threading
 
     from scaling.study import init_ray
 
     r = sweeper.conf.ray
-    _probe_address(r.address)
+    started: Future = Future()
+
+    def start() -> None:
+        try:
+            _probe_address(r.address)
+            init_ray(r.address, r.num_cpus, r.num_gpus)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            started.set_exception(exc)
+            return
+        started.set_result(None)
+        threading.Event().wait()  # keep Ray's processes alive: see above
+
+    threading.Thread(target=start, name="ray-start", daemon=True).start()
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    return started
+
+
+def _check_cluster(sweeper, started: Future, most_workers: int = 1) -> None:
+    import ray
+
+    r = sweeper.conf.ray
     try:
-        init_ray(r.address, r.num_cpus, r.num_gpus)
+        started.result()
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise ConfigError("hydra.sweeper.ray.address", r.address, f"cannot start or reach Ray ({str(exc).splitlines()[0]})") from None
     res = ray.cluster_resources()
@@ -135,8 +170,8 @@ def _bare(key: str) -> str:
     return key.lstrip("+~").split("@")[0]
 
 
-def run_study(sweeper, grid: Grid, configs: list) -> dict:
-    """Run (or resume) the study and return its summary."""
+def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
+    """Run (or resume) the study (on the Ray that `start_ray` is starting) and return its summary."""
     from ray import tune
 
     from scaling.cli import fail
@@ -148,11 +183,8 @@ def run_study(sweeper, grid: Grid, configs: list) -> dict:
     storage = _storage(sweeper, name)
     state_path = storage / STATE_FILE
     state = json.loads(state_path.read_text()) if sweeper.conf.resume and state_path.exists() else {}
-    if sweeper.conf.resume and not configs[0].mlflow.enabled:
-        fail(str(ConfigError("hydra.sweeper.resume", True, "needs mlflow.enabled=true: the MLflow record is "
-                                                          "what tells a resume which trials finished")))
     try:
-        _check_cluster(sweeper, max(workers.values()))
+        _check_cluster(sweeper, ray_started, max(workers.values()))
     except ConfigError as exc:
         fail(str(exc))
     first = configs[0]

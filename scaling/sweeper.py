@@ -232,15 +232,19 @@ class ScalingSweeper(Sweeper):
                                   " (and mlflow.experiment, mlflow.enabled)")
             if configs[0].mlflow.enabled:
                 check_tracking_uri(configs[0].mlflow.tracking_uri)
+            elif self.conf.resume:
+                raise ConfigError("hydra.sweeper.resume", True, "needs mlflow.enabled=true: the MLflow record "
+                                                                "is what tells a resume which trials finished")
             self._check_storage()
-            from scaling.study_runner import prepare_data
+            from scaling.study_runner import prepare_data, start_ray
 
+            ray_started = start_ray(self)  # ~4 s, while the driver prepares the rest
             self.n_train = prepare_data(configs)  # every dataset once, in the driver; a missing file fails here
         except Exception as exc:  # noqa: BLE001
             fail(one_line(exc))
         from scaling.study_runner import run_study
 
-        return run_study(self, grid, configs)
+        return run_study(self, grid, configs, ray_started)
 
 
 def _confirmed(n_trials: int) -> bool:
