@@ -21,6 +21,21 @@ before it. Changed, and why:
 - `on_trial_complete` records nothing: every result already went through `on_trial_result`,
   and Ray's re-recording could file a later, better value under an earlier rung.
 
+Which trial starts next (`choose_trial_to_run`): the pending trial whose LR multiplier is
+closest to the scaling rule's prediction (smallest |log lr_multiplier|), strata interleaved,
+Tune's order (the study's seeded shuffle) breaking ties. Async ASHA always promotes the first
+trial to reach a rung in its stratum and judges later ones only against those before them, so
+the first arrivals should be the LRs the study exists to test: the rule's own LR is then the
+first arrival of its stratum and runs the full budget (unless it diverges), and every other LR
+must beat it to go on. Short-horizon bias is why this matters: at an early rung a too-large LR
+often leads and diverges later (benchmark, batch 1024: lr x4 leads up to 0.4 epoch, then ends
+at 2.4 against lr x1's 1.76); in a random order it could arrive first and be the only one kept.
+Ordering only chooses which pending trial gets a free slot, so it never prunes anything.
+Limits: Tune asks the scheduler for one trial per scheduling pass, and fills the other slots
+freed in that pass (at start-up, or when trials end together) in its own list order; with
+max_concurrent_trials it creates one trial at a time, so the list order is all there is. The
+caller's trial list in the same order would close both gaps.
+
 Why a stratum is never pruned whole: a trial is stopped by this scheduler only when it is
 judged at a rung (which records its value), when it diverges, or at max_t. Take a stratum and
 the highest rung k at which any of its trials was judged, and let t* be the trial with the
@@ -35,6 +50,7 @@ from __future__ import annotations
 import math
 import numbers
 import pickle
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
@@ -137,6 +153,8 @@ class StratifiedASHA(FIFOScheduler):
             self.group_by = [a for a in axes if a.split(".")[-1] not in NON_STRATUM_KEYS]
         else:  # no grid given: batch size is the one axis that must never be pruned whole
             self.group_by = ["batch_size"]
+        # the LR-multiplier axis: trials start nearest to the rule's prediction (1) first
+        self.lr_key = next((a for a in axes or [] if a.split(".")[-1] == "lr_multiplier"), None)
         self._brackets: dict[Stratum, _StratumBracket] = {}
         self._strata: dict[str, Stratum] = {}  # trial_id -> stratum
         self.decisions: list[Decision] = []
@@ -176,6 +194,27 @@ class StratifiedASHA(FIFOScheduler):
                 f"{type(self).__name__} needs a `metric` ({self._metric}) and a `mode` "
                 f"({self._mode}): pass them here or to tune.TuneConfig()")
         self._bracket_of(trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Optional[Trial]:
+        """Return the pending trial nearest the rule's LR, from the least-started stratum on ties."""
+        trials = tune_controller.get_trials()
+        pending = [(i, t) for i, t in enumerate(trials) if t.status == Trial.PENDING]
+        if not pending or self.lr_key is None:
+            return super().choose_trial_to_run(tune_controller)
+        started = Counter(self._bracket_of(t)[0] for t in trials if t.status != Trial.PENDING)
+        return min(pending, key=lambda it: (self.lr_distance(it[1].config), started[self._bracket_of(it[1])[0]],
+                                            it[0]))[1]
+
+    def lr_distance(self, config: Dict[str, Any]) -> float:
+        """Return |log lr_multiplier| (0 at the rule's prediction; 0 for all without that axis); inf when
+        it is not a positive number."""
+        if self.lr_key is None:
+            return 0.0
+        try:
+            m = float(get_dotted(config, self.lr_key))
+        except (TypeError, ValueError):
+            return math.inf
+        return round(abs(math.log(m)), 9) if m > 0 else math.inf  # rounded: 0.5 and 2 tie exactly
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: Dict) -> str:
         """Return STOP or CONTINUE for one reported result, logging rung judgements."""

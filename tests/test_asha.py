@@ -153,8 +153,53 @@ def test_group_by_default_and_override():
         StratifiedASHA(axes=["batch_size"]).on_trial_add(None, make_trials()[0])
 
 
+class _Controller:
+    """The one method of Tune's controller that choose_trial_to_run reads."""
+
+    def __init__(self, trials: list[Trial]):
+        self.trials = trials
+
+    def get_trials(self) -> list[Trial]:
+        return self.trials
+
+
+def start_order(sched: StratifiedASHA, trials: list[Trial]) -> list[str]:
+    """Return the ids in the order the scheduler starts them, one slot at a time."""
+    order = []
+    while (trial := sched.choose_trial_to_run(_Controller(trials))) is not None:
+        trial.set_status(Trial.RUNNING)
+        order.append(trial.trial_id)
+    return order
+
+
+def test_trials_start_at_the_rules_lr_and_move_outward_interleaving_strata():
+    trials = make_trials()  # s0..s5, l0..l5: multipliers 0.25 .. 8 in list order
+    random.Random(3).shuffle(trials)  # the study's seeded shuffle: it only breaks ties
+    sched = asha()
+    for trial in trials:
+        sched.on_trial_add(None, trial)
+    order = start_order(sched, trials)
+    mult = lambda tid: MULTIPLIERS[int(tid[1])]  # noqa: E731
+    assert [round(abs(math.log2(mult(t)))) for t in order] == [0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3]
+    for i in range(0, 12, 2):  # each pair of equal rank draws from both strata, not one twice
+        assert {order[i][0], order[i + 1][0]} == {"s", "l"}, order
+    # among equals, the earlier in Tune's (shuffled) list goes first
+    assert order[2] == next(t.trial_id for t in trials if mult(t.trial_id) in (0.5, 2.0))
+    assert order[0] == next(t.trial_id for t in trials if mult(t.trial_id) == 1.0)
+
+
+def test_without_an_lr_multiplier_axis_the_order_is_tunes():
+    trials = [Trial("fake", stub=True, trial_id=f"t{i}", config={"batch_size": 8, "lr": 10.0 ** -i}) for i in range(4)]
+    sched = StratifiedASHA(metric="m", mode="max", axes=["batch_size", "lr"])
+    assert sched.lr_key is None and start_order(sched, trials) == ["t0", "t1", "t2", "t3"]
+    bad = StratifiedASHA(metric="m", mode="max", axes=["batch_size", "lr_multiplier"])
+    assert bad.lr_key == "lr_multiplier"
+    assert [bad.lr_distance({"lr_multiplier": v}) for v in (1, "2", 0, -1, "x", None)][2:] == [math.inf] * 4
+
+
 @pytest.mark.slow
-def test_real_tune_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cpus", [2, 1])
+def test_real_tune_run(tmp_path, monkeypatch, cpus):
     import logging
 
     import ray
@@ -172,13 +217,14 @@ def test_real_tune_run(tmp_path, monkeypatch):
         """Report a synthetic curve every 0.5 epoch up to 4 epochs (defined here: pickled by value)."""
         final = {0.5: 0.8, 1.0: 0.9, 2.0: 0.6}[config["lr_multiplier"]]
         tau = 0.5 if config["batch_size"] == 32 else 8.0
+        started = time.time()
         for step in range(1, 9):
-            tune.report({"epoch": step / 2, "val/acc": final * step / 2 / (step / 2 + tau)})
+            tune.report({"epoch": step / 2, "val/acc": final * step / 2 / (step / 2 + tau), "started": started})
             time.sleep(0.05)
 
     sched = StratifiedASHA(time_attr="epoch", max_t=4.0, grace_period=1.0, reduction_factor=3,
                            axes=["batch_size", "lr_multiplier"])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              logging_level=logging.ERROR, configure_logging=False)
     try:
         assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
@@ -197,7 +243,15 @@ def test_real_tune_run(tmp_path, monkeypatch):
     for r in results:
         epochs[r.config["batch_size"]].append(r.metrics["epoch"])
     assert all(max(e) == 4.0 for e in epochs.values()), epochs  # every batch size reached max_t
-    # Grid order starts the worst multiplier (2.0) last in each stratum, so it is stopped at rung 1.
-    assert sched.pruned_trial_ids == {r.metrics["trial_id"] for r in results if r.config["lr_multiplier"] == 2.0}
-    assert sorted(r.metrics["epoch"] for r in results) == [1.0, 1.0, 4.0, 4.0, 4.0, 4.0]
+    starts = sorted(results, key=lambda r: r.metrics["started"])
+    seen = [(r.config["batch_size"], r.config["lr_multiplier"], round(r.metrics["started"] - starts[0].metrics["started"], 2),
+             r.metrics["epoch"]) for r in starts]
+    # 1.0 is the best at every rung, so it always goes on; what is pruned is 0.5 or 2.0
+    assert all(r.metrics["epoch"] == 4.0 for r in results if r.config["lr_multiplier"] == 1.0), seen
+    others = {r.metrics["trial_id"] for r in results if r.config["lr_multiplier"] != 1.0}
+    assert sched.pruned_trial_ids and sched.pruned_trial_ids <= others, seen
+    if cpus == 1:  # one slot: every start is the scheduler's choice, nearest the rule's LR first
+        distances = [abs(math.log2(r.config["lr_multiplier"])) for r in starts]
+        assert distances == [0, 0, 1, 1, 1, 1], seen
+        assert sorted(sched.pruned_trial_ids) == sorted(others), seen  # each is judged against its 1.0
     assert elapsed < 60
