@@ -37,10 +37,16 @@ class TrialSpec:
 
 
 class TuneReporter(Reporter):
-    """Sends each evaluation to Ray Tune (with a checkpoint when asked), and the final status."""
+    """Sends each evaluation to Ray Tune (with a checkpoint when due), and the final status.
 
-    def __init__(self, checkpoint_every_eval: bool) -> None:
-        self.checkpointing = checkpoint_every_eval
+    A checkpoint is due at an evaluation when the last one (or the trial's start) is at least
+    `interval_s` old. Saving costs a deep copy, a torch.save and Tune's registration of the
+    folder (measured: 3 s of a 19 s study of 32 short trials at every evaluation).
+    """
+
+    def __init__(self, checkpointing: bool, interval_s: float = 0.0) -> None:
+        self.checkpointing, self.interval_s = checkpointing, interval_s
+        self._saved_at = time.monotonic()
         self.last: dict[str, float] = {}
         self.total_steps = None
         self.node_id: Optional[str] = None
@@ -59,6 +65,7 @@ class TuneReporter(Reporter):
         return {"node_id": self.node_id, "gpu_ids": self.gpu_ids}
 
     def start(self, info: dict[str, Any]) -> None:
+        self._saved_at = time.monotonic()
         self.total_steps = info.get("total_steps")
         self.resumed_from = info.get("resumed_from_step")
         self.derived = json.dumps({k: v for k, v in info.items() if k != "resumed_from_step"})
@@ -78,9 +85,10 @@ class TuneReporter(Reporter):
         if self.resumed_from:
             result["resumed_from_step"] = self.resumed_from
         result.update(self.extra)
-        if self.checkpointing and checkpoint is not None:
+        if self.checkpointing and checkpoint is not None and time.monotonic() - self._saved_at >= self.interval_s:
             import torch
 
+            self._saved_at = time.monotonic()
             with tempfile.TemporaryDirectory() as tmp:
                 torch.save(checkpoint(), os.path.join(tmp, "state.pt"))
                 tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
@@ -124,7 +132,7 @@ def trainable(params: dict, configs: dict) -> None:
             resume = torch.load(os.path.join(d, "state.pt"), weights_only=False)
     elif params["point"].get("resume_from"):
         resume = torch.load(params["point"]["resume_from"], weights_only=False)
-    reporter = TuneReporter(params.get("checkpoint", True))
+    reporter = TuneReporter(params.get("checkpoint", True), params.get("checkpoint_interval_s", 0.0))
     ref_lr = params.get("ref_lr")
     if cfg.schedule.from_lr_find and resume is None:  # Smith: the cycle's peak from a range test at this batch size
         from scaling.lr_finder import trial_ref_lr

@@ -232,7 +232,8 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
         tuner = tune.Tuner(
             run,
             param_space={"point": tune.grid_search(points), "cpus": res.cpu, "gpus": res.gpu,
-                         "checkpoint": sweeper.conf.checkpoint},
+                         "checkpoint": sweeper.conf.checkpoint,
+                         "checkpoint_interval_s": sweeper.conf.checkpoint_interval_s},
             tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
                                         max_concurrent_trials=_max_concurrent(sweeper, workers),
                                         trial_dirname_creator=lambda t: f"trial_{t.config['point']['index']:05d}"),

@@ -80,7 +80,10 @@ class ScalingSweeperConf:
     resume: bool = False
     """Finish the unfinished trials of the last run of this study."""
     checkpoint: bool = True
-    """Checkpoint every evaluation, so a lost worker resumes its trial mid-way."""
+    """Checkpoint at evaluations, so a lost worker or a killed study resumes its trials mid-way."""
+    checkpoint_interval_s: float = 10.0
+    """Skip an evaluation's checkpoint if the trial's last one is younger than this: at most this
+    much work is lost, and short trials do not pay a save per evaluation. 0: every evaluation."""
     max_failures: int = 2
     report: bool = True
     """Run the study report at the end (figures become artifacts of the study run)."""
@@ -139,6 +142,9 @@ class ScalingSweeper(Sweeper):
         if self.conf.resources.cpu <= 0 or self.conf.resources.gpu < 0:
             raise ConfigError("hydra.sweeper.resources", OmegaConf.to_container(self.conf.resources),
                               "cpu must be positive and gpu non-negative")
+        if not self.conf.checkpoint_interval_s >= 0:
+            raise ConfigError("hydra.sweeper.checkpoint_interval_s", self.conf.checkpoint_interval_s,
+                              "must be 0 (every evaluation) or more seconds")
         if self.conf.study_name is not None:
             safe_name("hydra.sweeper.study_name", self.conf.study_name)
         return grid, configs

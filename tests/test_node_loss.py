@@ -32,7 +32,8 @@ def test_trials_of_a_lost_node_finish_on_the_remaining_node(tmp_path):
         study = subprocess.Popen(
             [str(BIN / "scaling-train"), "-m", "batch_size=32,64", "lr_multiplier=0.5,1", "epochs=6", "eval_every=0.25",
              "data.n_samples=8000", "model.width=256", "threads=1", "hydra.sweeper.asha.enabled=false",
-             "hydra.sweeper.report=false", f"hydra.sweeper.ray.address={cluster.address}",
+             "hydra.sweeper.report=false", "hydra.sweeper.checkpoint_interval_s=0",
+             f"hydra.sweeper.ray.address={cluster.address}",
              f"mlflow.tracking_uri=sqlite:///{db}"],
             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, **cluster.env, "PYTHONUNBUFFERED": "1"})

@@ -83,7 +83,8 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(tmp_path):
 
     study = start_group([BIN / "scaling-train", "-m", *common, "seed=0,1", f"mlflow.tracking_uri={uri}",
                          "hydra.sweeper.asha.enabled=false", "hydra.sweeper.max_concurrent=1",
-                         "hydra.sweeper.report=false"], tmp_path, tmp_path / "study.log")
+                         "hydra.sweeper.checkpoint_interval_s=0", "hydra.sweeper.report=false"],
+                        tmp_path, tmp_path / "study.log")
     try:
         deadline = time.time() + 180
         # checkpoints are numbered per evaluation (only the newest is kept): wait for the third

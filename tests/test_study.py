@@ -95,6 +95,17 @@ def test_metric_step_axis_is_samples_seen(small_study):
         assert all(samples[s] == s for s in steps)
 
 
+def test_short_trials_skip_checkpoints_younger_than_the_interval(small_study, tmp_path):
+    """Sub-second trials under the default 10 s interval save none; interval 0 saves one per evaluation."""
+    cwd, _ = small_study
+    assert list(cwd.glob(".studies/*/tune-0/trial_*/")) and not list(cwd.glob(".studies/*/tune-0/trial_*/checkpoint_*"))
+    proc = run_cli(["-m", "batch_size=256", "hydra.sweeper.checkpoint_interval_s=0", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = list(tmp_path.glob(".studies/*/tune-0/trial_00000/checkpoint_*"))
+    # 9 steps of 256 per epoch, evaluations at steps 2, 4, 6, 8 and 9: five checkpoints, the newest kept
+    assert len(kept) == 1 and kept[0].name == "checkpoint_000004", kept
+
+
 def test_bare_multirun_sweeps_only_the_given_axes(tmp_path):
     proc = run_cli(["-m", "batch_size=32,64", *TINY], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -155,6 +166,7 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
     (["batch_size=32,64", "hydra.sweeper.ray.address=127.0.0.1:1"], "ray.address"),
     (["batch_size=32,64", "hydra.sweeper.storage_path=/proc/no/such"], "storage_path"),
     (["batch_size=32,64", "hydra.sweeper.max_trials=1"], "max_trials"),
+    (["batch_size=32,64", "hydra.sweeper.checkpoint_interval_s=-1"], "checkpoint_interval_s"),
     (["batch_size=32,64", "mlflow.enabled=false", "hydra.sweeper.resume=true"], "hydra.sweeper.resume"),
 ])
 def test_bad_study_input_is_one_line_and_leaves_nothing(tmp_path, args, key):
