@@ -82,7 +82,7 @@ class NoiseScale:
 
 
 class MicroGradNorms:
-    """Measure mean |g_micro|^2 and |g_big|^2 during gradient accumulation, with foreach ops.
+    """Measure mean |g_micro|^2 and |g_big|^2 during gradient accumulation.
 
     Convention (the trial loop's): each micro-batch loss is a mean over its samples divided by
     n_micro before backward, so after all micro-steps p.grad is the big-batch mean gradient
@@ -94,50 +94,80 @@ class MicroGradNorms:
         optimizer.zero_grad(); norms.begin_step(params)
         for each micro-batch: (loss / n_micro).backward(); norms.after_micro_backward(params)
         small, big = norms.end_step(params)   # before clipping or optimizer.step()
-    Gradients must be zero or None at begin_step. Memory: one copy of the gradients (the
-    previous accumulation). Cost per micro-step: a few foreach kernels and no host sync;
-    end_step syncs once. With fp16 loss scaling pass scaler.get_scale() as loss_scale to get
-    true norms (B_simple itself is a ratio, unchanged by a constant scale).
+    Gradients must be zero or None at begin_step, and unchanged between the last
+    after_micro_backward and end_step (|g_big|^2 is read from the copy taken there).
+
+    Memory: one flat copy of the gradients per (device, dtype) of the parameters (fp32 at
+    least, so fp16 differences and squares cannot overflow), allocated once. Cost per
+    micro-step, whatever the number of parameters: a foreach subtract, one norm over the flat
+    buffer and a foreach copy, no allocation of gradient size and no host sync; end_step
+    syncs once. With fp16 loss scaling pass scaler.get_scale() as loss_scale to get true
+    norms (B_simple itself is a ratio, unchanged by a constant scale).
     """
 
     def __init__(self, mean_of_micro: bool = True):
         self.mean_of_micro = mean_of_micro
-        self._prev: Optional[list[torch.Tensor]] = None  # p.grad before the latest backward
-        self._delta_sq: Optional[torch.Tensor] = None  # sum over micro-steps of |delta p.grad|^2
+        self._params: Optional[list[torch.Tensor]] = None  # the params the buffers were laid out for
+        self._groups: list[_FlatGroup] = []
+        self._norms: list[torch.Tensor] = []  # |delta p.grad| of each micro-step (per group), 0-dim
         self._n_micro = 0
+        self._have_prev = False  # False: the buffers stand for an all-zero accumulation
 
     def begin_step(self, params: Iterable[torch.Tensor]) -> None:
         """Reset for a new optimiser step (call after zero_grad, before the first backward)."""
-        params = list(params)
-        if self._prev is None or len(self._prev) != len(params):
-            self._prev = [torch.zeros_like(p) for p in params]  # once, reused every step
-        else:
-            torch._foreach_zero_(self._prev)
-        self._delta_sq, self._n_micro = None, 0
+        params = params if isinstance(params, list) else list(params)
+        if self._params is None or len(self._params) != len(params) or \
+                any(a is not b for a, b in zip(self._params, params)):
+            self._params, self._groups = list(params), _layout(params)  # once, reused every step
+        self._norms, self._n_micro, self._have_prev = [], 0, False
 
     def after_micro_backward(self, params: Iterable[torch.Tensor]) -> None:
-        """Accumulate |delta p.grad|^2 of the latest micro-batch backward (no host sync)."""
-        if self._prev is None:
+        """Record |delta p.grad| of the latest micro-batch backward (no host sync)."""
+        if self._params is None:
             raise RuntimeError("call begin_step before after_micro_backward")
-        pairs = [(p.grad, b) for p, b in zip(params, self._prev) if p.grad is not None]
+        grads = [p.grad for p in params]
         self._n_micro += 1
-        if not pairs:
-            return
-        grads, prev = [g for g, _ in pairs], [b for _, b in pairs]
-        torch._foreach_sub_(prev, grads)  # prev := prev - grad = -delta, in place: no new buffers
-        sq = _sum_sq(prev)
-        self._delta_sq = sq if self._delta_sq is None else self._delta_sq + sq
-        torch._foreach_copy_(prev, grads)  # the accumulation the next backward starts from
+        if all(g is None for g in grads):
+            return  # nothing accumulated yet: the buffers still stand for zero
+        have_prev = self._have_prev
+        for grp in self._groups:
+            gs = grads if grp.index is None else [grads[i] for i in grp.index]
+            if any(g is None for g in gs):  # e.g. an unused parameter: its accumulation is zero
+                views = [v for v, g in zip(grp.views, gs) if g is not None]
+                unset = [v for v, g in zip(grp.views, gs) if g is None]
+                gs = [g for g in gs if g is not None]
+            else:
+                views, unset = grp.views, []
+            if have_prev:
+                if gs:
+                    torch._foreach_sub_(views, gs)  # flat := previous - current = -delta, in place
+                self._norms.append(torch.linalg.vector_norm(grp.flat))
+                if gs:
+                    torch._foreach_copy_(views, gs)  # the accumulation the next backward starts from
+                if unset:
+                    torch._foreach_zero_(unset)
+            else:  # first contribution: delta is the accumulation itself
+                if gs:
+                    torch._foreach_copy_(views, gs)
+                if unset:
+                    torch._foreach_zero_(unset)
+                self._norms.append(torch.linalg.vector_norm(grp.flat))
+        self._have_prev = True
 
     def end_step(self, params: Iterable[torch.Tensor], loss_scale: float = 1.0) -> tuple[float, float]:
         """Return (mean over micro-batches of |g_micro|^2, |g_big|^2) with one host sync."""
         n = self._n_micro
         if n == 0:
             raise RuntimeError("end_step without any after_micro_backward in this step")
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads or self._delta_sq is None:  # nothing measured: NaNs, which NoiseScale skips
+        if not self._norms or all(p.grad is None for p in params):  # nothing measured: NaNs, which NoiseScale skips
             return math.nan, math.nan
-        delta_sq, grad_sq = torch.stack([self._delta_sq, _sum_sq(grads).to(self._delta_sq.device)]).tolist()
+        norms = self._norms + [torch.linalg.vector_norm(grp.flat) for grp in self._groups]  # |g_big| last
+        if len(self._groups) > 1:  # one device and dtype to stack on
+            norms = [t.to(self._groups[0].flat.device, torch.float64) for t in norms]
+        values = torch.stack(norms).tolist()
+        k = len(self._groups)
+        delta_sq = math.fsum(v * v for v in values[:-k])  # squared in float64
+        grad_sq = math.fsum(v * v for v in values[-k:])
         if self.mean_of_micro:  # g_micro = n * delta, so mean_k |g_micro|^2 = n * sum_k |delta_k|^2
             small, big = n * delta_sq, grad_sq
         else:  # g_micro = delta, g_big = grad / n
@@ -145,12 +175,26 @@ class MicroGradNorms:
         return small / loss_scale ** 2, big / loss_scale ** 2
 
 
-def _sum_sq(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Return the sum of squared entries of tensors as one scalar tensor (no host sync).
+class _FlatGroup:
+    """One flat buffer for the parameters of one (device, dtype), with a view shaped as each."""
 
-    Squared in fp32 (fp64 if any tensor is fp64): an fp16 norm above 256 would overflow.
-    """
-    norms = torch._foreach_norm(tensors)
-    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    device = norms[0].device
-    return torch.stack([n.to(device, dtype) for n in norms]).square().sum()
+    __slots__ = ("index", "flat", "views")
+
+    def __init__(self, index: Optional[list[int]], params: list[torch.Tensor]):
+        self.index = index  # positions in the params list; None: all of them, in order
+        dtype = torch.promote_types(params[0].dtype, torch.float32)
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+        self.views, offset = [], 0
+        for p in params:
+            self.views.append(self.flat[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+
+
+def _layout(params: list[torch.Tensor]) -> list[_FlatGroup]:
+    """Return one _FlatGroup per (device, dtype) of params (usually exactly one)."""
+    keys: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        keys.setdefault((p.device, p.dtype), []).append(i)
+    if len(keys) == 1:
+        return [_FlatGroup(None, params)] if params else []
+    return [_FlatGroup(index, [params[i] for i in index]) for index in keys.values()]

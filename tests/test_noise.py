@@ -157,3 +157,58 @@ def test_micro_grad_norms_call_order() -> None:
     norms.begin_step([p])
     with pytest.raises(RuntimeError, match="end_step without"):
         norms.end_step([p])
+
+
+def _reference_norms(model: torch.nn.Module, params: list[torch.Tensor], xs: list[torch.Tensor],
+                     ys: list[torch.Tensor]) -> tuple[float, float]:
+    """Straightforward (small, big): each micro-batch gradient on its own, in float64."""
+    micro = []
+    for xb, yb in zip(xs, ys):
+        loss = torch.nn.functional.cross_entropy(model(xb), yb)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        micro.append(torch.cat([(g if g is not None else torch.zeros_like(p)).double().flatten()
+                                for g, p in zip(grads, params)]))
+    micro = torch.stack(micro)
+    return float((micro ** 2).sum(1).mean()), float((micro.mean(0) ** 2).sum())
+
+
+@pytest.mark.parametrize("mixed_dtypes", [False, True])
+def test_micro_grad_norms_b_simple_matches_reference_on_a_tiny_model(mixed_dtypes: bool) -> None:
+    """The trial loop's use of MicroGradNorms gives the same B_simple as a per-micro-batch reference,
+    and leaves the accumulated gradients exactly as plain accumulation would."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    if mixed_dtypes:  # parameters of two dtypes (float32 and float64)
+        model[2].double()
+        model.insert(2, _ToDouble())
+    unused = torch.nn.Parameter(torch.ones(2, 2))  # never gets a .grad
+    params = list(model.parameters())
+    params.insert(2, unused)
+    x, y = torch.randn(96, 6), torch.randint(0, 3, (96,))
+    n_micro, b_micro = 4, 8
+    norms, ns, ref = MicroGradNorms(), NoiseScale(0.5), NoiseScale(0.5)
+    opt = torch.optim.SGD(params, lr=0.1)
+    for step in range(3):  # several steps: the buffers must carry nothing over
+        idx = torch.arange(step * 32, (step + 1) * 32)
+        xs, ys = list(x[idx].chunk(n_micro)), list(y[idx].chunk(n_micro))
+        want_small, want_big = _reference_norms(model, params, xs, ys)
+        opt.zero_grad(set_to_none=True)
+        norms.begin_step(params)
+        for xb, yb in zip(xs, ys):
+            (torch.nn.functional.cross_entropy(model(xb), yb) / n_micro).backward()
+            norms.after_micro_backward(params)
+        plain = [None if p.grad is None else p.grad.clone() for p in params]
+        small, big = norms.end_step(params)
+        assert small == pytest.approx(want_small, rel=1e-5)
+        assert big == pytest.approx(want_big, rel=1e-5)
+        for p, g in zip(params, plain):  # the measurement does not touch the gradients
+            assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+        ns.update(small, big, b_micro, b_micro * n_micro)
+        ref.update(want_small, want_big, b_micro, b_micro * n_micro)
+        opt.step()
+    assert ns.b_simple == pytest.approx(ref.b_simple, rel=1e-4)
+
+
+class _ToDouble(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.double()
