@@ -12,7 +12,6 @@ import math
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.common import REPO, Ctx, log, run_timed, script

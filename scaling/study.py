@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from cluster_procs import BIN, RayCluster, is_loopback, listeners
+from records import study_records
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +43,6 @@ def test_cluster_has_two_nodes_on_loopback(cluster):
 
 
 def test_study_on_an_existing_cluster_runs_trials_on_every_node(cluster, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     db = tmp_path / "mlflow.db"
     args = [str(BIN / "scaling-train"), "-m", "batch_size=32,64,128,256", *TINY,
             f"hydra.sweeper.ray.address={cluster.address}", "hydra.sweeper.resources.cpu=1",
@@ -52,10 +51,7 @@ def test_study_on_an_existing_cluster_runs_trials_on_every_node(cluster, tmp_pat
                           env={**os.environ, **cluster.env, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id], max_results=100)
-    studies = [r for r in runs if r.data.tags.get("scaling.kind") == "study"]
-    trials = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
+    client, studies, trials = study_records(f"sqlite:///{db}")
     assert len(studies) == 1 and len(trials) == 4
     assert {t.data.tags["trial.status"] for t in trials} == {"completed"}
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {studies[0].info.run_id}

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from cluster_procs import BIN, MlflowServer, is_loopback, listeners
+from records import study_records
 
 pytestmark = pytest.mark.slow
 
@@ -39,18 +40,13 @@ def test_server_listens_on_loopback_only(server):
 
 
 def test_study_records_to_the_server_and_the_report_reads_from_it(server, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     proc = run([BIN / "scaling-train", "-m", "batch_size=32,64", "lr_multiplier=0.5,2", *TINY,
                 "hydra.sweeper.report=false", "hydra.sweeper.study_name=shared-server",
                 f"mlflow.tracking_uri={server.url}"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not list(tmp_path.glob("*.db")) and not (tmp_path / "mlruns").exists(), "recorded locally, not on the server"
 
-    client = MlflowClient(tracking_uri=server.url)
-    runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id], max_results=100)
-    studies = [r for r in runs if r.data.tags.get("scaling.kind") == "study"]
-    trials = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
+    client, studies, trials = study_records(server.url)
     assert len(studies) == 1 and len(trials) == 4
     assert studies[0].data.tags["trial.status"] == "completed"
 

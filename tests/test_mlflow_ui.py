@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cluster_procs import BIN, MlflowServer, is_loopback, listeners
+from records import study_records
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +33,6 @@ TINY = ["epochs=1", "eval_every=0.25", "data.n_samples=3000", "model.width=32", 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """A finished two-trial study with its report, recorded in a SQLite store: (folder, study run, trial runs)."""
-    from mlflow.tracking import MlflowClient
-
     cwd = tmp_path_factory.mktemp("ui-study")
     proc = subprocess.run([str(BIN / "scaling-train"), "-m", "batch_size=32,64", *TINY,
                            "hydra.sweeper.report=true", "hydra.sweeper.study_name=ui-study",
@@ -41,13 +40,9 @@ def study(tmp_path_factory):
                           cwd=cwd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("scaling")
-    runs = client.search_runs([exp.experiment_id], max_results=100)
-    studies = [r for r in runs if r.data.tags.get("scaling.kind") == "study"]
-    trials = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
+    client, studies, trials = study_records(f"sqlite:///{cwd / 'mlflow.db'}")
     assert len(studies) == 1 and len(trials) == 2
-    return cwd, exp.experiment_id, studies[0], trials
+    return cwd, studies[0].info.experiment_id, studies[0], trials
 
 
 @pytest.fixture(scope="module")

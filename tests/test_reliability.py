@@ -12,20 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 from procs import BIN, free_port, start_group, start_mlflow_server, stop_group, wait_for_text
+from records import study_records
 
 pytestmark = pytest.mark.slow
 
 SMALL = ["epochs=1", "eval_every=0.25", "data.n_samples=3000", "model.width=32", "hydra.sweeper.report=false"]
-
-
-def trial_runs(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("scaling")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return client, [r for r in runs if r.data.tags.get("scaling.kind") == "study"], \
-        [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
 
 
 def run_study(args, cwd: Path, log_name="study.log", timeout=300):
@@ -53,7 +44,7 @@ def test_mlflow_server_lost_mid_study_loses_nothing(tmp_path):
         time.sleep(3)
         server = start_mlflow_server(tmp_path, port)  # ... and comes back on the same store
         assert study.wait(timeout=300) == 0, (tmp_path / "study.log").read_text()[-3000:]
-        client, studies, trials = trial_runs(uri)
+        client, studies, trials = study_records(uri)
         assert len(studies) == 1 and studies[0].data.tags["trial.status"] == "completed"
         assert len(trials) == 4 and all(t.data.tags["trial.status"] == "completed" for t in trials)
         for t in trials:
@@ -123,7 +114,7 @@ def test_failing_trial_retries_are_bounded_and_end_as_error(tmp_path):
     code, log = run_study(["batch_size=32,64", "device=cuda", f"mlflow.tracking_uri={uri}",
                            "hydra.sweeper.max_failures=1", *SMALL], tmp_path)
     assert code == 0, log[-3000:]
-    _, studies, trials = trial_runs(uri)
+    _, studies, trials = study_records(uri)
     assert len(trials) == 2
     for t in trials:
         assert t.data.tags["trial.status"] == "error"
@@ -138,7 +129,7 @@ def test_oom_and_divergence_end_their_trials_and_the_study_completes(tmp_path):
                            "hydra.sweeper.asha.enabled=false", f"mlflow.tracking_uri={uri}",
                            "hydra.sweeper.report=false"], tmp_path)
     assert code == 0, log[-3000:]
-    client, studies, trials = trial_runs(uri)
+    client, studies, trials = study_records(uri)
     by = {(t.data.params["batch_size"], t.data.params["lr_multiplier"]): t for t in trials}
     assert by[("16", "1.0")].data.tags["trial.status"] == "completed"
     assert by[("16", "10000.0")].data.tags["trial.status"] == "diverged"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from records import client_for
 
 from scaling.plots import FIGURES
 
@@ -25,12 +26,6 @@ def run_cli(args, cwd, script, timeout=300):
     """Run a console script in `cwd`; return the CompletedProcess (text)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([str(BIN / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def client_for(path: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
 
 
 def study_run(path: Path, name: str | None = None):

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cluster_procs import BIN, SlurmCluster, free_port, is_loopback, listeners, slurm_missing
+from records import study_records
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +57,6 @@ def test_daemons_listen_on_loopback_only(slurm):
 
 
 def test_sbatch_study_runs_ray_on_the_allocation_and_records_every_trial(slurm, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")  # short: Ray's sockets live there
     db = tmp_path / "mlflow.db"
     submit = [sys.executable, ROOT / "cluster" / "slurm" / "submit.py",
@@ -76,11 +75,7 @@ def test_sbatch_study_runs_ray_on_the_allocation_and_records_every_trial(slurm, 
     assert "ray head on" in log and "at 127.0.0.1:" in log and "ray cluster ready: 1 node(s)" in log
     assert "scaling-study exited with 0" in log, log[-4000:]
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("scaling")
-    runs = client.search_runs([exp.experiment_id], max_results=100)
-    studies = [r for r in runs if r.data.tags.get("scaling.kind") == "study"]
-    trials = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
+    client, studies, trials = study_records(f"sqlite:///{db}")
     assert len(studies) == 1 and len(trials) == 2
     assert studies[0].data.tags["trial.status"] == "completed"
     assert {t.data.tags["trial.status"] for t in trials} == {"completed"}
