@@ -23,7 +23,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scaling.config import ConfigError, validate
-from scaling.grid import Grid, build_grid, stratum_keys
+from scaling.grid import Grid, build_grid
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,10 @@ class ScalingSweeper(Sweeper):
             grid, configs = self.plan(arguments)
             from scaling.tracking import check_tracking_uri
 
-            uris = {c.mlflow.tracking_uri for c in configs}
-            if len(uris) > 1 or len({(c.mlflow.experiment, c.mlflow.enabled) for c in configs}) > 1:
-                raise ConfigError("mlflow.tracking_uri", sorted(uris), "must be the same for every trial of a study"
-                                  " (and mlflow.experiment, mlflow.enabled)")
+            for key in ("tracking_uri", "experiment", "enabled"):  # one study, one record
+                values = sorted({str(c.mlflow[key]) for c in configs})
+                if len(values) > 1:
+                    raise ConfigError(f"mlflow.{key}", values, "must be the same for every trial of a study")
             if configs[0].mlflow.enabled:
                 check_tracking_uri(configs[0].mlflow.tracking_uri)
             elif self.conf.resume:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from procs import stop_group, wait_for_text
+from records import client_for, study_records
 
 pytestmark = pytest.mark.slow
 
@@ -28,20 +29,9 @@ def run_cli(args, cwd, script="scaling-train", timeout=240, **kw):
                           timeout=timeout, **kw)
 
 
-def client_for(path: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
-
-
 def study_runs(path: Path):
     """Return (study runs, trial runs) of the default experiment in `path`'s store."""
-    client = client_for(path)
-    exp = client.get_experiment_by_name("scaling")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    studies = [r for r in runs if r.data.tags.get("scaling.kind") == "study"]
-    trials = [r for r in runs if r.data.tags.get("scaling.kind") == "trial"]
-    return studies, trials
+    return study_records(f"sqlite:///{path / 'mlflow.db'}")[1:]
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +157,7 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
     (["batch_size=32,64", "hydra.sweeper.storage_path=/proc/no/such"], "storage_path"),
     (["batch_size=32,64", "hydra.sweeper.max_trials=1"], "max_trials"),
     (["batch_size=32,64", "hydra.sweeper.checkpoint_interval_s=-1"], "checkpoint_interval_s"),
+    (["batch_size=32,64", "mlflow.enabled=true,false"], "mlflow.enabled"),
     (["batch_size=32,64", "mlflow.enabled=false", "hydra.sweeper.resume=true"], "hydra.sweeper.resume"),
 ])
 def test_bad_study_input_is_one_line_and_leaves_nothing(tmp_path, args, key):
