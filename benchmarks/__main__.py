@@ -12,7 +12,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import asha, startup, study, throughput
+from benchmarks import asha, gpu, startup, study, throughput
 from benchmarks.common import REPO, Ctx, Row, cpu_share, load_average, log, machine
 
 # Run (and table) order follows the row numbers.
@@ -24,6 +24,8 @@ GROUPS = {
     "gns": throughput.gns_overhead,
     "config-error": startup.config_error,
     "help": startup.help_time,
+    "gpu": gpu.trial_rows,
+    "gpu-pack": gpu.packing_rows,
 }
 COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "pass/fail")
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO / "bench-results" / "latest.json"), help="where to write the JSON")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (study outputs, mlflow.db)")
     p.add_argument("--repeat-asha", type=int, default=1, metavar="N", help="ASHA study runs (each ~1 min)")
+    p.add_argument("--mps", action="store_true", help="run gpu-pack's studies under CUDA MPS (started and stopped here)")
     p.add_argument("--budget", type=float, default=570, metavar="S",
                    help="seconds the suite aims to finish in: the study row drops its second pair when short")
     args = p.parse_args(argv)
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
           f"| git {info.get('git', '?')}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="scaling-bench-")).resolve()
     t0 = time.perf_counter()
-    ctx = Ctx(quick=args.quick, tmp=tmp, cache={"asha_runs": max(1, args.repeat_asha), "groups": names},
+    ctx = Ctx(quick=args.quick, tmp=tmp, cache={"asha_runs": max(1, args.repeat_asha), "groups": names, "mps": args.mps},
               deadline=t0 + args.budget)
     rows: list[Row] = []
     try:

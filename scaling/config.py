@@ -30,7 +30,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 # Every metric the trial loop reports; a target on anything else could never be met.
 REPORTED_METRICS = (
     "train/loss", "val/loss", "val/acc", "lr", "samples", "step", "epoch",
-    "time/elapsed_s", "time/samples_per_s", "mem/peak_mb", "gns/b_simple",
+    "time/elapsed_s", "time/samples_per_s", "mem/peak_mb", "mem/eval_peak_mb", "gns/b_simple",
 )
 
 

@@ -201,8 +201,11 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group: Group) 
         # ---- evaluate, report, and decide whether to stop, on schedule only
         if s.step % eval_interval == 0 or s.step == total_steps:
             metrics = _progress(s, B, steps_per_epoch, optimizer, t0, s.loss_acc / s.loss_n, lr_now)
-            metrics.update(evaluate(model, data, amp_dtype, group=group))
+            with meter.excluded():  # the peak is what training at batch B costs (CUDA; see scaling.memory)
+                metrics.update(evaluate(model, data, amp_dtype, group=group))
             metrics["mem/peak_mb"] = meter.peak_mb()
+            if meter.is_cuda:
+                metrics["mem/eval_peak_mb"] = meter.eval_peak_mb
             if gns and gns.b_simple is not None:
                 metrics["gns/b_simple"] = gns.b_simple
             s.loss_acc, s.loss_n = 0.0, 0
