@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from scaling.config import ConfigError, plan_split, register_configs, validate
 
@@ -201,5 +201,49 @@ def lr_find_main(argv: Optional[Sequence[str]] = None) -> None:
     main(argv)
 
 
+def _console(main: Callable[[], None]) -> Callable[[], None]:
+    """Return `main` as a console script that skips the interpreter's teardown at its end.
+
+    After a study, Python spends ~1.2 s (2 cores) freeing the modules of torch, Ray and MLflow
+    one object at a time, memory the OS takes back at once. The script instead runs what a
+    normal exit runs (non-daemon threads joined, atexit handlers: Ray's shutdown, MLflow's,
+    logging's flush), flushes stdout and stderr, and ends with os._exit and main's exit code.
+    An exception other than SystemExit takes Python's own path (traceback, teardown).
+    """
+    def entry() -> None:
+        try:
+            main()
+            code: Any = 0
+        except SystemExit as exc:
+            code = exc.code
+        _exit_now(code)
+
+    entry.__doc__ = main.__doc__
+    return entry
+
+
+def _exit_now(code: Any) -> None:
+    import atexit
+    import logging
+    import threading
+
+    if code is not None and not isinstance(code, int):  # sys.exit("message"), as Python reports it
+        print(code, file=sys.stderr)
+        code = 1
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+# The console scripts (pyproject.toml); the *_main functions stay plain calls for Python callers.
+train_entry, study_entry = _console(train_main), _console(study_main)
+report_entry, lr_find_entry = _console(report_main), _console(lr_find_main)
+
+
 if __name__ == "__main__":
-    train_main()
+    train_entry()

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from scaling.config import ConfigError, effective_lr, plan_split
 from scaling.grid import Grid, stratum_keys
-from scaling.study import TrialSpec, _callback_class, best_per_batch_size, trainable
+from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
 
 STATE_FILE = "scaling_study.json"
 
@@ -170,6 +170,12 @@ def _bare(key: str) -> str:
     return key.lstrip("+~").split("@")[0]
 
 
+def _workers(config: dict) -> int:
+    """Return a trial's data-parallel ranks (plan_split of the keys it reads: a whole config is ~30 ms)."""
+    keys = ("parallel", "batch_size", "micro_batch_size")
+    return plan_split(OmegaConf.create({k: config.get(k) for k in keys})).workers
+
+
 def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     """Run (or resume) the study (on the Ray that `start_ray` is starting) and return its summary."""
     from ray import tune
@@ -178,7 +184,7 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     from scaling.study_record import StudyRecorder
 
     specs = _specs(grid, configs)
-    workers = {i: plan_split(OmegaConf.create(s.config)).workers for i, s in specs.items()}  # data-parallel ranks
+    workers = {i: _workers(s.config) for i, s in specs.items()}  # data-parallel ranks
     name = sweeper.study_name(grid)
     storage = _storage(sweeper, name)
     state_path = storage / STATE_FILE
@@ -233,7 +239,8 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
             run,
             param_space={"point": tune.grid_search(points), "cpus": res.cpu, "gpus": res.gpu,
                          "checkpoint": sweeper.conf.checkpoint,
-                         "checkpoint_interval_s": sweeper.conf.checkpoint_interval_s},
+                         "checkpoint_interval_s": sweeper.conf.checkpoint_interval_s,
+                         "report_at": scheduler.rungs if scheduler is not None else []},
             tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
                                         max_concurrent_trials=_max_concurrent(sweeper, workers),
                                         trial_dirname_creator=lambda t: f"trial_{t.config['point']['index']:05d}"),
@@ -314,22 +321,15 @@ def _point(spec: TrialSpec) -> dict:
     return point
 
 
-def data_key(data: Any) -> str:
-    """Return a key naming a dataset config (plain dict or DictConfig)."""
-    container = OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else dict(data)
-    container.pop("root", None)  # made absolute for the workers; the same files either way
-    return json.dumps(container, sort_keys=True)
-
-
 def prepare_data(configs: list) -> dict[str, int]:
     """Generate each distinct dataset once, in the driver, so trials only read the cache; return n_train per dataset."""
-    from scaling.data import load_dataset
+    from scaling.data import count_train
 
     n_train: dict[str, int] = {}
     for c in configs:
         key = data_key(c.data)
         if key not in n_train:
-            n_train[key] = load_dataset(c.data).n_train
+            n_train[key] = count_train(c.data)
     return n_train
 
 

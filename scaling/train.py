@@ -331,6 +331,6 @@ def _end(cfg, reporter, s: _LoopState, status: str, reason: str, info: dict, met
 
 
 if __name__ == "__main__":  # `python -m scaling.train [overrides]` is `scaling-train`
-    from scaling.cli import train_main
+    from scaling.cli import train_entry
 
-    train_main()
+    train_entry()

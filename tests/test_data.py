@@ -179,3 +179,28 @@ def test_to_moves_every_tensor_and_unknown_name_fails(tmp_path):
     cfg.name = "imagenet"
     with pytest.raises(ConfigError, match="data.name"):
         load_dataset(cfg)
+
+
+@pytest.mark.parametrize("name,kw", [("mnist1d", {}), ("mnist1d", {"max_train_samples": 100}), ("digits", {}),
+                                     ("synthetic", {"val_fraction": 0.3}), ("cifar10", {}),
+                                     ("cifar10", {"max_train_samples": 7})])
+def test_count_train_is_load_datasets_size(tmp_path, name, kw):
+    """The study's driver sizes the grid with count_train; the trials train on load_dataset's split."""
+    if name == "cifar10":
+        write_fake_cifar10(tmp_path / "vision", 23, 7)
+    cfg = make_cfg(tmp_path, name=name, **kw)
+    assert data_mod.count_train(cfg) == load_dataset(cfg).n_train
+
+
+def test_count_train_needs_no_torch(tmp_path):
+    """A study's driver prepares its data without importing torch (a few seconds of its start-up)."""
+    import subprocess
+
+    code = ("import sys; from omegaconf import OmegaConf; from scaling.config import DataConfig; "
+            "from scaling.data import count_train; "
+            f"cfg = OmegaConf.structured(DataConfig(name='mnist1d', n_samples=300, cache_dir={str(tmp_path)!r})); "
+            "n = count_train(cfg); assert 'torch' not in sys.modules, 'torch imported'; print(n)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 300 - round(300 * DataConfig.val_fraction)
+    assert list(tmp_path.glob("mnist1d-*.npz")), "the cache the trials read was not written"
