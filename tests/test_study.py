@@ -83,6 +83,10 @@ def test_metric_step_axis_is_samples_seen(small_study):
         assert all(s % bs == 0 and s > 0 for s in steps)
         samples = {m.step: m.value for m in client.get_metric_history(t.info.run_id, "samples")}
         assert all(samples[s] == s for s in steps)
+        if t.data.tags["trial.status"] == "completed":  # every evaluation, including those a trial
+            spe = int(t.data.params["derived.steps_per_epoch"])  # held back from Tune between rungs
+            every = round(0.25 * spe)
+            assert steps == [k * bs for k in range(every, spe, every)] + [spe * bs], (bs, steps)
 
 
 def test_short_trials_skip_checkpoints_younger_than_the_interval(small_study, tmp_path):
