@@ -230,9 +230,9 @@ def _exit_now(code: Any) -> None:
     if code is not None and not isinstance(code, int):  # sys.exit("message"), as Python reports it
         print(code, file=sys.stderr)
         code = 1
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
+    # What Python's own exit does first: threading's exit hooks (concurrent.futures and loky stop
+    # their pools there; joblib's launcher hangs without them), then non-daemon threads joined.
+    threading._shutdown()
     atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
