@@ -11,11 +11,19 @@ beside the study's checkpoints) and are retried every few seconds while training
 A study that ends, or is killed, while the server is still down keeps the journal, and the
 next run with `hydra.sweeper.resume=true` replays it first.
 
-Writes are applied by a background thread, in order. Tune calls the study's callback on its
-controller thread, and a trial's `report` waits until that thread has taken the result: a
-synchronous SQLite `log_batch` (25-35 ms here) there stalls every running trial. The thread
-also sends one evaluation's metrics as one request. With `mlflow.enabled=false` the recorder
-keeps the same bookkeeping in memory and writes nothing (a study then cannot be resumed).
+Writes are applied by a background thread, in order within each trial. Tune calls the study's
+callback on its controller thread, and a trial's `report` waits until that thread has taken the
+result: a synchronous SQLite write (5-25 ms of CPU here) there stalls every running trial.
+
+The thread also coalesces: a trial's writes are held until it finishes, or for at most `hold_s`,
+and then sent together (its run's creation, its config, then one `log_batch` of params, every
+held evaluation's metrics and its tags, then its end). MLflow's cost is mostly per request, and
+the driver shares the CPUs with the trials: for the 32 trials of benchmark row 4, one write per
+trial instead of one per evaluation and tag takes 1.9 s of the driver's CPU instead of 4.5 s.
+Metrics keep the time they were reported at, so a write retried after a failure is idempotent.
+
+With `mlflow.enabled=false` the recorder keeps the same bookkeeping in memory and writes nothing
+(a study then cannot be resumed).
 """
 from __future__ import annotations
 
@@ -29,8 +37,8 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Optional
 
-from scaling.tracking import (KIND_TAG, LAST_TRIAL_PARAM, STATUS_TAG, STUDY_TAG, get_experiment_id, log_metrics,
-                              log_params, make_client, provenance_tags, trial_params, trial_run_name)
+from scaling.tracking import (KIND_TAG, LAST_TRIAL_PARAM, STATUS_TAG, STUDY_TAG, get_experiment_id, log_batch,
+                              log_params, make_client, metric_list, provenance_tags, trial_params, trial_run_name)
 
 TRIAL_INDEX_TAG = "scaling.trial_index"
 TERMINAL = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
@@ -53,8 +61,12 @@ class StudyRecorder:
         self.pending: deque = deque()  # trial writes not yet applied to MLflow, in order
         self.journal: Optional[Path] = None
         self.retry_s = 5.0
+        # A running trial's writes wait at most this long to be sent together: the MLflow UI (and whoever
+        # polls it) still sees a trial's progress live, and a busy writer coalesces more by itself.
+        self.hold_s = 0.5
         self.last_metrics: dict[int, dict[str, float]] = {}  # trial index -> its latest evaluation
         self._retry_at = 0.0
+        self._journal_at = 0.0
         self._warned = False
         self._apply_lock = threading.Lock()  # one applier at a time: the writer thread or a drain
         self._wake = threading.Event()
@@ -111,11 +123,13 @@ class StudyRecorder:
     # ---------------------------------------------------------------- trial runs (queued intents)
     def trial_started(self, index: int, cfg: Any, extra_tags: Optional[dict[str, str]] = None) -> None:
         """Queue the creation (or reopening) of the trial's nested run."""
+        self.logged_samples.setdefault(index, -1)
+        self.status[index] = "running"
+        if not self.enabled:
+            return
         from omegaconf import OmegaConf
 
         config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
-        self.logged_samples.setdefault(index, -1)
-        self.status[index] = "running"
         self._submit({"op": "started", "index": index, "config": config, "tags": extra_tags or {}})
 
     def trial_metrics(self, index: int, metrics: dict[str, float]) -> None:
@@ -126,8 +140,9 @@ class StudyRecorder:
         self.logged_samples[index] = step
         if "best/val_loss" in metrics and math.isfinite(metrics["best/val_loss"]):
             self.best[index] = metrics["best/val_loss"]
-        self.last_metrics[index] = {k: float(v) for k, v in metrics.items()}
-        self._submit({"op": "metrics", "index": index, "metrics": {k: float(v) for k, v in metrics.items()}})
+        values = {k: float(v) for k, v in metrics.items()}
+        self.last_metrics[index] = values
+        self._submit({"op": "metrics", "index": index, "metrics": values})
 
     def trial_finished(self, index: int, status: str, reason: str = "", summary: Optional[dict] = None) -> None:
         """Queue the trial's terminal status (and a summary at its last step)."""
@@ -151,50 +166,76 @@ class StudyRecorder:
     def _submit(self, intent: dict) -> None:
         if not self.enabled:
             return
+        intent["ts"] = int(time.time() * 1000)  # when it happened, whenever it is written
         self.pending.append(intent)  # deque.append is atomic; only the applier pops
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="mlflow-writer", daemon=True)
             self._writer.start()
-        self._wake.set()
+        if intent["op"] == "finished":  # its trial's writes are due now; others wait for hold_s
+            self._wake.set()
 
     def _write_loop(self) -> None:
         while True:
-            self._wake.wait(timeout=self.retry_s)
+            self._wake.wait(timeout=self.hold_s / 2)
             self._wake.clear()
-            self.flush()
+            with self._apply_lock:
+                self._flush(0.0, due_only=True)
 
     def flush(self, wait_s: float = 0.0) -> bool:
-        """Apply queued writes in order; return True when none is left (retrying up to wait_s)."""
+        """Apply every queued write; return True when none is left (retrying up to wait_s)."""
         with self._apply_lock:
             return self._flush(wait_s)
 
-    def _flush(self, wait_s: float) -> bool:
+    def _flush(self, wait_s: float, due_only: bool = False) -> bool:
+        """Apply queued writes, trial by trial (only the trials whose writes are due, if due_only)."""
         deadline = time.time() + wait_s
         while self.pending:
-            if time.time() < self._retry_at:
+            if time.time() < self._retry_at:  # the store failed a moment ago
                 if time.time() >= deadline:
-                    self._save_journal()
+                    self._save_journal(every_s=1.0)  # what arrived since the failure, for a kill to keep
                     return False
-                time.sleep(min(self._retry_at, deadline) - time.time() if deadline > time.time() else 0)
+                time.sleep(max(0.0, min(self._retry_at, deadline) - time.time()))
                 continue
-            try:
-                self._apply(self.pending[0])
-            except Exception as exc:  # noqa: BLE001 - the store is down: keep the intent, train on
-                self._retry_at = time.time() + self.retry_s
-                if not self._warned:
-                    print(f"warning: MLflow unreachable ({str(exc).splitlines()[0][:200]}); "
-                          f"queueing results and retrying every {self.retry_s:g}s", file=sys.stderr, flush=True)
-                    self._warned = True
+            taken = [self.pending.popleft() for _ in range(len(self.pending))]
+            by_trial: dict[int, list[dict]] = {}
+            for intent in taken:
+                by_trial.setdefault(intent["index"], []).append(intent)
+            now_ms = time.time() * 1000
+            done: set[int] = set()
+            failed = False
+            for i, intents in by_trial.items():
+                if due_only and not any(x["op"] == "finished" or x.get("ts", 0) <= now_ms - self.hold_s * 1000
+                                        for x in intents):
+                    continue
+                try:
+                    self._apply(i, intents)
+                except Exception as exc:  # noqa: BLE001 - the store is down: keep the intents, train on
+                    self._failed(exc)
+                    failed = True
+                    break
+                done.add(i)
+            # what was not applied goes back in front, in order (new intents only ever join at the end)
+            self.pending.extendleft(reversed([x for x in taken if x["index"] not in done]))
+            if failed:
                 self._save_journal()
                 if time.time() >= deadline:
                     return False
                 continue
-            self.pending.popleft()
-        if self._warned:
-            print("MLflow reachable again: queued results recorded", file=sys.stderr, flush=True)
-            self._warned = False
-        self._save_journal()
-        return True
+            if done and self._warned:
+                print("MLflow reachable again: queued results recorded", file=sys.stderr, flush=True)
+                self._warned = False
+            if due_only:
+                break
+        if self.journal is not None and self.journal.exists():
+            self._save_journal()  # only a failure writes one; held writes are not journaled
+        return not self.pending
+
+    def _failed(self, exc: Exception) -> None:
+        self._retry_at = time.time() + self.retry_s
+        if not self._warned:
+            print(f"warning: MLflow unreachable ({str(exc).splitlines()[0][:200]}); "
+                  f"queueing results and retrying every {self.retry_s:g}s", file=sys.stderr, flush=True)
+            self._warned = True
 
     def drain(self) -> None:
         """Apply every queued write, waiting for the store (SCALING_MLFLOW_WAIT_S); else raise RuntimeError."""
@@ -218,9 +259,10 @@ class StudyRecorder:
                 self.status[i] = "running"
         self.pending.extendleft(reversed(intents))
 
-    def _save_journal(self) -> None:
-        if self.journal is None:
+    def _save_journal(self, every_s: float = 0.0) -> None:
+        if self.journal is None or time.time() < self._journal_at + every_s:
             return
+        self._journal_at = time.time()
         if not self.pending:
             self.journal.unlink(missing_ok=True)
             return
@@ -228,46 +270,68 @@ class StudyRecorder:
         tmp.write_text("".join(json.dumps(i) + "\n" for i in list(self.pending)))
         os.replace(tmp, self.journal)  # atomic: a kill leaves the old or the new journal, never half
 
-    def _apply(self, intent: dict) -> None:
-        i = intent["index"]
-        if intent["op"] == "started":
-            self._create_trial_run(i, intent["config"], intent["tags"])
-        elif intent["op"] == "tags":
-            for key, value in intent["tags"].items():
-                self.client.set_tag(self.trial_runs[i], key, value)
-        elif intent["op"] == "tag":
-            self.client.set_tag(self.trial_runs[i], intent["key"], intent["value"])
-        elif intent["op"] == "params":
-            log_params(self.client, self.trial_runs[i], intent["params"])
-        elif intent["op"] == "metrics":
-            log_metrics(self.client, self.trial_runs[i], intent["metrics"], step=int(intent["metrics"].get("samples", 0)))
-        else:
-            run_id = self.trial_runs[i]
-            if intent["summary"]:
-                log_metrics(self.client, run_id, intent["summary"], step=intent["step"])
-            self.client.set_tag(run_id, STATUS_TAG, intent["status"])
-            if intent["reason"]:
-                self.client.set_tag(run_id, "trial.reason", intent["reason"][:5000])
-            self.client.set_terminated(run_id, status="FAILED" if intent["status"] == "error" else "FINISHED")
+    def _apply(self, i: int, intents: list[dict]) -> None:
+        """Write one trial's queued intents (in order) in as few requests as they allow.
 
-    def _create_trial_run(self, index: int, config: dict, extra_tags: dict) -> None:
+        Every step is idempotent, so after a failure the whole list is applied again: the run is
+        created once (its id is kept), params and tags are rewritten with the same values, and a
+        metric point (same key, step, value and time) is not stored twice.
+        """
+        batch = _Batch()
+        for intent in intents:
+            op, ts = intent["op"], intent.get("ts") or int(time.time() * 1000)
+            if op == "started":
+                self._write(i, batch)  # a new attempt: what came before lands first
+                self._open_trial_run(i, intent, batch)
+            elif op == "metrics":
+                batch.metrics += metric_list(intent["metrics"], int(intent["metrics"].get("samples", 0)), ts)
+            elif op == "params":
+                batch.params.update(intent["params"])
+            elif op == "tags":
+                batch.tags.update(intent["tags"])
+            elif op == "tag":
+                batch.tags[intent["key"]] = intent["value"]
+            else:  # finished: the summary, then the status tag after everything else, then the run's end
+                batch.metrics += metric_list(intent["summary"], intent["step"], ts)
+                if intent["reason"]:
+                    batch.tags["trial.reason"] = intent["reason"][:5000]
+                batch.tags.pop(STATUS_TAG, None)
+                batch.tags[STATUS_TAG] = intent["status"]
+                self._write(i, batch)
+                self.client.set_terminated(self.trial_runs[i], status="FAILED" if intent["status"] == "error"
+                                           else "FINISHED", end_time=ts)
+        self._write(i, batch)
+
+    def _open_trial_run(self, index: int, intent: dict, batch: _Batch) -> None:
+        """Create the trial's run (at the time the trial started) and queue its params into `batch`."""
         if index in self._ready:
             self.client.set_terminated(self.trial_runs[index], status="RUNNING")
             return
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.create(config)
+        cfg = OmegaConf.create(intent["config"])
         if index not in self.trial_runs:
             tags = {KIND_TAG: "trial", STATUS_TAG: "running", "mlflow.parentRunId": self.run_id,
-                    STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **extra_tags}
-            self.trial_runs[index] = self.client.create_run(self.exp_id, run_name=trial_run_name(cfg),
-                                                            tags=tags).info.run_id
+                    STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **intent["tags"]}
+            self.trial_runs[index] = self.client.create_run(self.exp_id, start_time=intent.get("ts"),
+                                                            run_name=trial_run_name(cfg), tags=tags).info.run_id
         # A retry after the store failed (or the driver died) between creating the run and filling it
         # lands here again; MLflow accepts a param logged twice with the same value. The config
-        # artifact goes first, so a run holding its last param is complete.
+        # artifact goes first and LAST_TRIAL_PARAM last, so a run holding that param is complete.
         self.client.log_text(self.trial_runs[index], OmegaConf.to_yaml(cfg), "config.yaml")
-        log_params(self.client, self.trial_runs[index], trial_params(cfg))
-        self._ready.add(index)
+        batch.params.update(trial_params(cfg))
+        batch.completes = True
+
+    def _write(self, index: int, batch: _Batch) -> None:
+        if not (batch.params or batch.metrics or batch.tags):
+            return
+        params = dict(batch.params)
+        if LAST_TRIAL_PARAM in params:
+            params[LAST_TRIAL_PARAM] = params.pop(LAST_TRIAL_PARAM)  # last of all
+        log_batch(self.client, self.trial_runs[index], params, batch.metrics, batch.tags)
+        if batch.completes:
+            self._ready.add(index)
+        batch.clear()
 
     # ---------------------------------------------------------------- end of study
     def finish(self, n_trials: int, samples_full_grid: int, samples_trained: int, best_per_batch: dict,
@@ -282,9 +346,22 @@ class StudyRecorder:
         metrics["samples/trained"] = float(samples_trained)
         metrics["samples/full_grid"] = float(samples_full_grid)
         metrics["samples/fraction"] = samples_trained / max(samples_full_grid, 1)
-        log_metrics(self.client, self.run_id, metrics, step=0)
         self.client.log_text(self.run_id, json.dumps(best_per_batch, indent=2, default=str), "best_per_batch_size.json")
-        self.client.set_tag(self.run_id, STATUS_TAG, "interrupted" if interrupted else "completed")
+        log_batch(self.client, self.run_id, metrics=metric_list(metrics, 0, int(time.time() * 1000)),
+                  tags={STATUS_TAG: "interrupted" if interrupted else "completed"})
         self.client.set_terminated(self.run_id, status="KILLED" if interrupted else "FINISHED",
                                    end_time=int(time.time() * 1000))
         return dict(counts)
+
+
+class _Batch:
+    """One trial's writes on their way into a single `log_batch`."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.params: dict[str, str] = {}
+        self.metrics: list = []
+        self.tags: dict[str, str] = {}
+        self.completes = False  # holds the trial's config params: the run is complete once it lands

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from scaling.config import ConfigError, effective_lr, plan_split
 from scaling.grid import Grid, stratum_keys
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
+from scaling.tracking import import_mlflow
 
 STATE_FILE = "scaling_study.json"
 
@@ -170,15 +171,6 @@ def _bare(key: str) -> str:
     return key.lstrip("+~").split("@")[0]
 
 
-def _import_mlflow(uri: str) -> None:
-    """Import MLflow and its SQL store (~2 s on 2 cores), creating nothing: a failed cluster check
-    below must leave no store behind."""
-    import mlflow.tracking  # noqa: F401
-
-    if not uri.startswith(("http:", "https:", "file:", "databricks")):  # sqlite, postgresql, mysql, ...
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
-
 def _workers(config: dict) -> int:
     """Return a trial's data-parallel ranks (plan_split of the keys it reads: a whole config is ~30 ms)."""
     keys = ("parallel", "batch_size", "micro_batch_size")
@@ -199,7 +191,7 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     state_path = storage / STATE_FILE
     state = json.loads(state_path.read_text()) if sweeper.conf.resume and state_path.exists() else {}
     if configs[0].mlflow.enabled:
-        _import_mlflow(configs[0].mlflow.tracking_uri)  # while Ray is still starting: the wait below shrinks
+        import_mlflow(configs[0].mlflow.tracking_uri)  # while Ray is still starting (creates nothing): the wait below shrinks
     try:
         _check_cluster(sweeper, ray_started, max(workers.values()))
     except ConfigError as exc:
