@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from benchmarks.common import REPO, Ctx, Row, log, not_measurable, paired, run_timed, summarize
+from benchmarks.studyrun import RUN_ID_RE, read_back, tracking_uri
+from benchmarks.throughput import _CpuReporter  # marks the training window; run_trial's own timer gives samples/s
 
 # Shorter than the preset's 30 epochs, so the preset's 2-epoch warmup becomes half an epoch.
 PRESET = ["experiment=cifar10_resnet", "mlflow.enabled=false", "device=cuda", "warmup.epochs=0.5"]
@@ -89,25 +91,12 @@ class GpuUtilisation:
         return statistics.fmean(self.samples) if self.samples else float("nan")
 
 
-class _Window:
-    """Reporter marking the training window: start() before the first step, report() after the last."""
-
-    def start(self, info: dict) -> None:
-        self.t0 = time.perf_counter()
-
-    def report(self, metrics: dict, checkpoint=None) -> None:
-        self.wall = time.perf_counter() - self.t0
-
-    def finish(self, result: Any) -> None:
-        pass
-
-
 def trial_side(cfg, data, util: GpuUtilisation) -> dict[str, float]:
     """run_trial on the GPU: its own samples/s (per-step timer), peak memory and mean utilisation."""
     from scaling.train import run_trial
 
     with util:
-        result = run_trial(cfg, _Window(), dataset=data)
+        result = run_trial(cfg, _CpuReporter(), dataset=data)
     assert result.status == "completed", (result.status, result.reason)
     return {"sps": float(result.metrics["time/samples_per_s"]), "peak_mb": float(result.metrics["mem/peak_mb"]),
             "util": util.mean}
@@ -181,8 +170,6 @@ def single_trial(ctx: Ctx, root: str, what: str, epochs: int = 2) -> list[Row]:
 
 def packed_study(ctx: Ctx, root: str, what: str, epochs: int = 3) -> list[Row]:
     """G2: trials per hour of the same 8-trial study at 0.25 GPU per trial vs 1 GPU per trial (>= 2.5x)."""
-    from benchmarks.studyrun import read_back, tracking_uri
-
     def study(gpu_share: float) -> dict[str, Any]:
         n = ctx.cache["n_studies"] = ctx.cache.get("n_studies", 0) + 1
         name = f"bench-gpu-{gpu_share:g}-{n}"
@@ -199,8 +186,6 @@ def packed_study(ctx: Ctx, root: str, what: str, epochs: int = 3) -> list[Row]:
             t = run_timed(argv, cwd=cwd, timeout=500, env={"PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"})
         if t.rc != 0:
             raise RuntimeError(f"study exited {t.rc}:\n{t.output[-3000:]}")
-        from benchmarks.studyrun import RUN_ID_RE
-
         m = RUN_ID_RE.search(t.output)
         out = {"wall_s": t.wall_s, "util": util.mean, "mem_used_max_mb": max(util.mem_used_mb, default=0)}
         out.update(read_back(ctx, m.group(1), t.launched) if m else {})

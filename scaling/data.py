@@ -63,7 +63,7 @@ def load_dataset(cfg: Any, device: Any = "cpu") -> Dataset:
         (mean, std), num_classes = _channel_stats(x_tr), 10
     else:
         x, y, num_classes = _generate(cfg)
-        n_val = int(round(len(y) * cfg.val_fraction))  # the rounding config.validate assumes
+        n_val = _n_val(len(y), cfg)
         perm = np.random.default_rng(cfg.seed).permutation(len(y))
         x_va, y_va, x_tr, y_tr = x[perm[:n_val]], y[perm[:n_val]], x[perm[n_val:]], y[perm[n_val:]]
         mean, std = x_tr.mean(0, dtype=np.float64), x_tr.std(0, dtype=np.float64)
@@ -86,6 +86,11 @@ def _to_float(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).sub_(mean_t).div_(std_t)
 
 
+def _n_val(n: int, cfg: Any) -> int:
+    """Return the validation share of n generated samples (the rounding config.validate assumes)."""
+    return int(round(n * cfg.val_fraction))
+
+
 def count_train(cfg: Any) -> int:
     """Make the dataset ready for trials and return its training-set size, without torch.
 
@@ -99,7 +104,7 @@ def count_train(cfg: Any) -> int:
         n = len(_read_vision(cfg)[1])
     else:
         n_all = int(cfg.n_samples) if cfg.name == "synthetic" else len(_generate(cfg)[1])  # synthetic: torch RNG
-        n = n_all - int(round(n_all * cfg.val_fraction))  # load_dataset's split
+        n = n_all - _n_val(n_all, cfg)
     return n if cfg.max_train_samples is None else min(n, int(cfg.max_train_samples))
 
 
