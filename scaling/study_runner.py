@@ -315,6 +315,8 @@ def _latest_checkpoints(storage: Path) -> dict[int, str]:
 
 def _relog_from_checkpoints(recorder, checkpoints: dict[int, str], specs: dict[int, TrialSpec]) -> None:
     """Log evaluations a killed driver saved in a checkpoint but never recorded (idempotent by step)."""
+    if not checkpoints:  # a fresh study: the driver must not pay torch's import (~1.2 s of CPU)
+        return
     import torch
     from omegaconf import OmegaConf
 
