@@ -120,6 +120,13 @@ class _StratumBracket(_Bracket):
         return min(cut, max(values))  # never above the best so far, whatever the rounding
 
 
+@dataclass(frozen=True)
+class _Seeded:
+    """What `_Bracket.on_result` reads of a trial (its id), for a trial of an earlier attempt."""
+
+    trial_id: str
+
+
 class StratifiedASHA(FIFOScheduler):
     """Asynchronous successive halving with one set of rungs per stratum of the grid."""
 
@@ -181,9 +188,12 @@ class StratifiedASHA(FIFOScheduler):
         return tuple((k, hashable(get_dotted(config, k))) for k in self.group_by)
 
     def _bracket_of(self, trial: Trial) -> tuple[Stratum, _StratumBracket]:
-        if trial.trial_id not in self._strata:  # e.g. a trial restored without on_trial_add
-            self._strata[trial.trial_id] = self.stratum_of(trial.config)
-        stratum = self._strata[trial.trial_id]
+        return self._bracket_for(trial.trial_id, trial.config)
+
+    def _bracket_for(self, trial_id: str, config: Dict[str, Any]) -> tuple[Stratum, _StratumBracket]:
+        if trial_id not in self._strata:  # e.g. a trial restored without on_trial_add
+            self._strata[trial_id] = self.stratum_of(config)
+        stratum = self._strata[trial_id]
         if stratum not in self._brackets:
             self._brackets[stratum] = _StratumBracket(self.rungs, self._rf)
         return stratum, self._brackets[stratum]
@@ -248,6 +258,28 @@ class StratifiedASHA(FIFOScheduler):
         action = bracket.on_result(trial, t, value)
         judged = [m for m, rec in bracket._rungs if trial.trial_id in rec and m not in before]
         return (judged[0] if judged else None), action
+
+    def seed(self, trial_id: str, config: Dict[str, Any], history: Sequence[tuple[float, float]],
+             bad: bool = False) -> int:
+        """Record, at the rungs it reached, a trial that an earlier attempt of the study finished.
+
+        A resumed study is a fresh Tune run over the unfinished trials, so without this its rungs
+        start empty: the first trial of each stratum to reach a rung again goes on whatever the
+        finished ones scored there, and ASHA prunes less than the uninterrupted study would have.
+        `history` is the trial's evaluations in order, as (time_attr, metric); each is replayed
+        through the bracket as the trial's reports were (the first one at or past each rung is
+        the one recorded). A non-finite value, or the last one when `bad` (the trial ended
+        diverged, oom or error), is recorded as -inf, as `on_trial_result` did. Nothing is
+        decided. Return the number of rung values recorded.
+        """
+        _, bracket = self._bracket_for(trial_id, config)
+        ref = _Seeded(trial_id)
+        for n, (t, raw) in enumerate(history):
+            worst = not math.isfinite(raw) or (bad and n == len(history) - 1)
+            bracket.on_result(ref, t, -math.inf if worst else self._metric_op * raw)
+            if worst:
+                break
+        return sum(trial_id in rec for _, rec in bracket._rungs)
 
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: Dict) -> None:
         pass  # the final result was already judged by on_trial_result

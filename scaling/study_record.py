@@ -35,7 +35,7 @@ import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from scaling.tracking import (KIND_TAG, LAST_TRIAL_PARAM, STATUS_TAG, STUDY_TAG, get_experiment_id, log_batch,
                               log_params, make_client, metric_list, provenance_tags, trial_params, trial_run_name)
@@ -119,6 +119,17 @@ class StudyRecorder:
     def finished_indices(self) -> set[int]:
         """Return the trial indices already recorded with a terminal status."""
         return {i for i, s in self.status.items() if s in TERMINAL}
+
+    def metric_history(self, index: int, keys: Sequence[str]) -> list[dict[str, float]]:
+        """Return a recorded trial's evaluations in step order, each as {key: value} over `keys`
+        (one request per key: for a resume, not for the hot path)."""
+        if index not in self.trial_runs:
+            return []
+        rows: dict[int, dict[str, float]] = {}
+        for key in keys:
+            for m in self.client.get_metric_history(self.trial_runs[index], key):
+                rows.setdefault(m.step, {})[key] = m.value
+        return [rows[step] for step in sorted(rows)]
 
     # ---------------------------------------------------------------- trial runs (queued intents)
     def trial_started(self, index: int, cfg: Any, extra_tags: Optional[dict[str, str]] = None) -> None:

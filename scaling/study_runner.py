@@ -215,6 +215,8 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
         print(f"study {name}: {len(specs)} trials | {where} | sweep dir {sweep_dir}", flush=True)
 
     scheduler = _scheduler(sweeper, grid, specs)
+    if state and scheduler is not None:
+        _seed_asha(scheduler, recorder, specs)
     callback = _callback_class()(recorder, specs, scheduler)
     res = sweeper.conf.resources
     configs_by_index = {i: s.config for i, s in specs.items()}
@@ -300,6 +302,22 @@ def _resolve_auto_ref_lr(specs: dict[int, TrialSpec], recorder) -> None:
     if found and recorder.enabled:
         values = sorted(set(found.values()))
         recorder.client.set_tag(recorder.run_id, "scaling.ref_lr_auto", ",".join(f"{v:.6g}" for v in values))
+
+
+def _seed_asha(scheduler, recorder, specs: dict[int, TrialSpec]) -> None:
+    """Give a resumed study's ASHA the rung values of the trials that earlier attempts finished.
+
+    A trial that was running when the driver died restarts from its checkpoint and reports again
+    from there only; its rungs below the checkpoint stay unrecorded (it is judged from the next)."""
+    from scaling.asha import BAD_STATUSES
+
+    seeded = 0
+    for i in sorted(recorder.finished_indices()):
+        rows = recorder.metric_history(i, (scheduler.metric, "epoch"))
+        history = [(r["epoch"], r.get(scheduler.metric, math.nan)) for r in rows if "epoch" in r]
+        bad = recorder.status[i] in BAD_STATUSES
+        seeded += scheduler.seed(f"resumed-{i}", {"point": _point(specs[i])}, history, bad=bad) > 0
+    print(f"ASHA: rung values of {seeded} finished trials restored", flush=True)
 
 
 def _latest_checkpoints(storage: Path) -> dict[int, str]:

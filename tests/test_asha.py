@@ -255,3 +255,54 @@ def test_real_tune_run(tmp_path, monkeypatch, cpus):
         assert distances == [0, 0, 1, 1, 1, 1], seen
         assert sorted(sched.pruned_trial_ids) == sorted(others), seen  # each is judged against its 1.0
     assert elapsed < 60
+
+
+def _replay(sched: StratifiedASHA, trial: Trial, times: list[float], accs: list[float]) -> list[str]:
+    return [sched.on_trial_result(None, trial, {"epoch": t, "val/acc": a}) for t, a in zip(times, accs)]
+
+
+def test_a_resume_seeds_the_rungs_with_finished_trials_and_decides_as_the_uninterrupted_study():
+    """Seeded histories (as MLflow holds them, every evaluation) record the same rung values as the
+    live reports did, so a trial that reports after a resume meets the same cutoffs."""
+    times = [0.5 * k for k in range(1, 19)]
+    cfg = {"batch_size": 32, "lr_multiplier": 1.0, "seed": 0}
+    good, newcomer = [0.5 + 0.02 * k for k in range(18)], [0.3] * 18
+
+    live = asha()
+    first = Trial("fake", stub=True, trial_id="a", config=cfg)
+    live.on_trial_add(None, first)
+    assert _replay(live, first, times, good)[-1] == TrialScheduler.STOP  # budget spent
+    late = Trial("fake", stub=True, trial_id="b", config={**cfg, "lr_multiplier": 2.0})
+    live.on_trial_add(None, late)
+    assert _replay(live, late, times[:2], newcomer) == [TrialScheduler.CONTINUE, TrialScheduler.STOP]  # at 0.75
+
+    resumed = asha()
+    assert resumed.seed("resumed-0", cfg, list(zip(times, good))) == 3  # rungs 0.75, 2.25, 6.75
+    for (m, rec), (m2, rec2) in zip(resumed._brackets[resumed.stratum_of(cfg)]._rungs,
+                                    live._brackets[live.stratum_of(cfg)]._rungs):
+        assert m == m2 and rec["resumed-0"] == rec2["a"]
+    again = Trial("fake", stub=True, trial_id="b2", config={**cfg, "lr_multiplier": 2.0})
+    resumed.on_trial_add(None, again)
+    assert _replay(resumed, again, times[:2], newcomer) == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    assert resumed.pruned_trial_ids == {"b2"} and not resumed.decisions[0].trial_id.startswith("resumed")
+
+    unseeded = asha()  # what a resume did before: the newcomer is first at its rung and goes on
+    alone = Trial("fake", stub=True, trial_id="b3", config={**cfg, "lr_multiplier": 2.0})
+    unseeded.on_trial_add(None, alone)
+    assert _replay(unseeded, alone, times[:2], newcomer) == [TrialScheduler.CONTINUE] * 2
+
+
+def test_seeding_a_diverged_or_other_stratum_trial():
+    sched = asha()
+    cfg = {"batch_size": 32, "lr_multiplier": 1.0, "seed": 0}
+    # diverged at 2.5 (NaN): recorded as -inf at the rung it crossed there, nothing after
+    assert sched.seed("d", cfg, [(0.5, 0.4), (1.0, 0.5), (2.5, math.nan), (3.0, 0.9)]) == 2
+    rungs = dict(sched._brackets[sched.stratum_of(cfg)]._rungs)
+    assert rungs[0.75]["d"] == 0.5 and rungs[2.25]["d"] == -math.inf and "d" not in rungs[6.75]
+    # ended "oom": its last value is the worst whatever it was
+    assert sched.seed("o", cfg, [(1.0, 0.95)], bad=True) == 1
+    assert rungs[0.75]["o"] == -math.inf
+    # another batch size is another stratum: its rungs are untouched by these
+    other = {**cfg, "batch_size": 512}
+    assert sched.seed("x", other, [(1.0, 0.1)]) == 1
+    assert set(dict(sched._brackets[sched.stratum_of(other)]._rungs)[0.75]) == {"x"}

@@ -131,6 +131,8 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
     proc = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "resuming study" in proc.stdout
+    done_before = re.search(r"(\d+)/6 trials already finished", proc.stdout).group(1)
+    assert f"ASHA: rung values of {done_before} finished trials restored" in proc.stdout, proc.stdout[-2000:]
     studies, trials = study_runs(tmp_path)
     assert len(studies) == 1 and len(trials) == 6, "a resume created duplicate runs"
     assert studies[0].data.tags["trial.status"] == "completed"
