@@ -271,6 +271,11 @@ def _callback_class():
         def on_trial_error(self, iteration, trials, trial, **info):
             self._finish(trial, error=True)
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            """A failed attempt that Tune retries (max_failures): the run says so and stays running."""
+            self.recorder.trial_tags(self._index(trial), {"trial.failures": str(trial.num_failures),
+                                                          "trial.last_failure": _error_reason(trial)[:500]})
+
         def _finish(self, trial, error: bool = False) -> None:
             i = self._index(trial)
             self.running.discard(i)
@@ -284,6 +289,8 @@ def _callback_class():
             else:  # ended without a final report (e.g. stopped at the end of the study)
                 status, reason = "error", "ended without reporting a final status"
             summary = {k: v for k, v in (final or {}).items() if k.startswith(("target/", "best/", "mem/"))}
+            if trial.num_failures:  # failed attempts, the last one included when it ends the trial
+                self.recorder.trial_tags(i, {"trial.failures": str(trial.num_failures)})
             self.recorder.trial_finished(i, status, reason, summary)
             if not self.quiet:
                 self._print_progress()

@@ -70,6 +70,7 @@ def test_trials_of_a_lost_node_finish_on_the_remaining_node(tmp_path):
         moved = client.get_run(run_id)
         assert moved.data.tags["trial.status"] == "completed"
         assert moved.data.tags["ray.node_id"] == head_id != worker_id, "a lost trial did not move to the head"
+        assert moved.data.tags["trial.failures"] == "1" and moved.data.tags["trial.last_failure"]
         assert int(moved.data.tags.get("trial.resumed_from_step", 0)) > 0, \
             "the lost node's trial restarted from scratch instead of its checkpoint"
     for t in trials:

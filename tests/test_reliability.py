@@ -106,6 +106,7 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(tmp_path):
     assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6), \
         "the resumed trial diverged from the uninterrupted run"
     resumed = int(seed0.data.tags["trial.resumed_from_step"])  # restarted from its checkpoint, not from 0
+    assert seed0.data.tags["trial.failures"] == "1" and seed0.data.tags["trial.last_failure"]
     assert resumed >= 2 * max(1, round(0.25 * 4800 // 32)), resumed
 
 
@@ -119,6 +120,8 @@ def test_failing_trial_retries_are_bounded_and_end_as_error(tmp_path):
     for t in trials:
         assert t.data.tags["trial.status"] == "error"
         assert "CUDA" in t.data.tags["trial.reason"]
+        assert t.data.tags["trial.failures"] == "2"  # the first attempt and its one retry
+        assert "CUDA" in t.data.tags["trial.last_failure"]  # tagged when the retry was scheduled
     assert studies[0].data.metrics["trials/error"] == 2
 
 
