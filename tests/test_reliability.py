@@ -65,7 +65,10 @@ def _history(client, run_id: str, key: str = "val/loss") -> list[tuple[int, floa
 
 
 def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(tmp_path):
-    common = ["batch_size=32", "lr_multiplier=1", "epochs=4", "eval_every=0.25", "data.n_samples=6000",
+    # 12 epochs (48 evaluations, a checkpoint at each): the kill must land mid-trial. At 4 epochs the
+    # trial trained in ~1 s under the study, and the kill (after the third checkpoint, found by
+    # polling) landed at the sixth of 16 evaluations, a margin a loaded machine could eat.
+    common = ["batch_size=32", "lr_multiplier=1", "epochs=12", "eval_every=0.25", "data.n_samples=6000",
               "model.width=64", "threads=1"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ref = start_group([BIN / "scaling-train", *common, f"mlflow.tracking_uri={uri}", "mlflow.experiment=reference"],
