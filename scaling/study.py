@@ -337,31 +337,3 @@ def best_per_batch_size(recorder, specs: dict[int, TrialSpec]) -> dict[int, dict
                        "lr_multiplier": cfg["lr_multiplier"], "rule": cfg["scaling"]["rule"],
                        "axes": specs[i].axes}
     return best
-
-
-def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float]) -> None:
-    """Start a local Ray bound to 127.0.0.1 (or join `address`), quiet, without the dashboard."""
-    import ray
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    # Tune saves its experiment state every few seconds by default; MLflow + our checkpoints
-    # already hold what a resume needs, so save it less often (measured: 4.4 s of a 60 s study)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "30")
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                                  configure_logging=True)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # A local study listens on loopback only: Ray otherwise swaps 127.0.0.1 for the routable
-        # address and its GCS and raylet listen on every interface. The flag is Ray's own
-        # "single-node, no firewall prompts" switch (ray_constants, read at call time).
-        from ray._private import ray_constants
-
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1", **kwargs)

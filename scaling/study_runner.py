@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from scaling.config import ConfigError, effective_lr, plan_split
 from scaling.grid import Grid, stratum_keys
+from scaling.local_ray import stop_ray_aside
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
 from scaling.tracking import import_mlflow
 
@@ -78,7 +79,7 @@ def start_ray(sweeper) -> Future:
     import signal
     import threading
 
-    from scaling.study import init_ray
+    from scaling.local_ray import init_ray
 
     r = sweeper.conf.ray
     started: Future = Future()
@@ -257,41 +258,11 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     except KeyboardInterrupt:
         interrupted = True
     wall = time.time() - t0
-    stopping = _stop_ray_aside()
+    stopping = stop_ray_aside()
     try:
         return _finish(sweeper, recorder, specs, callback, wall, interrupted)
     finally:
         stopping.join()
-
-
-def _stop_ray_aside() -> Any:
-    """Shut Ray down in a thread while the driver drains MLflow, prints the summary and builds the
-    report: nothing after the trials needs Ray."""
-    import threading
-
-    t = threading.Thread(target=_stop_ray, name="ray-stop", daemon=True)
-    t.start()
-    return t
-
-
-def _stop_ray() -> None:
-    """ray.shutdown(), without its 1 s wait on the autoscaler monitor of a Ray started here.
-
-    Ray stops the GCS before the monitor; the monitor's SIGTERM handler then tries to report its
-    end to that GCS, and Ray waits 1 s before it SIGKILLs it (measured: 1.01 s of a 1.35 s
-    shutdown). A local study has nothing to autoscale, so the monitor is killed first. Where the
-    study joined a cluster, or Ray's internals differ, this is plain ray.shutdown().
-    """
-    import ray
-    from ray._private import ray_constants
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None and node.is_head():
-        for info in getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
-            if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(timeout=5)
-    ray.shutdown()
 
 
 def _resolve_auto_ref_lr(specs: dict[int, TrialSpec], recorder) -> None:

@@ -1,0 +1,101 @@
+"""The Ray a study runs on: a local head started by the driver (bound to 127.0.0.1), or a cluster
+it joins; and how the driver stops it at the end."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Optional
+
+
+def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float]) -> None:
+    """Start a local Ray bound to 127.0.0.1 (or join `address`), quiet, without the dashboard."""
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Tune saves its experiment state every few seconds by default; MLflow + our checkpoints
+    # already hold what a resume needs, so save it less often (measured: 4.4 s of a 60 s study)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "30")
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+                                  configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # A local study listens on loopback only: Ray otherwise swaps 127.0.0.1 for the routable
+        # address and its GCS and raylet listen on every interface. The flag is Ray's own
+        # "single-node, no firewall prompts" switch (ray_constants, read at call time).
+        from ray._private import ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        with _head_without_api_server_or_monitor():
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
+                     **kwargs)
+
+
+@contextlib.contextmanager
+def _head_without_api_server_or_monitor():
+    """Start a local Ray head without its API server (the dashboard process) and autoscaler monitor.
+
+    A local study uses neither (`include_dashboard=False` still starts the API server, minimal),
+    and both sit on its critical path on a small machine: ray.init waits for the API server to
+    publish its address before it starts the raylet (~0.8 s), and ray.shutdown gives the monitor
+    a 1 s grace it never uses. Measured on 2 cores, two rounds: ray.init 2.60/3.47 s -> 1.75/1.87 s,
+    ray.shutdown 1.12/1.36 s -> 0.33/0.35 s, the same Tune run either way. Ray has no public
+    switch for either (RayParams.no_monitor exists, ray.init does not pass it), so both are set
+    here, for this call only; where Ray's internals differ, Ray starts them as usual.
+    """
+    from ray._private import node, parameter
+
+    start_api_server, params_init = getattr(node.Node, "start_api_server", None), parameter.RayParams.__init__
+    if start_api_server is None or "no_monitor" not in params_init.__code__.co_varnames:
+        yield
+        return
+
+    def no_api_server(self, **_):
+        self._webui_url = None
+
+    def without_monitor(self, *args, **kw):
+        params_init(self, *args, **kw)
+        self.no_monitor = True
+
+    node.Node.start_api_server, parameter.RayParams.__init__ = no_api_server, without_monitor
+    try:
+        yield
+    finally:
+        node.Node.start_api_server, parameter.RayParams.__init__ = start_api_server, params_init
+
+
+def stop_ray_aside() -> Any:
+    """Shut Ray down in a thread while the driver drains MLflow, prints the summary and builds the
+    report: nothing after the trials needs Ray."""
+    import threading
+
+    t = threading.Thread(target=stop_ray, name="ray-stop", daemon=True)
+    t.start()
+    return t
+
+
+def stop_ray() -> None:
+    """ray.shutdown(), without its 1 s wait on the autoscaler monitor of a Ray started here.
+
+    Ray stops the GCS before the monitor; the monitor's SIGTERM handler then tries to report its
+    end to that GCS, and Ray waits 1 s before it SIGKILLs it (measured: 1.01 s of a 1.35 s
+    shutdown). A local study has nothing to autoscale, so the monitor is killed first. Where the
+    study joined a cluster, or Ray's internals differ, this is plain ray.shutdown().
+    """
+    import ray
+    from ray._private import ray_constants
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None and node.is_head():
+        for info in getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
+            if info.process.poll() is None:
+                info.process.kill()
+                info.process.wait(timeout=5)
+    ray.shutdown()
