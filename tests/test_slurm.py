@@ -105,4 +105,6 @@ def test_submitit_launcher_runs_the_plain_grid_as_slurm_jobs(slurm, tmp_path):
     # each trial ran as a task of one SLURM job array: submitit's folders are named <job>_<task>
     jobs = sorted(p.parent.name for p in tmp_path.glob("multirun/*/*/.submitit/*/*_log.out"))
     assert len(jobs) == 2 and all(re.fullmatch(r"\d+_\d+", j) for j in jobs), jobs
-    assert all(slurm.job_state(j) == "COMPLETED" for j in jobs)
+    # submitit returns once the tasks' results are written; SLURM may still show a task COMPLETING
+    # (its epilog and cleanup) for a moment: wait for the final state, which must be COMPLETED
+    assert [slurm.wait_job(j, timeout=60) for j in jobs] == ["COMPLETED"] * 2
