@@ -19,7 +19,9 @@ from benchmarks.common import REPO, Ctx, Row, cpu_share, load_average, log, mach
 GROUPS = {
     "throughput": throughput.trial_throughput,
     "study": study.study_wall,
+    "ray": startup.local_ray,
     "asha": asha.asha_vs_grid,
+    "asha-resume": asha.asha_resumed,
     "mlflow": study.mlflow_overhead,
     "gns": throughput.gns_overhead,
     "config-error": startup.config_error,

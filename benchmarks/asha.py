@@ -8,9 +8,15 @@ came out the same run to run, so one ASHA run is made (two with --repeat-asha) t
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import time
 
-from benchmarks.common import Ctx, Row, summarize
-from benchmarks.studyrun import full_grid_reference, run_study
+from benchmarks.common import Ctx, Row, log, run_timed, summarize
+from benchmarks.studyrun import BATCH_SIZES, LR_MULTIPLIERS, SAMPLES_RE, full_grid_reference, run_study, study_argv
+
+KILL_AFTER = 14  # trials ended when the driver is killed (of 32)
 
 
 def _regret(asha_best: dict, full_best: dict) -> dict[int, float]:
@@ -25,6 +31,7 @@ def _regret(asha_best: dict, full_best: dict) -> dict[int, float]:
 def asha_vs_grid(ctx: Ctx) -> list[Row]:
     full = full_grid_reference(ctx)
     runs = [run_study(ctx, asha=True) for _ in range(ctx.cache.get("asha_runs", 1))]
+    ctx.cache["asha_study"] = runs[0]
     frac = summarize([r["samples_trained"] / r["samples_full_grid"] for r in runs])
     regrets = [_regret(r["best_per_batch_size"], full["best_per_batch_size"]) for r in runs]
     worst = summarize([1 + max(rg.values()) for rg in regrets])
@@ -48,3 +55,46 @@ def asha_vs_grid(ctx: Ctx) -> list[Row]:
             note="ratio = 1 + worst regret over batch sizes; per batch size: " + "; ".join(
                 " ".join(f"{b}:{v:+.1%}" for b, v in sorted(rg.items())) for rg in regrets)),
     ]
+
+
+def _killed_and_resumed(ctx: Ctx) -> dict:
+    """Run the ASHA study, kill its driver (and the Ray it started) once KILL_AFTER trials have
+    ended, resume it with hydra.sweeper.resume=true; return what the resume printed."""
+    n = len(BATCH_SIZES) * len(LR_MULTIPLIERS)
+    name = f"bench-asha-resume-{int(time.time())}"
+    cwd = ctx.tmp / name
+    cwd.mkdir(parents=True)
+    argv = study_argv(ctx, name, asha=True)
+    log(f"study {name}: asha, driver killed after {KILL_AFTER}/{n} trials, then resumed")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if f"done {KILL_AFTER}/{n}" in line:
+                break
+    finally:
+        os.killpg(proc.pid, 9)  # our own child's session only
+        proc.wait()
+    t = run_timed([*argv, "hydra.sweeper.resume=true"], cwd=cwd, timeout=400)
+    if t.rc != 0:
+        raise RuntimeError(f"resumed study exited {t.rc}:\n{t.output[-3000:]}")
+    done = re.search(r"(\d+)/\d+ trials already finished", t.output)
+    restored = re.search(r"ASHA: rung values of (\d+) finished trials restored", t.output)
+    trained = SAMPLES_RE.search(t.output)
+    return {"finished_before": int(done.group(1)) if done else None,
+            "restored": int(restored.group(1)) if restored else None,
+            "samples_trained": int(trained.group(1).replace(",", "")) if trained else math.nan}
+
+
+def asha_resumed(ctx: Ctx) -> list[Row]:
+    """Row 3c (context, no target): samples trained by an ASHA study killed and resumed, against the
+    same study uninterrupted (the asha group's run, or a fresh one)."""
+    whole = ctx.cache.get("asha_study") or run_study(ctx, asha=True)
+    r = _killed_and_resumed(ctx)
+    ratio = r["samples_trained"] / whole["samples_trained"]
+    return [Row("3c. asha killed + resumed: samples / uninterrupted (context)", f"{r['samples_trained']:,} samples",
+                f"{int(whole['samples_trained']):,} (uninterrupted)", ratio, "-", None,
+                note=f"{r['finished_before']} trials had ended at the kill; rung values of {r['restored']} "
+                     "restored from MLflow", data={"resumed": r, "uninterrupted": whole["samples_trained"]})]

@@ -8,6 +8,7 @@ row is judged on the child's CPU time (what an idle core would take) instead of 
 """
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 
@@ -52,3 +53,46 @@ def config_error(ctx: Ctx) -> list[Row]:
 def help_time(ctx: Ctx) -> list[Row]:
     """Row 7: `scaling-train --help` within 2 s (median of 3)."""
     return [_command_row(ctx, "7. scaling-train --help", [script("scaling-train"), "--help"], 2.0, "0")]
+
+
+_RAY_PROBE = """
+import json, logging, os, sys, time
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+import ray
+from ray._private import ray_constants
+ray_constants.ENABLE_RAY_CLUSTER = False
+from scaling.local_ray import init_ray
+t0 = time.perf_counter()
+if sys.argv[1] == "lean":
+    init_ray(None, 2, None)
+else:  # what init_ray passes to ray.init, without its leaner head
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+             logging_level=logging.ERROR, log_to_driver=False, configure_logging=True)
+t1 = time.perf_counter()
+ray.shutdown()
+print(json.dumps({"init_s": t1 - t0, "shutdown_s": time.perf_counter() - t1}))
+"""
+
+
+def local_ray(ctx: Ctx) -> list[Row]:
+    """Row 2c (context for 2 and 2b, no target): a study's local Ray, start and stop, as
+    `init_ray` starts it (no API server, no autoscaler monitor) against plain ray.init."""
+    repeats = 2 if ctx.quick else 3
+    log(f"local ray: init + shutdown, lean vs plain, {repeats} alternating pairs")
+
+    def probe(kind: str) -> dict:
+        t = run_timed([sys.executable, "-c", _RAY_PROBE, kind], timeout=120)
+        if t.rc != 0:
+            raise RuntimeError(f"ray probe ({kind}) exited {t.rc}:\n{t.output[-2000:]}")
+        return json.loads(t.output.strip().splitlines()[-1])
+
+    pairs = paired(lambda: probe("lean"), lambda: probe("plain"), repeats)
+    total = summarize([(a["init_s"] + a["shutdown_s"]) / (b["init_s"] + b["shutdown_s"]) for a, b in pairs])
+    fmt = lambda side, k: "/".join(f"{p[side][k]:.2f}" for p in pairs)  # noqa: E731
+    lean = statistics.median(a["init_s"] + a["shutdown_s"] for a, _ in pairs)
+    plain = statistics.median(b["init_s"] + b["shutdown_s"] for _, b in pairs)
+    return [Row("2c. local Ray start + stop (context, no target)", f"{lean:.2f} s (init_ray)",
+                f"{plain:.2f} s (plain ray.init)", total.median, "-", None, total.spread,
+                note=f"ray.init {fmt(0, 'init_s')} s vs {fmt(1, 'init_s')} s; ray.shutdown "
+                     f"{fmt(0, 'shutdown_s')} s vs {fmt(1, 'shutdown_s')} s (lean vs plain, per pair)",
+                data={"pairs": pairs})]
