@@ -45,8 +45,8 @@ def _head_without_api_server_or_monitor():
     A local study uses neither (`include_dashboard=False` still starts the API server, minimal),
     and both sit on its critical path on a small machine: ray.init waits for the API server to
     publish its address before it starts the raylet (~0.8 s), and ray.shutdown gives the monitor
-    a 1 s grace it never uses. Measured on 2 cores, two rounds: ray.init 2.60/3.47 s -> 1.75/1.87 s,
-    ray.shutdown 1.12/1.36 s -> 0.33/0.35 s, the same Tune run either way. Ray has no public
+    a 1 s grace it never uses (benchmark row 2c: start + stop 2.35 s against 4.15 s for plain
+    ray.init, median of 3 pairs on 2 cores). Ray has no public
     switch for either (RayParams.no_monitor exists, ray.init does not pass it), so both are set
     here, for this call only; where Ray's internals differ, Ray starts them as usual.
     """
@@ -76,26 +76,8 @@ def stop_ray_aside() -> Any:
     report: nothing after the trials needs Ray."""
     import threading
 
-    t = threading.Thread(target=stop_ray, name="ray-stop", daemon=True)
+    import ray
+
+    t = threading.Thread(target=ray.shutdown, name="ray-stop", daemon=True)
     t.start()
     return t
-
-
-def stop_ray() -> None:
-    """ray.shutdown(), without its 1 s wait on the autoscaler monitor of a Ray started here.
-
-    Ray stops the GCS before the monitor; the monitor's SIGTERM handler then tries to report its
-    end to that GCS, and Ray waits 1 s before it SIGKILLs it (measured: 1.01 s of a 1.35 s
-    shutdown). A local study has nothing to autoscale, so the monitor is killed first. Where the
-    study joined a cluster, or Ray's internals differ, this is plain ray.shutdown().
-    """
-    import ray
-    from ray._private import ray_constants
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None and node.is_head():
-        for info in getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
-            if info.process.poll() is None:
-                info.process.kill()
-                info.process.wait(timeout=5)
-    ray.shutdown()
