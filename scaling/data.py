@@ -56,9 +56,7 @@ def load_dataset(cfg: Any, device: Any = "cpu") -> Dataset:
     statistics of the whole training split (per feature; per channel for images) before
     `max_train_samples` truncates it, so a sample's input does not depend on the truncation.
     """
-    if cfg.name not in DATASETS:
-        raise ConfigError("data.name", cfg.name, f"unknown; choose one of {', '.join(DATASETS)}")
-    if cfg.name in ("mnist", "fashion_mnist", "cifar10"):
+    if _is_vision(cfg):
         x_tr, y_tr, x_va, y_va = _read_vision(cfg)
         (mean, std), num_classes = _channel_stats(x_tr), 10
     else:
@@ -86,6 +84,14 @@ def _to_float(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).sub_(mean_t).div_(std_t)
 
 
+def _is_vision(cfg: Any) -> bool:
+    """Return True for a dataset read from files (its test set is the validation split), False for a
+    generated one; raise ConfigError naming data.name when the name is unknown."""
+    if cfg.name not in DATASETS:
+        raise ConfigError("data.name", cfg.name, f"unknown; choose one of {', '.join(DATASETS)}")
+    return cfg.name in ("mnist", "fashion_mnist", "cifar10")
+
+
 def _n_val(n: int, cfg: Any) -> int:
     """Return the validation share of n generated samples (the rounding config.validate assumes)."""
     return int(round(n * cfg.val_fraction))
@@ -98,9 +104,7 @@ def count_train(cfg: Any) -> int:
     trials only read it) and a vision dataset's files are read, so a missing one fails before
     any trial starts. The driver never needs torch itself (~2-3 s of a 2-core study's start).
     """
-    if cfg.name not in DATASETS:
-        raise ConfigError("data.name", cfg.name, f"unknown; choose one of {', '.join(DATASETS)}")
-    if cfg.name in ("mnist", "fashion_mnist", "cifar10"):
+    if _is_vision(cfg):
         n = len(_read_vision(cfg)[1])
     else:
         n_all = int(cfg.n_samples) if cfg.name == "synthetic" else len(_generate(cfg)[1])  # synthetic: torch RNG
