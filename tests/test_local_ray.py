@@ -1,0 +1,51 @@
+"""The local Ray a study starts (scaling.local_ray): real Ray, loopback only, and only the
+processes a study uses."""
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _ray_processes(raylet_pid: int) -> list[str]:
+    """Return the command lines of the processes the local Ray runs (its raylet's children and the driver's)."""
+    found = []
+    for root in (psutil.Process(raylet_pid), psutil.Process()):
+        for p in root.children(recursive=True):
+            try:
+                found.append(" ".join(p.cmdline()))
+            except psutil.Error:  # ended in between
+                pass
+    return found
+
+
+def test_local_head_starts_no_idle_workers_api_server_or_monitor(monkeypatch):
+    import ray
+    from ray._private import node, parameter
+
+    from scaling.local_ray import init_ray
+
+    start_api_server, params_init = node.Node.start_api_server, parameter.RayParams.__init__
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    init_ray(None, 1, 0)
+    try:
+        assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+        raylet = next(p for p in psutil.Process().children(recursive=True) if "raylet" in p.name())
+        time.sleep(1.5)  # Ray's prestarted workers appear ~0.3 s after the driver connects
+        procs = _ray_processes(raylet.pid)
+        assert not [c for c in procs if c.startswith("ray::IDLE")], procs
+        assert not [c for c in procs if "dashboard/dashboard.py" in c or "autoscaler/_private/monitor.py" in c], procs
+        # the functions patched for the start are Ray's own again
+        assert (node.Node.start_api_server, parameter.RayParams.__init__) == (start_api_server, params_init)
+        # and a worker still starts on demand
+        def pid() -> int:  # defined here: pickled by value
+            return os.getpid()
+
+        worker = ray.get(ray.remote(pid).remote(), timeout=60)
+        assert worker != os.getpid() and psutil.pid_exists(worker)
+    finally:
+        ray.shutdown()
