@@ -76,13 +76,14 @@ def preflight(argv: Sequence[str]) -> None:
         except Exception as exc:  # noqa: BLE001
             fail(one_line(exc))
         return
-    from scaling.tracking import check_tracking_uri
+    from scaling.tracking import check_experiment, check_tracking_uri
 
     try:
         cfg = compose([a for a in argv if not a.startswith("-")])
         validate(cfg)
         if cfg.mlflow.enabled:
             check_tracking_uri(cfg.mlflow.tracking_uri)
+            check_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
         fail(one_line(exc))
 

@@ -70,15 +70,19 @@ def _task(cfg: Any) -> None:
     except ConfigError as exc:
         fail(str(exc))
     progress = sys.stderr.isatty() or os.environ.get("SCALING_PROGRESS") == "1"
-    client = group = None
+    client = group = exp_id = None
     if cfg.mlflow.enabled:
-        from scaling.tracking import make_client
+        from scaling.tracking import get_experiment_id, make_client
 
         client, group = make_client(cfg.mlflow.tracking_uri), uuid.uuid4().hex[:12]
+        try:
+            exp_id = get_experiment_id(client, cfg.mlflow.experiment)  # before any range test runs
+        except ConfigError as exc:
+            fail(str(exc))
     results, runs = [], []
     for b in batch_sizes:
         result = range_test(cfg, data, b, progress=progress)
-        run_id = record(cfg, result, client, group) if client is not None else None
+        run_id = record(cfg, result, client, exp_id, group) if client is not None else None
         results.append(result)
         runs.append(run_id)
         print(result.describe() + (f" | mlflow run {run_id}" if run_id else ""), flush=True)
@@ -115,12 +119,11 @@ def fit_line(batch_sizes: Sequence[int], lrs: Sequence[float], suggestion: str) 
 # --------------------------------------------------------------------------- MLflow record
 
 
-def record(cfg: Any, result: Any, client: Any, group: str) -> str:
+def record(cfg: Any, result: Any, client: Any, exp_id: str, group: str) -> str:
     """Return the id of a new MLflow run holding one range test: config + suggestions, curve, plot."""
-    from scaling.tracking import KIND_TAG, flatten, get_experiment_id, log_params, provenance_tags, resolved_container
+    from scaling.tracking import KIND_TAG, flatten, log_params, provenance_tags, resolved_container
 
     tags = {KIND_TAG: "lr_find", "lr_find.group": group, **provenance_tags()}
-    exp_id = get_experiment_id(client, cfg.mlflow.experiment)
     run_id = client.create_run(exp_id, run_name=f"lr_find bs={result.batch_size}", tags=tags).info.run_id
     params = {k: "null" if v is None else str(v) for k, v in flatten(resolved_container(cfg)).items()}
     params["batch_size"] = str(result.batch_size)

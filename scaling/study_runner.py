@@ -193,13 +193,13 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     state = json.loads(state_path.read_text()) if sweeper.conf.resume and state_path.exists() else {}
     if configs[0].mlflow.enabled:
         import_mlflow(configs[0].mlflow.tracking_uri)  # while Ray is still starting (creates nothing): the wait below shrinks
+    first = configs[0]
     try:
         _check_cluster(sweeper, ray_started, max(workers.values()))
+        recorder = StudyRecorder(first.mlflow.tracking_uri, first.mlflow.experiment, study_name=name,
+                                 run_id=state.get("study_run_id"), enabled=first.mlflow.enabled)
     except ConfigError as exc:
         fail(str(exc))
-    first = configs[0]
-    recorder = StudyRecorder(first.mlflow.tracking_uri, first.mlflow.experiment, study_name=name,
-                             run_id=state.get("study_run_id"), enabled=first.mlflow.enabled)
     sweep_dir = str(Path(sweeper.config.hydra.sweep.dir).resolve())
     study_params = {"grid": grid.describe(), "sweeper": OmegaConf.to_container(sweeper.conf, resolve=True),
                     "strata": stratum_keys(grid.axis_names, sweeper.conf.asha.group_by)}

@@ -123,11 +123,26 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
-def get_experiment_id(client, name: str) -> str:
-    """Return the experiment id for `name`, creating it (race-safe) when missing."""
+def check_experiment(uri: str, name: str) -> None:
+    """Raise ConfigError if experiment `name` is deleted in the store at `uri` (creating nothing).
+
+    A single run checks this before Hydra makes its output folder; a study's recorder, before Tune
+    starts (get_experiment_id).
+    """
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return  # a new store holds no experiment yet
+    get_experiment_id(make_client(uri), name, create=False)
+
+
+def get_experiment_id(client, name: str, create: bool = True) -> Optional[str]:
+    """Return the experiment id for `name`, creating it (race-safe) when missing, or None when
+    missing and not `create`; raise ConfigError if it is deleted."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
+    if exp is not None and exp.lifecycle_stage == "deleted":  # MLflow refuses runs in it, with a long error
+        raise ConfigError("mlflow.experiment", name, "is deleted in the tracking store (restore it with "
+                                                     "`mlflow experiments restore`, or name another)")
+    if exp is not None or not create:
+        return exp.experiment_id if exp is not None else None
     try:
         return client.create_experiment(name)
     except Exception:  # another process created it first

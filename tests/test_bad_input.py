@@ -98,3 +98,26 @@ def test_bad_input_ends_in_one_line_and_leaves_nothing(tmp_path, script, args, n
     assert needle in lines[0], lines[0]
     assert elapsed < 60, f"took {elapsed:.0f}s"
     assert _left_behind(tmp_path) == []
+
+
+@pytest.mark.parametrize("script, args", [
+    ("scaling-train", []),
+    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.report=false"]),
+    ("scaling-lr-find", ["lr_find.num_iters=20"]),
+], ids=["train", "study", "lr-find"])
+def test_a_deleted_experiment_ends_in_one_line_before_any_run(tmp_path, script, args):
+    """MLflow keeps a deleted experiment's name and refuses runs in it with a long error."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path}/store.db"
+    client = MlflowClient(tracking_uri=store)
+    client.delete_experiment(client.create_experiment("gone"))
+    proc = subprocess.run([str(BIN / script), *args, *SMALL, "mlflow.experiment=gone", f"mlflow.tracking_uri={store}"],
+                          cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: mlflow.experiment='gone': is deleted"), proc.stderr[-2000:]
+    assert not client.search_runs([client.get_experiment_by_name("gone").experiment_id], run_view_type=ViewType.ALL)
+    assert _left_behind(tmp_path) == []
