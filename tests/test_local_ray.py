@@ -25,12 +25,17 @@ def _ray_processes(raylet_pid: int) -> list[str]:
 
 def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch):
     import ray
-    from ray._private import node, parameter
+    from ray._private import node, parameter, ray_constants
 
     from scaling.local_ray import init_ray
 
     start_api_server, params_init = node.Node.start_api_server, parameter.RayParams.__init__
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    # init_ray sets these for the driver process; restored after the test for the tests that follow
+    for key in ("RAY_AIR_NEW_OUTPUT", "RAY_DEDUP_LOGS", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS",
+                "RAY_ENABLE_UV_RUN_RUNTIME_ENV", "TUNE_GLOBAL_CHECKPOINT_S", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
     init_ray(None, 1, 0)
     try:
         assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
