@@ -76,7 +76,7 @@ print(json.dumps({"init_s": t1 - t0, "shutdown_s": time.perf_counter() - t1}))
 
 def local_ray(ctx: Ctx) -> list[Row]:
     """Row 2c (context for 2 and 2b, no target): a study's local Ray, start and stop, as
-    `init_ray` starts it (no API server, no autoscaler monitor) against plain ray.init."""
+    `init_ray` starts it (no API server, monitors or prestarted workers) against plain ray.init."""
     repeats = 2 if ctx.quick else 3
     log(f"local ray: init + shutdown, lean vs plain, {repeats} alternating pairs")
 

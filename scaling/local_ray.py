@@ -36,7 +36,8 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional
         # Ray prestarts a worker per CPU when the driver connects, without a runtime_env. Tune's
         # trial actors carry one (env_vars, ray/tune/execution/class_cache.py), so Ray never hands
         # them those workers and boots their own: the prestarted pair only took ~0.7 s of CPU
-        # from the start-up (benchmark row 2b, 4 alternating pairs: 5.19 s against 5.56 s).
+        # from the start-up (the benchmark study, 4 alternating pairs by a scratch script: launch to
+        # first trial 5.19 s against 5.56 s; README, Benchmarks).
         system_config = {"prestart_worker_first_driver": False}
         with _lean_head():
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
@@ -54,7 +55,7 @@ def _lean_head():
     its address before it starts the raylet (~0.8 s), ray.shutdown gives the monitor a 1 s grace
     it never uses (benchmark row 2c: start + stop 2.35 s against 4.15 s for plain ray.init,
     median of 3 pairs on 2 cores), and the log monitor's ~0.4 s of CPU lands in the start-up
-    (row 2b, 10 alternating pairs: median ratio 0.97). Ray has no public switch for any of them
+    (the benchmark study, 10 alternating pairs by a scratch script: start-up ratio 0.97). Ray has no public switch for any of them
     (RayParams.no_monitor and include_log_monitor exist, ray.init passes neither), so they are
     set here, for this call only; where Ray's internals differ, Ray starts them as usual.
     """

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -127,10 +126,11 @@ def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
 
     Raises StudyError (one line) when the store, the experiment or the study does not exist.
     """
-    from scaling.tracking import KIND_TAG, STATUS_TAG, STUDY_TAG, make_client
+    from scaling.tracking import KIND_TAG, STATUS_TAG, STUDY_TAG, make_client, sqlite_path
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
         raise StudyError(f"no MLflow store at {uri} (pass --tracking-uri, or run from the study's folder)")
     client = make_client(uri)
     run = _find_study_run(client, study, uri, experiment, KIND_TAG)

@@ -28,6 +28,12 @@ BATCH_LIMITS = {"params": 100, "tags": 100, "metrics": 1000, "all": 1000}  # MLf
 MAX_VALUE = 6000  # characters of a param value (MLflow's limit; tags allow 8000)
 
 
+def sqlite_path(uri: str) -> Optional[Path]:
+    """Return the database file of a `sqlite:///` URI (sqlite:///rel.db -> rel.db, sqlite:////abs.db
+    -> /abs.db), None for any other store."""
+    return Path(uri[len("sqlite:///"):]).expanduser() if uri.startswith("sqlite:///") else None
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
     """Raise ConfigError unless the tracking store at `uri` can be reached (no mlflow import)."""
     scheme = uri.split(":", 1)[0] if ":" in uri else "file"
@@ -40,10 +46,11 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
             reason = getattr(exc, "reason", exc)
             raise ConfigError("mlflow.tracking_uri", uri, f"tracking server unreachable ({reason})") from None
     elif scheme in ("sqlite", "file"):
-        path = uri.split("://", 1)[1] if "://" in uri else uri
-        if scheme == "sqlite":
-            path = path[1:]  # sqlite:///rel.db -> rel.db ; sqlite:////abs.db -> /abs.db
-        folder = Path(path).expanduser().resolve().parent if scheme == "sqlite" else Path(path).expanduser().resolve()
+        db = sqlite_path(uri)
+        if db is not None:
+            folder = db.resolve().parent
+        else:
+            folder = Path(uri.split("://", 1)[1] if "://" in uri else uri).expanduser().resolve()
         check_writable("mlflow.tracking_uri", uri, folder)
 
 
@@ -129,7 +136,8 @@ def check_experiment(uri: str, name: str) -> None:
     A single run checks this before Hydra makes its output folder; a study's recorder, before Tune
     starts (get_experiment_id).
     """
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
         return  # a new store holds no experiment yet
     get_experiment_id(make_client(uri), name, create=False)
 
@@ -171,11 +179,12 @@ def make_client(uri: str):
     with _gc_paused():  # the first client imports MLflow and its store
         from mlflow.tracking import MlflowClient
 
-        if not uri.startswith("sqlite:///"):
+        db = sqlite_path(uri)
+        if db is None:
             return MlflowClient(tracking_uri=uri)
         import fcntl
 
-        folder = Path(uri[len("sqlite:///"):]).expanduser().resolve().parent
+        folder = db.resolve().parent
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY)  # the lock is on the folder: no lock file left behind
         try:
