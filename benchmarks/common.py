@@ -97,6 +97,8 @@ class Timed:
     output: str
     marks: dict[str, float]
     cpu_s: float = float("nan")  # the child's own user + system CPU time (not its daemons')
+    machine_cpu_s: float = float("nan")  # busy CPU time of the whole machine, launch to exit (see machine_cpu)
+    steal_s: float = float("nan")  # CPU time the hypervisor gave to other guests meanwhile
 
 
 def run_timed(argv: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[dict] = None,
@@ -108,7 +110,7 @@ def run_timed(argv: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[
     full_env.pop("SCALING_PROGRESS", None)
     lines: list[str] = []
     seen: dict[str, float] = {}
-    launched, t0 = time.time(), time.perf_counter()
+    launched, t0, (busy0, steal0) = time.time(), time.perf_counter(), machine_cpu()
     proc = subprocess.Popen(list(argv), cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -129,7 +131,31 @@ def run_timed(argv: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[
         proc.wait()
         rc, wall, cpu = -9, time.perf_counter() - t0, float("nan")
         lines.append(f"\n[benchmarks] killed after {timeout:.0f}s\n")
-    return Timed(rc, wall, launched, "".join(lines), seen, cpu)
+    busy1, steal1 = machine_cpu()
+    return Timed(rc, wall, launched, "".join(lines), seen, cpu, busy1 - busy0, steal1 - steal0)
+
+
+def machine_cpu() -> tuple[float, float]:
+    """Return the whole machine's busy and stolen CPU seconds since boot (/proc/stat; NaN elsewhere).
+
+    A study's CPU is spread over processes that outlive their parents' accounting (Ray's workers
+    are the raylet's children), so the benchmark counts every core's busy time while it runs. On
+    an otherwise idle machine that is the study's CPU, and busy / cores is the least wall time
+    it can take there. Busy is user + nice + system + irq + softirq (guest time is inside user);
+    steal is time the hypervisor ran other guests on this machine's virtual CPUs.
+    """
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def cores() -> int:
+    """Return the number of cores this process may run on."""
+    return len(os.sched_getaffinity(0))
 
 
 def script(name: str) -> str:
@@ -170,7 +196,7 @@ def machine() -> dict[str, Any]:
             gpu = "; ".join(out.splitlines()) or "none"
         except (OSError, subprocess.SubprocessError):
             pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)), "gpu": gpu,
+    info = {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": cores(), "gpu": gpu,
             "os": platform.platform(), "python": platform.python_version(), "load_avg_start": load_average()}
     from importlib import metadata
 

@@ -6,7 +6,7 @@ import math
 import statistics
 import time
 
-from benchmarks.common import Ctx, Row, paired, summarize
+from benchmarks.common import Ctx, Row, cores, paired, summarize
 from benchmarks.studyrun import BATCH_SIZES, CONCURRENCY, LR_MULTIPLIERS, run_loop, run_study
 
 STARTUP_ALLOWANCE_S = 5.0
@@ -39,16 +39,24 @@ def study_wall(ctx: Ctx) -> list[Row]:
     startup = summarize([s["startup_s"] for s, _ in pairs])
     to_line = [s["to_study_line_s"] for s, _ in pairs if s.get("to_study_line_s") is not None]
     same = all(_same_best(s["best_per_batch_size"], lp["best_per_batch_size"]) for s, lp in pairs)
+    # CPU-bound? The least wall the study's CPU allows on these cores, against the target's line
+    cpu = summarize([s["machine_cpu_s"] for s, _ in pairs])
+    floor, line = cpu.median / cores(), STARTUP_ALLOWANCE_S + 1.25 * ideal.median
+    steal = max(s["steal_s"] for s, _ in pairs)
     n = len(BATCH_SIZES) * len(LR_MULTIPLIERS)
     data = {"pairs": [{"study": s, "loop": lp} for s, lp in pairs], "ratios": ratios.values,
-            "ratio_after_measured_startup": net.values, "startup_s": startup.values, "concurrency": CONCURRENCY}
+            "ratio_after_measured_startup": net.values, "startup_s": startup.values, "concurrency": CONCURRENCY,
+            "study_machine_cpu_s": cpu.values, "cores": cores(), "cpu_floor_s": floor, "target_line_s": line}
     rows = [
         Row(f"2. study wall ({n} trials, {CONCURRENCY} workers)", f"{wall:.1f} s",
             f"{ideal.median:.1f} s ideal (loop / {CONCURRENCY})", ratios.median,
             f"<= 1.25x after {STARTUP_ALLOWANCE_S:g} s", ratios.median <= 1.25, ratios.spread,
             note=f"(wall - measured start-up) / ideal = {net.median:.2f} [{net.spread}]; first trial start to "
                  f"last trial end / ideal = {span.median:.2f} [{span.spread}]; "
-                 f"best val/loss per batch size {'matches' if same else 'DIFFERS from'} the plain loop's"
+                 f"best val/loss per batch size {'matches' if same else 'DIFFERS from'} the plain loop's; "
+                 f"whole-machine CPU during the study {cpu.median:.1f} s [{cpu.lo:.1f}-{cpu.hi:.1f}] (steal up to "
+                 f"{steal:.1f} s), so at least {floor:.1f} s of wall on {cores()} cores, against the target's "
+                 f"{line:.1f} s (5 s + 1.25 x ideal)"
                  + ("; one pair only: the second did not fit --budget" if skipped else ""),
             data=data),
         Row("2b. study start-up (launch to first trial start)", f"{startup.median:.1f} s",
@@ -75,5 +83,11 @@ def mlflow_overhead(ctx: Ctx) -> list[Row]:
                    repeats)
     r = summarize([on["wall_s"] / off["wall_s"] for on, off in pairs])
     on_s, off_s = (statistics.median(p[i]["wall_s"] for p in pairs) for i in (0, 1))
+    # what MLflow costs in CPU, whichever process spends it: the cores the trials fill pay for it
+    cpu = summarize([on["machine_cpu_s"] / off["machine_cpu_s"] for on, off in pairs])
+    on_cpu, off_cpu = (statistics.median(p[i]["machine_cpu_s"] for p in pairs) for i in (0, 1))
     return [Row(name, f"{on_s:.1f} s (mlflow on)", f"{off_s:.1f} s (mlflow off)", r.median, target,
-                r.median <= 1.03, r.spread, data={"ratios": r.values, "pairs": pairs})]
+                r.median <= 1.03, r.spread,
+                note=f"whole-machine CPU on / off = {cpu.median:.2f} [{cpu.spread}] ({on_cpu:.1f} s against "
+                     f"{off_cpu:.1f} s on {cores()} cores)",
+                data={"ratios": r.values, "cpu_ratios": cpu.values, "pairs": pairs})]

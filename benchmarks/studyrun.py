@@ -61,7 +61,8 @@ def run_study(ctx: Ctx, *, asha: bool, mlflow: bool = True, extra: Sequence[str]
     t = run_timed(argv, cwd=cwd, timeout=400, marks={"study_line": r"^study \S+: \d+ trials"})
     if t.rc != 0:
         raise RuntimeError(f"study exited {t.rc}:\n{t.output[-3000:]}")
-    out: dict[str, Any] = {"name": name, "wall_s": t.wall_s, "to_study_line_s": t.marks.get("study_line")}
+    out: dict[str, Any] = {"name": name, "wall_s": t.wall_s, "to_study_line_s": t.marks.get("study_line"),
+                           "machine_cpu_s": t.machine_cpu_s, "steal_s": t.steal_s}
     m = RUN_ID_RE.search(t.output)
     out["study_run_id"] = m.group(1) if m else None
     s = SAMPLES_RE.search(t.output)
@@ -119,6 +120,7 @@ def run_loop(ctx: Ctx) -> dict[str, Any]:
         raise RuntimeError(f"plain loop exited {t.rc}:\n{t.output[-3000:]}")
     out = json.loads(t.output.strip().splitlines()[-1])
     out["ideal_s"] = out["loop_s"] / CONCURRENCY
+    out["machine_cpu_s"], out["steal_s"] = t.machine_cpu_s, t.steal_s
     log(f"plain loop: {out['loop_s']:.1f}s, ideal with {CONCURRENCY} workers {out['ideal_s']:.1f}s")
     return out
 
