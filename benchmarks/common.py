@@ -154,8 +154,9 @@ def machine_cpu() -> tuple[float, float]:
 
 
 def cores() -> int:
-    """Return the number of cores this process may run on."""
-    return len(os.sched_getaffinity(0))
+    """Return the number of cores this process may run on (all of them where the OS cannot say)."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def script(name: str) -> str:
