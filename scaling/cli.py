@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from scaling.config import ConfigError, plan_split, register_configs, validate
+from scaling.config import ConfigError, register_configs
+
+from scaling.validation import plan_split, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "-sc", "--shell-completion",

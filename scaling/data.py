@@ -93,7 +93,7 @@ def _is_vision(cfg: Any) -> bool:
 
 
 def _n_val(n: int, cfg: Any) -> int:
-    """Return the validation share of n generated samples (the rounding config.validate assumes)."""
+    """Return the validation share of n generated samples (the rounding validation.validate assumes)."""
     return int(round(n * cfg.val_fraction))
 
 

@@ -42,7 +42,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from scaling.config import ConfigError, plan_split, validate
+from scaling.config import ConfigError
+
+from scaling.validation import plan_split, validate
 from scaling.reporters import Reporter
 
 # --------------------------------------------------------------------------- inside the trial loop

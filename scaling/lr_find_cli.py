@@ -19,7 +19,9 @@ import tempfile
 import uuid
 from typing import Any, Optional, Sequence
 
-from scaling.config import ConfigError, validate
+from scaling.config import ConfigError
+
+from scaling.validation import validate
 
 CURVE_METRICS = {"lr": "lrs", "lr_find/loss": "losses", "lr_find/loss_smoothed": "smoothed"}
 

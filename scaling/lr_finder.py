@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from scaling.config import ConfigError, lr_exponent, validate
+from scaling.config import ConfigError, lr_exponent
+
+from scaling.validation import validate
 
 if TYPE_CHECKING:
     import torch

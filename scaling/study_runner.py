@@ -13,7 +13,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from scaling.config import ConfigError, effective_lr, plan_split
+from scaling.config import ConfigError, effective_lr
+
+from scaling.validation import plan_split
 from scaling.grid import Grid, stratum_keys
 from scaling.local_ray import stop_ray_aside
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable

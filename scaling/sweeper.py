@@ -22,7 +22,9 @@ from typing import Any, Dict, List, Optional
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from scaling.config import ConfigError, validate
+from scaling.config import ConfigError
+
+from scaling.validation import validate
 from scaling.grid import Grid, build_grid
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from scaling.config import effective_lr, plan_split, validate, warmup_start_lr
+from scaling.config import effective_lr, warmup_start_lr
+
+from scaling.validation import plan_split, validate
 from scaling.data import Dataset, load_dataset
 from scaling.distributed import Group
 from scaling.memory import PeakMemory

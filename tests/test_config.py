@@ -8,7 +8,8 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from scaling.cli import CONF_DIR, compose, one_line
-from scaling.config import ConfigError, effective_lr, validate
+from scaling.config import ConfigError, effective_lr
+from scaling.validation import validate
 
 # Every option of every config group, discovered from conf/ so a new preset is covered as it lands.
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from scaling.cli import CONF_DIR
-from scaling.config import validate
+from scaling.validation import validate
 
 BIN = Path(sys.executable).parent
 PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
