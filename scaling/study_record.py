@@ -133,7 +133,8 @@ class StudyRecorder:
 
     # ---------------------------------------------------------------- trial runs (queued intents)
     def trial_started(self, index: int, cfg: Any, extra_tags: Optional[dict[str, str]] = None) -> None:
-        """Queue the creation (or reopening) of the trial's nested run."""
+        """Queue the creation (or reopening) of the trial's nested run (cfg: a DictConfig, or its
+        resolved container, which is kept as it is and must not change afterwards)."""
         self.logged_samples.setdefault(index, -1)
         self.status[index] = "running"
         if not self.enabled:

@@ -327,14 +327,13 @@ def _relog_from_checkpoints(recorder, checkpoints: dict[int, str], specs: dict[i
     if not checkpoints:  # a fresh study: the driver must not pay torch's import (~1.2 s of CPU)
         return
     import torch
-    from omegaconf import OmegaConf
 
     for i, path in checkpoints.items():
         if i in recorder.finished_indices():
             continue
         history = torch.load(path, weights_only=False)["loop"].get("history", [])
         if history:
-            recorder.trial_started(i, OmegaConf.create(specs[i].config))
+            recorder.trial_started(i, specs[i].config)
         for metrics in history:
             recorder.trial_metrics(i, metrics)
 
