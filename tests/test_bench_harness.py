@@ -1,0 +1,48 @@
+"""The benchmark harness's CPU accounting (benchmarks/common.py), which rows 2 and 4 rely on."""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+
+from benchmarks.common import cores, machine_cpu, run_timed
+
+
+# The child forks a grandchild that outlives the process between them and is never reaped by the
+# child, as Ray's workers outlive their raylet: the child's rusage never holds it, the machine's does.
+_ORPHAN_SPIN = """
+import os, time
+r, w = os.pipe()
+middle = os.fork()
+if middle == 0:
+    if os.fork() == 0:  # the grandchild: spins 0.5 s of CPU, then says so
+        t = time.process_time()
+        while time.process_time() - t < 0.5:
+            pass
+        os.write(w, b"x")
+    os._exit(0)
+os.waitpid(middle, 0)  # the middle process only
+os.close(w)
+os.read(r, 1)  # until the grandchild is done
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/stat and fork are what this checks")
+def test_machine_cpu_counts_what_an_unreaped_grandchild_spends():
+    t = run_timed([sys.executable, "-c", _ORPHAN_SPIN], timeout=60)
+    assert t.rc == 0
+    assert t.cpu_s < 0.4  # the child's rusage: its own start-up, not the grandchild's spin
+    assert t.machine_cpu_s >= 0.5  # the grandchild's 0.5 s, whatever else ran meanwhile
+    assert t.machine_cpu_s <= t.wall_s * cores() + 0.05  # busy time cannot exceed what the cores had
+    assert math.isfinite(t.steal_s) and t.steal_s >= 0
+
+
+def test_machine_cpu_is_monotone():
+    busy0, steal0 = machine_cpu()
+    sum(range(2_000_000))
+    busy1, steal1 = machine_cpu()
+    if math.isnan(busy0):  # no /proc/stat: both NaN, the rows then print nan
+        assert math.isnan(busy1)
+        return
+    assert busy1 >= busy0 and steal1 >= steal0
