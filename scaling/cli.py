@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from scaling.config import ConfigError, register_configs
-
 from scaling.validation import plan_split, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

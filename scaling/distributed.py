@@ -43,9 +43,8 @@ import torch
 import torch.distributed as dist
 
 from scaling.config import ConfigError
-
-from scaling.validation import plan_split, validate
 from scaling.reporters import Reporter
+from scaling.validation import plan_split, validate
 
 # --------------------------------------------------------------------------- inside the trial loop
 

@@ -55,9 +55,10 @@ def _lean_head():
     its address before it starts the raylet (~0.8 s), ray.shutdown gives the monitor a 1 s grace
     it never uses (benchmark row 2c: start + stop 2.35 s against 4.15 s for plain ray.init,
     median of 3 pairs on 2 cores), and the log monitor's ~0.4 s of CPU lands in the start-up
-    (the benchmark study, 10 alternating pairs by a scratch script: start-up ratio 0.97). Ray has no public switch for any of them
-    (RayParams.no_monitor and include_log_monitor exist, ray.init passes neither), so they are
-    set here, for this call only; where Ray's internals differ, Ray starts them as usual.
+    (the benchmark study, 10 alternating pairs by a scratch script: start-up ratio 0.97). Ray has
+    no public switch for any of them (RayParams.no_monitor and include_log_monitor exist, ray.init
+    passes neither), so they are set here, for this call only; where Ray's internals differ, Ray
+    starts them as usual.
     """
     from ray._private import node, parameter
 

@@ -20,7 +20,6 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from scaling.config import ConfigError
-
 from scaling.validation import validate
 
 CURVE_METRICS = {"lr": "lrs", "lr_find/loss": "losses", "lr_find/loss_smoothed": "smoothed"}

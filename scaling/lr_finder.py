@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import numpy as np
 
 from scaling.config import ConfigError, lr_exponent
-
 from scaling.validation import validate
 
 if TYPE_CHECKING:

@@ -14,12 +14,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from scaling.config import ConfigError, effective_lr
-
-from scaling.validation import plan_split
 from scaling.grid import Grid, stratum_keys
 from scaling.local_ray import stop_ray_aside
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
 from scaling.tracking import import_mlflow
+from scaling.validation import plan_split
 
 STATE_FILE = "scaling_study.json"
 
@@ -193,9 +192,9 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     storage = _storage(sweeper, name)
     state_path = storage / STATE_FILE
     state = json.loads(state_path.read_text()) if sweeper.conf.resume and state_path.exists() else {}
-    if configs[0].mlflow.enabled:
-        import_mlflow(configs[0].mlflow.tracking_uri)  # while Ray is still starting (creates nothing): the wait below shrinks
     first = configs[0]
+    if first.mlflow.enabled:
+        import_mlflow(first.mlflow.tracking_uri)  # while Ray is still starting (creates nothing): the wait below shrinks
     try:
         _check_cluster(sweeper, ray_started, max(workers.values()))
         recorder = StudyRecorder(first.mlflow.tracking_uri, first.mlflow.experiment, study_name=name,

@@ -23,9 +23,8 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scaling.config import ConfigError
-
-from scaling.validation import validate
 from scaling.grid import Grid, build_grid
+from scaling.validation import validate
 
 log = logging.getLogger(__name__)
 

@@ -149,8 +149,10 @@ def get_experiment_id(client, name: str, create: bool = True) -> Optional[str]:
     if exp is not None and exp.lifecycle_stage == "deleted":  # MLflow refuses runs in it, with a long error
         raise ConfigError("mlflow.experiment", name, "is deleted in the tracking store (restore it with "
                                                      "`mlflow experiments restore`, or name another)")
-    if exp is not None or not create:
-        return exp.experiment_id if exp is not None else None
+    if exp is not None:
+        return exp.experiment_id
+    if not create:
+        return None
     try:
         return client.create_experiment(name)
     except Exception:  # another process created it first

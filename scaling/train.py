@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from scaling.config import effective_lr, warmup_start_lr
-
-from scaling.validation import plan_split, validate
 from scaling.data import Dataset, load_dataset
 from scaling.distributed import Group
 from scaling.memory import PeakMemory
@@ -28,6 +26,7 @@ from scaling.noise import MicroGradNorms, NoiseScale
 from scaling.optim import build_optimizer
 from scaling.reporters import Reporter
 from scaling.schedule import build_schedule
+from scaling.validation import plan_split, validate
 
 STATUSES = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
 

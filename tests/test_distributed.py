@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from scaling.config import ConfigError, Split
-
-from scaling.validation import plan_split, validate
 from scaling.reporters import RecordingReporter
+from scaling.validation import plan_split, validate
 
 # batch_size, parallel.workers, micro_batch_size, parallel.max_micro_batch, parallel.max_workers -> split
 PLANS = [

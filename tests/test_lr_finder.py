@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from scaling.config import ConfigError, effective_lr
-
-from scaling.validation import validate
 from scaling.lr_finder import (RangeTestResult, lr_range_test, lr_schedule, range_test, resolve_ref_lr, suggest,
                                trial_ref_lr)
+from scaling.validation import validate
 
 BIN = Path(sys.executable).parent
 
