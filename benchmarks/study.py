@@ -6,11 +6,14 @@ import math
 import statistics
 import time
 
-from benchmarks.common import Ctx, Row, cores, paired, summarize
-from benchmarks.studyrun import BATCH_SIZES, CONCURRENCY, LR_MULTIPLIERS, run_loop, run_study
+from benchmarks.common import Ctx, Row, cores, not_measurable, paired, summarize
+from benchmarks.studyrun import BATCH_SIZES, CONCURRENCY, EPOCHS, LR_MULTIPLIERS, run_loop, run_study
 
 STARTUP_ALLOWANCE_S = 5.0
 WALL_TARGET = 1.25  # row 2: (wall - allowance) / ideal
+# Rows 2d and 2e: the same grid at a second length, so that wall = fixed + slope x ideal can be solved
+# for both. At 1 epoch the ideal is ~4 s, so row 2's single ratio mostly measures the fixed part.
+LONG_EPOCHS = 4
 
 
 def study_wall(ctx: Ctx) -> list[Row]:
@@ -32,6 +35,7 @@ def study_wall(ctx: Ctx) -> list[Row]:
     if not ctx.quick and not skipped:
         loop, second = paired(lambda: run_loop(ctx), study, 1)[0]  # B then A this time
         pairs.append((second, loop))
+    split = _fixed_and_proportional(ctx, pairs, reserve=reserve)
     ratios = summarize([(s["wall_s"] - STARTUP_ALLOWANCE_S) / lp["ideal_s"] for s, lp in pairs])
     net = summarize([(s["wall_s"] - s["startup_s"]) / lp["ideal_s"] for s, lp in pairs])
     span = summarize([s["trials_span_s"] / lp["ideal_s"] for s, lp in pairs])
@@ -67,7 +71,43 @@ def study_wall(ctx: Ctx) -> list[Row]:
             note="launch to the 'study ...' line: " + ", ".join(f"{x:.1f} s" for x in to_line),
             data={"startup_s": startup.values, "to_study_line_s": to_line}),
     ]
-    return rows
+    return rows + split
+
+
+def _fixed_and_proportional(ctx: Ctx, pairs: list, reserve: float) -> list[Row]:
+    """Rows 2d and 2e: solve wall = fixed + slope x ideal from the grid at two lengths.
+
+    Row 2's target is "<= 1.25x the ideal, plus <= 5 s fixed start-up": two conditions. One grid
+    length cannot tell them apart (1.25 x a 4 s ideal leaves 1 s for everything beyond 5 s), so the
+    same 32 trials also run at LONG_EPOCHS epochs, study then loop, and each short pair with the long
+    one gives a slope (the study's wall per second of ideal: what it costs per unit of training) and an
+    intercept (what it costs whatever the training: start-up, the workers' boots, the shutdown).
+    """
+    n2d, n2e = "2d. study wall per second of ideal (slope)", "2e. study wall's fixed part (intercept)"
+    if not ctx.quick and ctx.time_left() < reserve:
+        why = "did not fit --budget"
+        return [not_measurable(n2d, f"<= {WALL_TARGET:g}x", why), not_measurable(n2e, f"<= {STARTUP_ALLOWANCE_S:g} s", why)]
+    long_study, long_loop = paired(lambda: run_study(ctx, asha=False, epochs=LONG_EPOCHS),
+                                   lambda: run_loop(ctx, LONG_EPOCHS), 1)[0]
+    fits = []
+    for s, lp in pairs:
+        slope = (long_study["wall_s"] - s["wall_s"]) / (long_loop["ideal_s"] - lp["ideal_s"])
+        fits.append((slope, s["wall_s"] - slope * lp["ideal_s"]))
+    slope, fixed = summarize([f[0] for f in fits]), summarize([f[1] for f in fits])
+    short_walls = ", ".join(f"{s['wall_s']:.1f}" for s, _ in pairs)
+    short_ideals = ", ".join(f"{lp['ideal_s']:.1f}" for _, lp in pairs)
+    walls = (f"walls {short_walls} s at {EPOCHS} epoch against {long_study['wall_s']:.1f} s at {LONG_EPOCHS}; ideals "
+             f"{short_ideals} s against {long_loop['ideal_s']:.1f} s (the long pair once, each short pair with it)")
+    data = {"long_epochs": LONG_EPOCHS, "long_study": long_study, "long_loop": long_loop, "slopes": slope.values,
+            "fixed_s": fixed.values}
+    return [
+        Row(n2d, f"{slope.median:.2f} s per s", "1 s per s (the plain loop / 2)", slope.median, f"<= {WALL_TARGET:g}x",
+            slope.median <= WALL_TARGET, slope.spread, note=walls, data=data),
+        Row(n2e, f"{fixed.median:.1f} s", f"{STARTUP_ALLOWANCE_S:g} s allowance", fixed.median / STARTUP_ALLOWANCE_S,
+            f"<= {STARTUP_ALLOWANCE_S:g} s", fixed.median <= STARTUP_ALLOWANCE_S,
+            f"{fixed.lo / STARTUP_ALLOWANCE_S:.2f}-{fixed.hi / STARTUP_ALLOWANCE_S:.2f}",
+            note=f"what a study costs whatever its training: {fixed.median:.1f} s [{fixed.lo:.1f}-{fixed.hi:.1f}]"),
+    ]
 
 
 def _same_best(a: dict, b: dict, rel: float = 1e-4) -> bool:

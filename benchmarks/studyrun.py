@@ -21,7 +21,13 @@ BATCH_SIZES = (16, 64, 256, 1024)
 # the rule's LR. With 6, async ASHA has too few LRs per stratum to prune: its first arrivals always go on.
 LR_MULTIPLIERS = (0.125, 0.25, 0.5, 1, 2, 4, 8, 16)
 # eval_every = grace_period = 0.1 gives ASHA rungs at 0.1, 0.3 and 0.9 epochs (reduction factor 3).
-FIXED = ["epochs=1", "eval_every=0.1", "data.n_samples=12000", "threads=1", "device=cpu"]
+EPOCHS = 1
+FIXED = ["eval_every=0.1", "data.n_samples=12000", "threads=1", "device=cpu"]
+
+
+def fixed(epochs: int = EPOCHS) -> list[str]:
+    """Return the overrides every trial of the benchmark study shares, at `epochs` epochs."""
+    return [f"epochs={epochs}", *FIXED]
 CONCURRENCY = 2
 EXPERIMENT = "bench"
 RUN_ID_RE = re.compile(r"mlflow run ([0-9a-f]{32})")
@@ -39,25 +45,28 @@ def tracking_uri(ctx: Ctx) -> str:
     return ctx.cache["tracking_uri"]
 
 
-def study_argv(ctx: Ctx, name: str, *, asha: bool, mlflow: bool = True, extra: Sequence[str] = ()) -> list[str]:
+def study_argv(ctx: Ctx, name: str, *, asha: bool, mlflow: bool = True, extra: Sequence[str] = (),
+               epochs: int = EPOCHS) -> list[str]:
     grid = [f"batch_size={','.join(map(str, BATCH_SIZES))}", f"lr_multiplier={','.join(map(str, LR_MULTIPLIERS))}"]
     sweeper = [f"hydra.sweeper.asha.enabled={str(asha).lower()}", "hydra.sweeper.resources.cpu=1",
                f"hydra.sweeper.ray.num_cpus={CONCURRENCY}", "hydra.sweeper.report=false",
                f"hydra.sweeper.study_name={name}", f"hydra.sweeper.storage_path={ctx.tmp / 'studies'}"]
     if asha:
         sweeper += ["hydra.sweeper.asha.grace_period=0.1", "hydra.sweeper.asha.reduction_factor=3"]
-    return [script("scaling-train"), "-m", *grid, *FIXED, *sweeper, f"mlflow.tracking_uri={tracking_uri(ctx)}",
+    return [script("scaling-train"), "-m", *grid, *fixed(epochs), *sweeper, f"mlflow.tracking_uri={tracking_uri(ctx)}",
             f"mlflow.experiment={EXPERIMENT}", f"mlflow.enabled={str(mlflow).lower()}", *extra]
 
 
-def run_study(ctx: Ctx, *, asha: bool, mlflow: bool = True, extra: Sequence[str] = ()) -> dict[str, Any]:
+def run_study(ctx: Ctx, *, asha: bool, mlflow: bool = True, extra: Sequence[str] = (),
+              epochs: int = EPOCHS) -> dict[str, Any]:
     """Run the benchmark study as a subprocess; return wall time, start-up and what MLflow recorded."""
     n = ctx.cache["n_studies"] = ctx.cache.get("n_studies", 0) + 1
     name = f"bench-{'asha' if asha else 'grid'}-{n}-{int(time.time())}"
     cwd = ctx.tmp / name
     cwd.mkdir(parents=True)
-    argv = study_argv(ctx, name, asha=asha, mlflow=mlflow, extra=extra)
-    log(f"study {name}: {len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials, asha={asha}, mlflow={mlflow}")
+    argv = study_argv(ctx, name, asha=asha, mlflow=mlflow, extra=extra, epochs=epochs)
+    log(f"study {name}: {len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials of {epochs} epoch(s), asha={asha}, "
+        f"mlflow={mlflow}")
     t = run_timed(argv, cwd=cwd, timeout=400, marks={"study_line": r"^study \S+: \d+ trials"})
     if t.rc != 0:
         raise RuntimeError(f"study exited {t.rc}:\n{t.output[-3000:]}")
@@ -103,19 +112,19 @@ def read_back(ctx: Ctx, study_run_id: str, launched: float) -> dict[str, Any]:
             "trial_runs_sum_s": sum(((r.info.end_time or 0) - r.info.start_time) / 1000 for r in runs)}
 
 
-def loop_configs() -> list[Any]:
+def loop_configs(epochs: int = EPOCHS) -> list[Any]:
     """Return the composed trial configs of the benchmark study, in grid order."""
     from scaling.cli import compose
 
-    return [compose([f"batch_size={b}", f"lr_multiplier={m}", *FIXED, "mlflow.enabled=false"])
+    return [compose([f"batch_size={b}", f"lr_multiplier={m}", *fixed(epochs), "mlflow.enabled=false"])
             for b, m in itertools.product(BATCH_SIZES, LR_MULTIPLIERS)]
 
 
-def run_loop(ctx: Ctx) -> dict[str, Any]:
+def run_loop(ctx: Ctx, epochs: int = EPOCHS) -> dict[str, Any]:
     """Run the trials back to back in a fresh process (run_trial loads the cached data itself, as
     workers do); the time is measured inside it, from the first trial to the last."""
-    log(f"plain loop: {len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials back to back in one process")
-    t = run_timed([sys.executable, "-m", "benchmarks.studyrun"], cwd=REPO, timeout=400)
+    log(f"plain loop: {len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials of {epochs} epoch(s) back to back in one process")
+    t = run_timed([sys.executable, "-m", "benchmarks.studyrun", str(epochs)], cwd=REPO, timeout=400)
     if t.rc != 0:
         raise RuntimeError(f"plain loop exited {t.rc}:\n{t.output[-3000:]}")
     out = json.loads(t.output.strip().splitlines()[-1])
@@ -125,13 +134,13 @@ def run_loop(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
-def _loop_main() -> None:
+def _loop_main(epochs: int) -> None:
     import torch
 
     from scaling.train import run_trial
 
     torch.set_num_threads(1)
-    configs = loop_configs()
+    configs = loop_configs(epochs)
     statuses: dict[str, int] = {}
     best: dict[int, float] = {}
     t0 = time.perf_counter()
@@ -151,5 +160,5 @@ def full_grid_reference(ctx: Ctx) -> dict[str, Any]:
     return ctx.cache["full_grid_studies"][0]
 
 
-if __name__ == "__main__":  # the plain loop of run_loop, in its own process
-    _loop_main()
+if __name__ == "__main__":  # the plain loop of run_loop, in its own process: python -m benchmarks.studyrun EPOCHS
+    _loop_main(int(sys.argv[1]) if len(sys.argv) > 1 else EPOCHS)
