@@ -89,10 +89,8 @@ def _fixed_and_proportional(ctx: Ctx, pairs: list, reserve: float) -> list[Row]:
         return [not_measurable(n2d, f"<= {WALL_TARGET:g}x", why), not_measurable(n2e, f"<= {STARTUP_ALLOWANCE_S:g} s", why)]
     long_study, long_loop = paired(lambda: run_study(ctx, asha=False, epochs=LONG_EPOCHS),
                                    lambda: run_loop(ctx, LONG_EPOCHS), 1)[0]
-    fits = []
-    for s, lp in pairs:
-        slope = (long_study["wall_s"] - s["wall_s"]) / (long_loop["ideal_s"] - lp["ideal_s"])
-        fits.append((slope, s["wall_s"] - slope * lp["ideal_s"]))
+    fits = fit_fixed_and_slope([(s["wall_s"], lp["ideal_s"]) for s, lp in pairs],
+                               (long_study["wall_s"], long_loop["ideal_s"]))
     slope, fixed = summarize([f[0] for f in fits]), summarize([f[1] for f in fits])
     short_walls = ", ".join(f"{s['wall_s']:.1f}" for s, _ in pairs)
     short_ideals = ", ".join(f"{lp['ideal_s']:.1f}" for _, lp in pairs)
@@ -108,6 +106,18 @@ def _fixed_and_proportional(ctx: Ctx, pairs: list, reserve: float) -> list[Row]:
             f"{fixed.lo / STARTUP_ALLOWANCE_S:.2f}-{fixed.hi / STARTUP_ALLOWANCE_S:.2f}",
             note=f"what a study costs whatever its training: {fixed.median:.1f} s [{fixed.lo:.1f}-{fixed.hi:.1f}]"),
     ]
+
+
+def fit_fixed_and_slope(short: list[tuple[float, float]], long: tuple[float, float]) -> list[tuple[float, float]]:
+    """Return (slope, fixed) of wall = fixed + slope x ideal through each short (wall, ideal) and long."""
+    long_wall, long_ideal = long
+    fits = []
+    for wall, ideal in short:
+        if not long_ideal > ideal:
+            raise ValueError(f"the long grid's ideal ({long_ideal:.2f} s) must exceed the short one's ({ideal:.2f} s)")
+        slope = (long_wall - wall) / (long_ideal - ideal)
+        fits.append((slope, wall - slope * ideal))
+    return fits
 
 
 def _same_best(a: dict, b: dict, rel: float = 1e-4) -> bool:

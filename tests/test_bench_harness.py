@@ -46,3 +46,17 @@ def test_machine_cpu_is_monotone():
         assert math.isnan(busy1)
         return
     assert busy1 >= busy0 and steal1 >= steal0
+
+
+def test_fixed_part_and_slope_are_recovered_from_two_grid_lengths():
+    """Rows 2d and 2e: walls made as 8 s + 1.1 x ideal give back exactly that line, pair by pair."""
+    from benchmarks.study import fit_fixed_and_slope
+
+    line = lambda ideal: 8.0 + 1.1 * ideal  # noqa: E731
+    fits = fit_fixed_and_slope([(line(3.5), 3.5), (line(3.4), 3.4)], (line(11.8), 11.8))
+    assert [(round(s, 9), round(f, 9)) for s, f in fits] == [(1.1, 8.0), (1.1, 8.0)]
+    # a study that costs nothing beyond the ideal per unit of training, only a fixed start
+    (slope, fixed), = fit_fixed_and_slope([(9.0, 4.0)], (17.0, 12.0))
+    assert (slope, fixed) == (1.0, 5.0)
+    with pytest.raises(ValueError, match="must exceed"):
+        fit_fixed_and_slope([(9.0, 4.0)], (9.5, 4.0))
