@@ -1,5 +1,6 @@
 """Rows 2 and 4: a real study's wall time against the ideal (the same trials in a plain loop,
-divided by the concurrency), its start-up, and the cost of recording it in MLflow."""
+divided by the concurrency), its start-up, its fixed part and its part per second of training
+(2d, 2e), and the cost of recording it in MLflow."""
 from __future__ import annotations
 
 import math
@@ -17,7 +18,8 @@ LONG_EPOCHS = 4
 
 
 def study_wall(ctx: Ctx) -> list[Row]:
-    """Row 2: (study wall - 5 s) / (plain loop / 2) <= 1.25, and row 2b: start-up <= 5 s."""
+    """Row 2: (study wall - 5 s) / (plain loop / 2) <= 1.25; row 2b: start-up <= 5 s; rows 2d and 2e:
+    the slope (<= 1.25) and the fixed part (<= 5 s) of the study's wall against the ideal."""
     studies = ctx.cache.setdefault("full_grid_studies", [])
 
     def study():

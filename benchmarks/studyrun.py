@@ -24,14 +24,15 @@ LR_MULTIPLIERS = (0.125, 0.25, 0.5, 1, 2, 4, 8, 16)
 EPOCHS = 1
 FIXED = ["eval_every=0.1", "data.n_samples=12000", "threads=1", "device=cpu"]
 
-
-def fixed(epochs: int = EPOCHS) -> list[str]:
-    """Return the overrides every trial of the benchmark study shares, at `epochs` epochs."""
-    return [f"epochs={epochs}", *FIXED]
 CONCURRENCY = 2
 EXPERIMENT = "bench"
 RUN_ID_RE = re.compile(r"mlflow run ([0-9a-f]{32})")
 SAMPLES_RE = re.compile(r"samples trained ([\d,]+) of the full grid's ([\d,]+)")
+
+
+def fixed(epochs: int = EPOCHS) -> list[str]:
+    """Return the overrides every trial of the benchmark study shares, at `epochs` epochs."""
+    return [f"epochs={epochs}", *FIXED]
 
 
 def tracking_uri(ctx: Ctx) -> str:
