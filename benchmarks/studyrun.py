@@ -162,4 +162,7 @@ def full_grid_reference(ctx: Ctx) -> dict[str, Any]:
 
 
 if __name__ == "__main__":  # the plain loop of run_loop, in its own process: python -m benchmarks.studyrun EPOCHS
-    _loop_main(int(sys.argv[1]) if len(sys.argv) > 1 else EPOCHS)
+    arg = sys.argv[1] if len(sys.argv) > 1 else str(EPOCHS)
+    if not arg.isdigit() or int(arg) < 1:
+        sys.exit(f"error: EPOCHS={arg!r}: must be a positive whole number (python -m benchmarks.studyrun EPOCHS)")
+    _loop_main(int(arg))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 
 import pytest
@@ -60,3 +61,14 @@ def test_fixed_part_and_slope_are_recovered_from_two_grid_lengths():
     assert (slope, fixed) == (1.0, 5.0)
     with pytest.raises(ValueError, match="must exceed"):
         fit_fixed_and_slope([(9.0, 4.0)], (9.5, 4.0))
+
+
+@pytest.mark.parametrize("epochs", ["x", "0", "-1", "1.5"])
+def test_the_plain_loop_refuses_a_bad_epoch_count_in_one_line(epochs):
+    from benchmarks.common import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.studyrun", epochs], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: EPOCHS={epochs!r}: must be a positive whole number "
+                                        "(python -m benchmarks.studyrun EPOCHS)"]
