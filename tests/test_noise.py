@@ -159,6 +159,19 @@ def test_micro_grad_norms_call_order() -> None:
         norms.end_step([p])
 
 
+def test_micro_grad_norms_fp16_gradients_do_not_overflow() -> None:
+    """|g|^2 of an fp16 gradient beyond fp16's range (65504) is taken in float32."""
+    p = torch.nn.Parameter(torch.zeros(10_000, dtype=torch.float16))
+    norms = MicroGradNorms(mean_of_micro=False)
+    norms.begin_step([p])
+    for _ in range(2):
+        (p * 1000).sum().backward()  # each element's gradient 1000: |g| = 1e5, |g|^2 = 1e10
+        norms.after_micro_backward([p])
+    small, big = norms.end_step([p])
+    assert small == pytest.approx(1e10, rel=1e-3)
+    assert big == pytest.approx(1e10, rel=1e-3)  # the sum (2000 each) over n = 2, squared
+
+
 def _reference_norms(model: torch.nn.Module, params: list[torch.Tensor], xs: list[torch.Tensor],
                      ys: list[torch.Tensor]) -> tuple[float, float]:
     """Straightforward (small, big): each micro-batch gradient on its own, in float64."""

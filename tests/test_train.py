@@ -74,6 +74,17 @@ def test_gradient_accumulation_matches_full_batch(trial):
     assert acc.status == full.status == "completed"
 
 
+def test_gns_is_measured_without_changing_training(trial):
+    """gns.enabled adds gns/b_simple to every evaluation and leaves the training bit for bit alone."""
+    on, rec_on, _ = trial("batch_size=64", "micro_batch_size=16", "eval_every=0.25", "gns.enabled=true")
+    off, rec_off, _ = trial("batch_size=64", "micro_batch_size=16", "eval_every=0.25")
+    assert on.status == off.status == "completed"
+    b_simple = [h.pop("gns/b_simple") for h in rec_on.history]
+    assert all(math.isfinite(b) and b > 0 for b in b_simple), b_simple
+    assert "gns/b_simple" not in rec_off.history[-1]
+    assert curves(rec_on.history) == curves(rec_off.history)
+
+
 @pytest.fixture
 def loss_log(monkeypatch):
     """Record every training-batch loss the loop computes (evaluation uses reduction='sum')."""
