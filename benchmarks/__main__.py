@@ -20,6 +20,7 @@ GROUPS = {
     "throughput": throughput.trial_throughput,
     "study": study.study_wall,
     "ray": startup.local_ray,
+    "tune": study.tool_vs_bare_tune,
     "asha": asha.asha_vs_grid,
     "asha-resume": asha.asha_resumed,
     "mlflow": study.mlflow_overhead,

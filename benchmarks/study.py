@@ -1,6 +1,7 @@
 """Rows 2 and 4: a real study's wall time against the ideal (the same trials in a plain loop,
 divided by the concurrency), its start-up, its fixed part and its part per second of training
-(2d, 2e), and the cost of recording it in MLflow."""
+(2d, 2e), against a bare Ray Tune script of the same trials (2f), and the cost of recording it in
+MLflow."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import time
 from typing import Optional
 
 from benchmarks.common import Ctx, Row, Summary, cores, not_measurable, paired, summarize
-from benchmarks.studyrun import BATCH_SIZES, CONCURRENCY, EPOCHS, LR_MULTIPLIERS, run_loop, run_study
+from benchmarks.studyrun import BATCH_SIZES, CONCURRENCY, EPOCHS, LR_MULTIPLIERS, run_bare, run_loop, run_study
 
 STARTUP_ALLOWANCE_S = 5.0
 WALL_TARGET = 1.25  # row 2: (wall - allowance) / ideal
@@ -128,6 +129,25 @@ def fit_fixed_and_slope(short: list[tuple[float, float]], long: tuple[float, flo
 def _same_best(a: dict, b: dict, rel: float = 1e-4) -> bool:
     a, b = {int(k): v for k, v in a.items()}, {int(k): v for k, v in b.items()}
     return a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=rel) for k in a)
+
+
+def tool_vs_bare_tune(ctx: Ctx) -> list[Row]:
+    """Row 2f (context, no target): the study (MLflow off) against the same trials as a bare Ray Tune
+    script (benchmarks.baretune): what the tool adds on top of Ray Tune and torch themselves."""
+    name = f"2f. study wall / bare Ray Tune script ({len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials, MLflow off)"
+    pairs = paired(lambda: run_study(ctx, asha=False, mlflow=False), lambda: run_bare(ctx), 1 if ctx.quick else 2)
+    wall = summarize([s["wall_s"] / b["wall_s"] for s, b in pairs])
+    cpu = summarize([s["machine_cpu_s"] / b["machine_cpu_s"] for s, b in pairs])
+    s_wall, b_wall = (statistics.median(p[i]["wall_s"] for p in pairs) for i in (0, 1))
+    s_cpu, b_cpu = (statistics.median(p[i]["machine_cpu_s"] for p in pairs) for i in (0, 1))
+    studies = ctx.cache.get("full_grid_studies") or []  # row 2's, recorded in MLflow
+    same = ("not compared (row 2 did not run)" if not studies else
+            "matches the study's" if all(_same_best(b["best_per_batch_size"], studies[0]["best_per_batch_size"])
+                                         for _, b in pairs) else "DIFFERS from the study's")
+    return [Row(name, f"{s_wall:.1f} s (study)", f"{b_wall:.1f} s (bare Tune)", wall.median, "-", None, wall.spread,
+                note=f"whole-machine CPU study / bare = {cpu.median:.2f} [{cpu.spread}] ({s_cpu:.1f} s against "
+                     f"{b_cpu:.1f} s); the bare script's best val loss per batch size {same}",
+                data={"ratios": wall.values, "cpu_ratios": cpu.values, "pairs": pairs})]
 
 
 def mlflow_overhead(ctx: Ctx) -> list[Row]:

@@ -135,6 +135,55 @@ def run_loop(ctx: Ctx, epochs: int = EPOCHS) -> dict[str, Any]:
     return out
 
 
+def bare_spec(ctx: Ctx, epochs: int = EPOCHS) -> str:
+    """Write (once) the benchmark study's trials and data for benchmarks.baretune; return the spec's path."""
+    key = f"bare_spec_{epochs}"
+    if key not in ctx.cache:
+        import torch
+
+        from scaling.data import load_dataset
+
+        configs = loop_configs(epochs)
+        data = load_dataset(configs[0].data)  # the study's own split (every trial shares data and seed)
+        data_path = ctx.tmp / "bare-data.pt"
+        torch.save({k: getattr(data, k) for k in ("x_train", "y_train", "x_val", "y_val")}, data_path)
+        spec = ctx.tmp / f"bare-{epochs}.json"
+        spec.write_text(json.dumps({"trials": bare_trials(configs), "data_path": str(data_path),
+                                    "concurrency": CONCURRENCY, "storage_path": str(ctx.tmp / "bare")}))
+        ctx.cache[key] = str(spec)
+    return ctx.cache[key]
+
+
+def bare_trials(configs: Sequence[Any]) -> list[dict[str, Any]]:
+    """Return what benchmarks.baretune needs of each trial config (it builds the default MLP only)."""
+    from scaling.config import effective_lr
+
+    trials = []
+    for c in configs:
+        m, o = c.model, c.optimizer
+        if (m.name, m.depth, m.activation, m.init, o.name, o.nesterov, c.schedule.name, c.warmup.epochs) != \
+                ("mlp", 2, "relu", "default", "sgd", False, "constant", 0):
+            raise ValueError(f"the bare Tune script trains a 2-layer ReLU MLP with constant-LR SGD; got model "
+                             f"{m.name}/{m.depth}/{m.activation}/{m.init}, optimizer {o.name}, schedule {c.schedule.name}")
+        trials.append({"batch_size": c.batch_size, "lr": effective_lr(c), "momentum": o.momentum,
+                       "weight_decay": o.weight_decay, "width": m.width, "seed": c.seed, "epochs": c.epochs,
+                       "eval_every": c.eval_every})
+    return trials
+
+
+def run_bare(ctx: Ctx, epochs: int = EPOCHS) -> dict[str, Any]:
+    """Run the same trials as a bare Ray Tune script (benchmarks.baretune); return its wall and CPU."""
+    spec = bare_spec(ctx, epochs)
+    log(f"bare Ray Tune: {len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials of {epochs} epoch(s), {CONCURRENCY} workers")
+    t = run_timed([sys.executable, "-m", "benchmarks.baretune", spec], cwd=REPO, timeout=400)
+    if t.rc != 0:
+        raise RuntimeError(f"bare Ray Tune script exited {t.rc}:\n{t.output[-3000:]}")
+    out = json.loads(t.output.strip().splitlines()[-1])
+    out.update(wall_s=t.wall_s, machine_cpu_s=t.machine_cpu_s, steal_s=t.steal_s)
+    log(f"bare Ray Tune: {t.wall_s:.1f}s wall, {t.machine_cpu_s:.1f}s of CPU")
+    return out
+
+
 def _loop_main(epochs: int) -> None:
     import torch
 

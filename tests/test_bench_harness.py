@@ -72,3 +72,44 @@ def test_the_plain_loop_refuses_a_bad_epoch_count_in_one_line(epochs):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines() == [f"error: EPOCHS={epochs!r}: must be a positive whole number "
                                         "(python -m benchmarks.studyrun EPOCHS)"]
+
+
+def test_bare_tune_script_trains_the_same_trials_as_run_trial(tmp_path, compose_cfg, tiny, tiny_data):
+    """Row 2f's baseline is fair only if it trains what the study trains: the same best val loss,
+    here for two tiny trials through real Ray Tune."""
+    import json
+
+    import torch
+
+    from benchmarks.common import REPO
+    from benchmarks.studyrun import bare_trials
+    from scaling.train import run_trial
+
+    configs = [compose_cfg(*tiny, f"batch_size={b}", "eval_every=0.25") for b in (32, 64)]
+    data_path = tmp_path / "data.pt"
+    torch.save({k: getattr(tiny_data, k) for k in ("x_train", "y_train", "x_val", "y_val")}, data_path)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"trials": bare_trials(configs), "data_path": str(data_path), "concurrency": 1,
+                                "storage_path": str(tmp_path / "ray")}))
+    t = run_timed([sys.executable, "-m", "benchmarks.baretune", str(spec)], cwd=REPO, timeout=180)
+    assert t.rc == 0, t.output[-3000:]
+    out = json.loads(t.output.strip().splitlines()[-1])
+    assert out["statuses"] == {"completed": 2}
+    for cfg in configs:
+        want = run_trial(cfg, dataset=tiny_data).best_val_loss
+        assert out["best_per_batch_size"][str(cfg.batch_size)] == pytest.approx(want, rel=1e-5)
+
+
+def test_bare_trials_refuse_what_the_bare_script_cannot_train(compose_cfg, tiny):
+    from benchmarks.studyrun import bare_trials
+
+    with pytest.raises(ValueError, match="optimizer adam"):
+        bare_trials([compose_cfg(*tiny, "optimizer=adam")])
+
+
+@pytest.mark.parametrize("args", [[], ["missing.json"], ["a.json", "b.json"]])
+def test_bare_tune_script_refuses_a_missing_spec_in_one_line(args):
+    t = subprocess.run([sys.executable, "-m", "benchmarks.baretune", *args], capture_output=True, text=True,
+                       timeout=60)
+    assert t.returncode == 1
+    assert t.stderr.strip().startswith("error: SPEC=") and len(t.stderr.strip().splitlines()) == 1
