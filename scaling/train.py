@@ -85,7 +85,47 @@ def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optiona
 
 
 def _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group: Group) -> TrialResult:
-    # ---- set-up: data, model, optimizer, schedule (all lengths from epochs)
+    run = _set_up(cfg, device, meter, dataset, resume, ref_lr, group)
+    reporter.start(run.info)
+    return _steps(cfg, run, reporter, device, meter, group)
+
+
+@dataclass
+class _Run:
+    """One trial's parts, built by _set_up; lengths are in steps, derived from epochs."""
+
+    data: Dataset
+    model: torch.nn.Module
+    net: torch.nn.Module  # DistributedDataParallel across the ranks; `model` itself when alone
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: Optional[torch.dtype]
+    gns: Optional[NoiseScale]
+    grad_norms: Optional[MicroGradNorms]
+    params: list[torch.Tensor]
+    micro: int  # B = workers x micro x n_micro
+    n_micro: int
+    shard: slice  # this rank's part of every batch
+    steps_per_epoch: int
+    total_steps: int
+    eval_interval: int
+    ref_lr: Optional[float]
+    info: dict[str, Any]
+    s: _LoopState  # everything a checkpoint must restore besides model/optimizer/schedule
+
+    def checkpoint(self) -> dict:
+        """Return a snapshot to resume from, not a view: state_dict() tensors alias the live
+        parameters and optimizer buffers, which the next steps update in place, so a reporter that
+        keeps the dict in memory (rather than torch.save-ing it at once) would otherwise resume
+        from a later state."""
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "schedule": self.schedule.state_dict(), "loop": dict(self.s.__dict__),
+                              "ref_lr": self.ref_lr, "gns": self.gns.state_dict() if self.gns else None})
+
+
+def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
+    """Build data, model, optimizer and schedule (restored from `resume` if given) for one trial."""
     data = (dataset or load_dataset(cfg.data)).to(device)  # small data lives on the device: batches are index slices
     # The window opens after the data is in place: the dataset is shared by every trial of a
     # study (and its size is not a function of the batch size); model, optimizer and
@@ -94,54 +134,51 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group: Group) 
     meter.reset()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-    net = group.wrap(model, device)  # DistributedDataParallel across the ranks; `model` itself when alone
     B = cfg.batch_size
     split = plan_split(cfg)  # B = workers x micro x n_micro: each rank takes B / workers of every batch,
-    micro, n_micro = split.micro_batch, split.accumulation  # in n_micro micro-batches (gradient accumulation)
-    shard = group.shard(B)
+    # in n_micro micro-batches (gradient accumulation)
     steps_per_epoch = data.n_train // B  # drop the ragged tail: every step sees exactly B samples
     if steps_per_epoch < 1:
         from scaling.config import ConfigError
 
         raise ConfigError("batch_size", B, f"is larger than the training set ({data.n_train} samples)")
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    eval_interval = max(1, round(cfg.eval_every * steps_per_epoch))
     lr = effective_lr(cfg, ref_lr)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr)
     warmup_steps = round(cfg.warmup.epochs * steps_per_epoch)
     schedule = build_schedule(optimizer, cfg.schedule, lr=lr, warmup_start_lr=warmup_start_lr(cfg, ref_lr),
                               warmup_steps=warmup_steps, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     gns = NoiseScale(cfg.gns.ema) if cfg.gns.enabled else None
-    grad_norms = MicroGradNorms() if gns else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    info = {"lr": lr, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "n_micro": n_micro,
+    info = {"lr": lr, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "n_micro": split.accumulation,
             "warmup_steps": warmup_steps, "n_train": data.n_train, "device": str(device),
-            "workers": split.workers, "micro_batch": micro, "split": str(split)}
-
-    s = _LoopState()  # everything a checkpoint must restore besides model/optimizer/schedule
+            "workers": split.workers, "micro_batch": split.micro_batch, "split": str(split)}
+    run = _Run(data, model, group.wrap(model, device), optimizer, schedule,
+               torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
+               {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision), gns,
+               MicroGradNorms() if gns else None, [p for p in model.parameters() if p.requires_grad],
+               split.micro_batch, split.accumulation, group.shard(B), steps_per_epoch, total_steps,
+               max(1, round(cfg.eval_every * steps_per_epoch)), ref_lr, info, _LoopState())
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
-        s.__dict__.update(resume["loop"])
+        run.s.__dict__.update(resume["loop"])
         if gns and resume.get("gns"):
             gns.load_state_dict(resume["gns"])
-        info["resumed_from_step"] = s.step
-    reporter.start(info)
+        info["resumed_from_step"] = run.s.step
+    return run
 
-    def checkpoint() -> dict:
-        # A snapshot, not a view: state_dict() tensors alias the live parameters and optimizer
-        # buffers, which the next steps update in place, so a reporter that keeps the dict in
-        # memory (rather than torch.save-ing it at once) would otherwise resume from a later state.
-        return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "schedule": schedule.state_dict(), "loop": dict(s.__dict__), "ref_lr": ref_lr,
-                              "gns": gns.state_dict() if gns else None})
 
+def _steps(cfg, run: _Run, reporter, device, meter, group: Group) -> TrialResult:
+    """Train from run.s.step to the budget, evaluating on schedule; return how the trial ended."""
     # hot-loop constants: an OmegaConf read costs ~10 us, a step of a small model ~300 us
     diverge_factor, grad_clip, fp16 = cfg.divergence.factor, cfg.optimizer.grad_clip, cfg.precision == "fp16"
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else contextlib.nullcontext
+    autocast = ((lambda: torch.autocast(device.type, dtype=run.amp_dtype)) if run.amp_dtype is not None
+                else contextlib.nullcontext)
+    data, net, optimizer, schedule, scaler = run.data, run.net, run.optimizer, run.schedule, run.scaler
+    gns, grad_norms, params, s, info = run.gns, run.grad_norms, run.params, run.s, run.info
+    B, micro, n_micro, shard, steps_per_epoch = cfg.batch_size, run.micro, run.n_micro, run.shard, run.steps_per_epoch
+    total_steps, eval_interval = run.total_steps, run.eval_interval
     t0 = time.perf_counter() - s.elapsed_s
     order = None
     while s.step < total_steps:
@@ -201,23 +238,32 @@ def _train(cfg, reporter, device, meter, dataset, resume, ref_lr, group: Group) 
 
         # ---- evaluate, report, and decide whether to stop, on schedule only
         if s.step % eval_interval == 0 or s.step == total_steps:
-            metrics = _progress(s, B, steps_per_epoch, optimizer, t0, s.loss_acc / s.loss_n, lr_now)
-            with meter.excluded():  # the peak is what training at batch B costs (CUDA; see scaling.memory)
-                metrics.update(evaluate(model, data, amp_dtype, group=group))
-            metrics["mem/peak_mb"] = meter.peak_mb()
-            if meter.is_cuda:
-                metrics["mem/eval_peak_mb"] = meter.eval_peak_mb
-            if gns and gns.b_simple is not None:
-                metrics["gns/b_simple"] = gns.b_simple
-            s.loss_acc, s.loss_n = 0.0, 0
-            _check_memory(cfg, meter, group, device)
-            stop = _update_after_eval(cfg, s, metrics)
-            s.elapsed_s = metrics["time/elapsed_s"]
-            s.history.append(metrics)  # before report(): the checkpoint taken there must include it
-            reporter.report(metrics, checkpoint)
+            metrics, stop = _evaluate_and_report(cfg, run, reporter, device, meter, group, t0, lr_now)
             if stop:
                 return _end(cfg, reporter, s, "early_stopped", stop, info, meter, metrics)
     return _end(cfg, reporter, s, "completed", "", info, meter, s.history[-1] if s.history else {})
+
+
+def _evaluate_and_report(cfg, run: _Run, reporter, device, meter, group: Group, t0: float,
+                         lr_now: float) -> tuple[dict[str, float], str]:
+    """Evaluate, report the metrics (with a checkpoint to resume from); return them and a reason
+    to stop early, or ''."""
+    s = run.s
+    metrics = _progress(s, cfg.batch_size, run.steps_per_epoch, run.optimizer, t0, s.loss_acc / s.loss_n, lr_now)
+    with meter.excluded():  # the peak is what training at batch B costs (CUDA; see scaling.memory)
+        metrics.update(evaluate(run.model, run.data, run.amp_dtype, group=group))
+    metrics["mem/peak_mb"] = meter.peak_mb()
+    if meter.is_cuda:
+        metrics["mem/eval_peak_mb"] = meter.eval_peak_mb
+    if run.gns and run.gns.b_simple is not None:
+        metrics["gns/b_simple"] = run.gns.b_simple
+    s.loss_acc, s.loss_n = 0.0, 0
+    _check_memory(cfg, meter, group, device)
+    stop = _update_after_eval(cfg, s, metrics)
+    s.elapsed_s = metrics["time/elapsed_s"]
+    s.history.append(metrics)  # before report(): the checkpoint taken there must include it
+    reporter.report(metrics, run.checkpoint)
+    return metrics, stop
 
 
 @dataclass
