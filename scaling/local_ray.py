@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+from concurrent.futures import Future
 from typing import Any, Optional
 
 
@@ -80,6 +82,85 @@ def _lean_head():
         yield
     finally:
         node.Node.start_api_server, parameter.RayParams.__init__ = start_api_server, params_init
+
+
+def _probe_address(address) -> None:
+    """Raise ConfigError at once if nothing listens at a host:port Ray address (ray.init would retry for minutes)."""
+    import socket
+
+    from scaling.config import ConfigError
+
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("hydra.sweeper.ray.address", address, "must be auto, local or host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        raise ConfigError("hydra.sweeper.ray.address", address, f"unreachable ({exc.strerror or exc})") from None
+
+
+def start_ray(sweeper) -> Future:
+    """Start (or join) Ray in a background thread and return its future.
+
+    A local `ray.init` takes ~4 s here, and the driver still has the data, the tracking store
+    and its imports to prepare: started first, it is ready when they are (row 2 of the
+    benchmarks). The thread then waits, never ending: Ray starts its GCS and raylet with
+    PR_SET_PDEATHSIG, which fires when the starting *thread* exits (a pool thread that
+    finished its task killed them, and the study then hung on "Failed to connect to GCS").
+    Ray sets its SIGTERM handler only from the main thread, so it is set here: SIGTERM
+    (scancel, preemption) exits through atexit, which stops the local Ray.
+    """
+    import signal
+    import threading
+
+    r = sweeper.conf.ray
+    started: Future = Future()
+
+    def start() -> None:
+        try:
+            _probe_address(r.address)
+            init_ray(r.address, r.num_cpus, r.num_gpus)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            started.set_exception(exc)
+            return
+        started.set_result(None)
+        threading.Event().wait()  # keep Ray's processes alive: see above
+
+    threading.Thread(target=start, name="ray-start", daemon=True).start()
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    return started
+
+
+def check_cluster(sweeper, started: Future, most_workers: int = 1) -> None:
+    """Wait for start_ray; raise ConfigError if it failed or the cluster lacks the resources asked for."""
+    import ray
+
+    from scaling.config import ConfigError
+
+    r = sweeper.conf.ray
+    try:
+        started.result()
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError("hydra.sweeper.ray.address", r.address, f"cannot start or reach Ray ({str(exc).splitlines()[0]})") from None
+    res = ray.cluster_resources()
+    want = sweeper.conf.resources
+    if want.gpu > res.get("GPU", 0):
+        ray.shutdown()
+        raise ConfigError("hydra.sweeper.resources.gpu", want.gpu, f"exceeds the cluster's {res.get('GPU', 0):g} GPUs")
+    if want.cpu > res.get("CPU", 0):
+        ray.shutdown()
+        raise ConfigError("hydra.sweeper.resources.cpu", want.cpu, f"exceeds the cluster's {res.get('CPU', 0):g} CPUs")
+    for kind, per_worker in (("CPU", want.cpu), ("GPU", want.gpu)):
+        if most_workers > 1 and most_workers * per_worker > res.get(kind, 0):
+            ray.shutdown()
+            raise ConfigError("parallel.workers", most_workers, f"x hydra.sweeper.resources.{kind.lower()}="
+                              f"{per_worker:g} exceeds the cluster's {res.get(kind, 0):g} {kind}s")
 
 
 def stop_ray_aside() -> Any:

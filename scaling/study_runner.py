@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from scaling.config import ConfigError, effective_lr
 from scaling.grid import Grid, stratum_keys
-from scaling.local_ray import stop_ray_aside
+from scaling.local_ray import check_cluster, stop_ray_aside
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
 from scaling.tracking import import_mlflow
 from scaling.validation import plan_split
@@ -48,82 +48,6 @@ def _write_state(path: Path, state: dict) -> None:
     tmp = path / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, path / STATE_FILE)  # atomic: a kill never leaves a half-written state
-
-
-def _probe_address(address) -> None:
-    """Raise ConfigError at once if nothing listens at a host:port Ray address (ray.init would retry for minutes)."""
-    import socket
-
-    if not address or address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError("hydra.sweeper.ray.address", address, "must be auto, local or host:port")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError as exc:
-        raise ConfigError("hydra.sweeper.ray.address", address, f"unreachable ({exc.strerror or exc})") from None
-
-
-def start_ray(sweeper) -> Future:
-    """Start (or join) Ray in a background thread and return its future.
-
-    A local `ray.init` takes ~4 s here, and the driver still has the data, the tracking store
-    and its imports to prepare: started first, it is ready when they are (row 2 of the
-    benchmarks). The thread then waits, never ending: Ray starts its GCS and raylet with
-    PR_SET_PDEATHSIG, which fires when the starting *thread* exits (a pool thread that
-    finished its task killed them, and the study then hung on "Failed to connect to GCS").
-    Ray sets its SIGTERM handler only from the main thread, so it is set here: SIGTERM
-    (scancel, preemption) exits through atexit, which stops the local Ray.
-    """
-    import signal
-    import threading
-
-    from scaling.local_ray import init_ray
-
-    r = sweeper.conf.ray
-    started: Future = Future()
-
-    def start() -> None:
-        try:
-            _probe_address(r.address)
-            init_ray(r.address, r.num_cpus, r.num_gpus)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            started.set_exception(exc)
-            return
-        started.set_result(None)
-        threading.Event().wait()  # keep Ray's processes alive: see above
-
-    threading.Thread(target=start, name="ray-start", daemon=True).start()
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    return started
-
-
-def _check_cluster(sweeper, started: Future, most_workers: int = 1) -> None:
-    import ray
-
-    r = sweeper.conf.ray
-    try:
-        started.result()
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise ConfigError("hydra.sweeper.ray.address", r.address, f"cannot start or reach Ray ({str(exc).splitlines()[0]})") from None
-    res = ray.cluster_resources()
-    want = sweeper.conf.resources
-    if want.gpu > res.get("GPU", 0):
-        ray.shutdown()
-        raise ConfigError("hydra.sweeper.resources.gpu", want.gpu, f"exceeds the cluster's {res.get('GPU', 0):g} GPUs")
-    if want.cpu > res.get("CPU", 0):
-        ray.shutdown()
-        raise ConfigError("hydra.sweeper.resources.cpu", want.cpu, f"exceeds the cluster's {res.get('CPU', 0):g} CPUs")
-    for kind, per_worker in (("CPU", want.cpu), ("GPU", want.gpu)):
-        if most_workers > 1 and most_workers * per_worker > res.get(kind, 0):
-            ray.shutdown()
-            raise ConfigError("parallel.workers", most_workers, f"x hydra.sweeper.resources.{kind.lower()}="
-                              f"{per_worker:g} exceeds the cluster's {res.get(kind, 0):g} {kind}s")
 
 
 def _scheduler(sweeper, grid: Grid, specs: dict[int, TrialSpec]):
@@ -181,10 +105,7 @@ def _workers(config: dict) -> int:
 
 def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     """Run (or resume) the study (on the Ray that `start_ray` is starting) and return its summary."""
-    from ray import tune
-
-    from scaling.cli import fail
-    from scaling.study_record import StudyRecorder
+    import ray.tune  # noqa: F401 - ~1 s of imports, paid while Ray is still starting (benchmark row 2b)
 
     specs = _specs(grid, configs)
     workers = {i: _workers(s.config) for i, s in specs.items()}  # data-parallel ranks
@@ -192,11 +113,39 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     storage = _storage(sweeper, name)
     state_path = storage / STATE_FILE
     state = json.loads(state_path.read_text()) if sweeper.conf.resume and state_path.exists() else {}
-    first = configs[0]
+    recorder = _open_record(sweeper, grid, configs[0], specs, workers, name, storage, state, ray_started)
+    scheduler = _scheduler(sweeper, grid, specs)
+    if state and scheduler is not None:
+        _seed_asha(scheduler, recorder, specs)
+    callback = _callback_class()(recorder, specs, scheduler)
+    checkpoints = _latest_checkpoints(storage) if state else {}
+    _relog_from_checkpoints(recorder, checkpoints, specs)
+    points = _points_to_run(sweeper, specs, recorder, scheduler, checkpoints)
+    t0 = time.time()
+    interrupted = False
+    try:
+        if points:
+            _tuner(sweeper, specs, workers, scheduler, callback, storage, points).fit()
+    except KeyboardInterrupt:
+        interrupted = True
+    wall = time.time() - t0
+    stopping = stop_ray_aside()
+    try:
+        return _finish(sweeper, recorder, specs, callback, wall, interrupted)
+    finally:
+        stopping.join()
+
+
+def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], workers: dict[int, int], name: str,
+                 storage: Path, state: dict, ray_started: Future):
+    """Wait for Ray, create (or reopen) the study's MLflow run and say which study this is; return its recorder."""
+    from scaling.cli import fail
+    from scaling.study_record import StudyRecorder
+
     if first.mlflow.enabled:
         import_mlflow(first.mlflow.tracking_uri)  # while Ray is still starting (creates nothing): the wait below shrinks
     try:
-        _check_cluster(sweeper, ray_started, max(workers.values()))
+        check_cluster(sweeper, ray_started, max(workers.values()))
         recorder = StudyRecorder(first.mlflow.tracking_uri, first.mlflow.experiment, study_name=name,
                                  run_id=state.get("study_run_id"), enabled=first.mlflow.enabled)
     except ConfigError as exc:
@@ -215,17 +164,11 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     else:
         where = f"mlflow run {recorder.run_id}" if recorder.enabled else "not recorded (mlflow.enabled=false)"
         print(f"study {name}: {len(specs)} trials | {where} | sweep dir {sweep_dir}", flush=True)
+    return recorder
 
-    scheduler = _scheduler(sweeper, grid, specs)
-    if state and scheduler is not None:
-        _seed_asha(scheduler, recorder, specs)
-    callback = _callback_class()(recorder, specs, scheduler)
-    res = sweeper.conf.resources
-    configs_by_index = {i: s.config for i, s in specs.items()}
-    run = tune.with_resources(tune.with_parameters(trainable, configs=configs_by_index), _trial_resources(workers, res))
-    attempt = len(list(storage.glob("tune-*")))
-    checkpoints = _latest_checkpoints(storage) if state else {}
-    _relog_from_checkpoints(recorder, checkpoints, specs)
+
+def _points_to_run(sweeper, specs: dict[int, TrialSpec], recorder, scheduler, checkpoints: dict) -> list[dict]:
+    """Return the grid points of the trials not yet finished, in the order Tune should start them."""
     todo = [i for i in specs if i not in recorder.finished_indices()]
     # Asynchronous ASHA judges each trial against those that reached a rung before it: in grid
     # order (LRs ascending) every newcomer beats the earlier, slower LRs and nothing is pruned
@@ -235,35 +178,35 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     random.Random(sweeper.conf.sample_seed).shuffle(todo)
     if scheduler is not None:
         todo.sort(key=lambda i: scheduler.lr_distance({"point": _point(specs[i])}))  # stable: the shuffle breaks ties
-    points = [{**_point(specs[i]), **({"resume_from": checkpoints[i]} if i in checkpoints else {})} for i in todo]
-    t0 = time.time()
-    interrupted = False
-    try:
-        # A resume is a fresh Tune run over the unfinished trials (not Tuner.restore): the MLflow
-        # record is the source of truth for what finished, and each unfinished trial restarts from
-        # its own last checkpoint, found by its stable folder name.
-        tuner = tune.Tuner(
-            run,
-            param_space={"point": tune.grid_search(points), "cpus": res.cpu, "gpus": res.gpu,
-                         "checkpoint": sweeper.conf.checkpoint,
-                         "checkpoint_interval_s": sweeper.conf.checkpoint_interval_s,
-                         "report_at": scheduler.rungs if scheduler is not None else []},
-            tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
-                                        max_concurrent_trials=_max_concurrent(sweeper, workers),
-                                        trial_dirname_creator=lambda t: f"trial_{t.config['point']['index']:05d}"),
-            run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=str(storage), callbacks=[callback],
-                                      verbose=0, failure_config=tune.FailureConfig(max_failures=sweeper.conf.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        if todo:
-            tuner.fit()
-    except KeyboardInterrupt:
-        interrupted = True
-    wall = time.time() - t0
-    stopping = stop_ray_aside()
-    try:
-        return _finish(sweeper, recorder, specs, callback, wall, interrupted)
-    finally:
-        stopping.join()
+    return [{**_point(specs[i]), **({"resume_from": checkpoints[i]} if i in checkpoints else {})} for i in todo]
+
+
+def _tuner(sweeper, specs: dict[int, TrialSpec], workers: dict[int, int], scheduler, callback, storage: Path,
+           points: list[dict]):
+    """Return the Tune run over `points`.
+
+    A resume is a fresh Tune run over the unfinished trials (not Tuner.restore): the MLflow record
+    is the source of truth for what finished, and each unfinished trial restarts from its own last
+    checkpoint, found by its stable folder name.
+    """
+    from ray import tune
+
+    res = sweeper.conf.resources
+    configs_by_index = {i: s.config for i, s in specs.items()}
+    run = tune.with_resources(tune.with_parameters(trainable, configs=configs_by_index), _trial_resources(workers, res))
+    attempt = len(list(storage.glob("tune-*")))
+    return tune.Tuner(
+        run,
+        param_space={"point": tune.grid_search(points), "cpus": res.cpu, "gpus": res.gpu,
+                     "checkpoint": sweeper.conf.checkpoint,
+                     "checkpoint_interval_s": sweeper.conf.checkpoint_interval_s,
+                     "report_at": scheduler.rungs if scheduler is not None else []},
+        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
+                                    max_concurrent_trials=_max_concurrent(sweeper, workers),
+                                    trial_dirname_creator=lambda t: f"trial_{t.config['point']['index']:05d}"),
+        run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=str(storage), callbacks=[callback],
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=sweeper.conf.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
 def _resolve_auto_ref_lr(specs: dict[int, TrialSpec], recorder) -> None:

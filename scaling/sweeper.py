@@ -243,7 +243,8 @@ class ScalingSweeper(Sweeper):
                 raise ConfigError("hydra.sweeper.resume", True, "needs mlflow.enabled=true: the MLflow record "
                                                                 "is what tells a resume which trials finished")
             self._check_storage()
-            from scaling.study_runner import prepare_data, start_ray
+            from scaling.local_ray import start_ray
+            from scaling.study_runner import prepare_data
 
             ray_started = start_ray(self)  # ~4 s, while the driver prepares the rest
             self.n_train = prepare_data(configs)  # every dataset once, in the driver; a missing file fails here
