@@ -1,5 +1,6 @@
 """The Ray a study runs on: a local head started by the driver (bound to 127.0.0.1), or a cluster
-it joins; and how the driver stops it at the end."""
+it joins, started in the background while the driver prepares the rest (start_ray) and checked
+against the study's resources (check_cluster); and how the driver stops it at the end."""
 from __future__ import annotations
 
 import contextlib
