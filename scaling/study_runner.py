@@ -123,9 +123,16 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     points = _points_to_run(sweeper, specs, recorder, scheduler, checkpoints)
     t0 = time.time()
     interrupted = False
+    # The Tuner holds Ray objects (the trial configs with_parameters put in the object store). Let go
+    # of it before Ray has stopped, and Python may free them later, while ray.shutdown runs in its
+    # thread: Ray's core worker then ends the process ("The core worker has already been shutdown";
+    # 2 of 3 default studies exited 1 so when the Tuner was a temporary, 0 of 5 since). So it lives
+    # until Ray has stopped.
+    tuner = None
     try:
         if points:
-            _tuner(sweeper, specs, workers, scheduler, callback, storage, points).fit()
+            tuner = _tuner(sweeper, specs, workers, scheduler, callback, storage, points)
+            tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
     wall = time.time() - t0
@@ -134,6 +141,7 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
         return _finish(sweeper, recorder, specs, callback, wall, interrupted)
     finally:
         stopping.join()
+        del tuner  # after Ray has stopped, as before this function was split
 
 
 def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], workers: dict[int, int], name: str,
