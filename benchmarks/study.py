@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 from benchmarks.common import Ctx, Row, Summary, cores, not_measurable, paired, summarize
@@ -131,23 +132,42 @@ def _same_best(a: dict, b: dict, rel: float = 1e-4) -> bool:
     return a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=rel) for k in a)
 
 
+@dataclass
+class _WallAndCpu:
+    """Two runs compared side by side: A / B ratios of wall and whole-machine CPU, and medians of each."""
+
+    wall: Summary
+    cpu: Summary
+    a_wall: float
+    b_wall: float
+    a_cpu: float
+    b_cpu: float
+
+    @classmethod
+    def of(cls, pairs: list[tuple[dict, dict]]) -> "_WallAndCpu":
+        med = lambda side, key: statistics.median(p[side][key] for p in pairs)  # noqa: E731
+        return cls(summarize([a["wall_s"] / b["wall_s"] for a, b in pairs]),
+                   summarize([a["machine_cpu_s"] / b["machine_cpu_s"] for a, b in pairs]),
+                   med(0, "wall_s"), med(1, "wall_s"), med(0, "machine_cpu_s"), med(1, "machine_cpu_s"))
+
+    def cpu_note(self, label: str) -> str:
+        return (f"whole-machine CPU {label} = {self.cpu.median:.2f} [{self.cpu.spread}] ({self.a_cpu:.1f} s against "
+                f"{self.b_cpu:.1f} s on {cores()} cores)")
+
+
 def tool_vs_bare_tune(ctx: Ctx) -> list[Row]:
     """Row 2f (context, no target): the study (MLflow off) against the same trials as a bare Ray Tune
     script (benchmarks.baretune): what the tool adds on top of Ray Tune and torch themselves."""
     name = f"2f. study wall / bare Ray Tune script ({len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials, MLflow off)"
     pairs = paired(lambda: run_study(ctx, asha=False, mlflow=False), lambda: run_bare(ctx), 1 if ctx.quick else 2)
-    wall = summarize([s["wall_s"] / b["wall_s"] for s, b in pairs])
-    cpu = summarize([s["machine_cpu_s"] / b["machine_cpu_s"] for s, b in pairs])
-    s_wall, b_wall = (statistics.median(p[i]["wall_s"] for p in pairs) for i in (0, 1))
-    s_cpu, b_cpu = (statistics.median(p[i]["machine_cpu_s"] for p in pairs) for i in (0, 1))
+    c = _WallAndCpu.of(pairs)
     studies = ctx.cache.get("full_grid_studies") or []  # row 2's, recorded in MLflow
     same = ("not compared (row 2 did not run)" if not studies else
             "matches the study's" if all(_same_best(b["best_per_batch_size"], studies[0]["best_per_batch_size"])
                                          for _, b in pairs) else "DIFFERS from the study's")
-    return [Row(name, f"{s_wall:.1f} s (study)", f"{b_wall:.1f} s (bare Tune)", wall.median, "-", None, wall.spread,
-                note=f"whole-machine CPU study / bare = {cpu.median:.2f} [{cpu.spread}] ({s_cpu:.1f} s against "
-                     f"{b_cpu:.1f} s); the bare script's best val loss per batch size {same}",
-                data={"ratios": wall.values, "cpu_ratios": cpu.values, "pairs": pairs})]
+    return [Row(name, f"{c.a_wall:.1f} s (study)", f"{c.b_wall:.1f} s (bare Tune)", c.wall.median, "-", None,
+                c.wall.spread, note=f"{c.cpu_note('study / bare')}; the bare script's best val loss per batch size {same}",
+                data={"ratios": c.wall.values, "cpu_ratios": c.cpu.values, "pairs": pairs})]
 
 
 def mlflow_overhead(ctx: Ctx) -> list[Row]:
@@ -157,13 +177,7 @@ def mlflow_overhead(ctx: Ctx) -> list[Row]:
     repeats = 1 if ctx.quick else 4
     pairs = paired(lambda: run_study(ctx, asha=False, mlflow=True), lambda: run_study(ctx, asha=False, mlflow=False),
                    repeats)
-    r = summarize([on["wall_s"] / off["wall_s"] for on, off in pairs])
-    on_s, off_s = (statistics.median(p[i]["wall_s"] for p in pairs) for i in (0, 1))
-    # what MLflow costs in CPU, whichever process spends it: the cores the trials fill pay for it
-    cpu = summarize([on["machine_cpu_s"] / off["machine_cpu_s"] for on, off in pairs])
-    on_cpu, off_cpu = (statistics.median(p[i]["machine_cpu_s"] for p in pairs) for i in (0, 1))
-    return [Row(name, f"{on_s:.1f} s (mlflow on)", f"{off_s:.1f} s (mlflow off)", r.median, target,
-                r.median <= 1.03, r.spread,
-                note=f"whole-machine CPU on / off = {cpu.median:.2f} [{cpu.spread}] ({on_cpu:.1f} s against "
-                     f"{off_cpu:.1f} s on {cores()} cores)",
-                data={"ratios": r.values, "cpu_ratios": cpu.values, "pairs": pairs})]
+    c = _WallAndCpu.of(pairs)  # CPU: what MLflow costs whichever process spends it; the cores the trials fill pay
+    return [Row(name, f"{c.a_wall:.1f} s (mlflow on)", f"{c.b_wall:.1f} s (mlflow off)", c.wall.median, target,
+                c.wall.median <= 1.03, c.wall.spread, note=c.cpu_note("on / off"),
+                data={"ratios": c.wall.values, "cpu_ratios": c.cpu.values, "pairs": pairs})]

@@ -12,6 +12,7 @@ import math
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.common import REPO, Ctx, log, run_timed, script
@@ -139,19 +140,26 @@ def bare_spec(ctx: Ctx, epochs: int = EPOCHS) -> str:
     """Write (once) the benchmark study's trials and data for benchmarks.baretune; return the spec's path."""
     key = f"bare_spec_{epochs}"
     if key not in ctx.cache:
-        import torch
-
         from scaling.data import load_dataset
 
         configs = loop_configs(epochs)
         data = load_dataset(configs[0].data)  # the study's own split (every trial shares data and seed)
-        data_path = ctx.tmp / "bare-data.pt"
-        torch.save({k: getattr(data, k) for k in ("x_train", "y_train", "x_val", "y_val")}, data_path)
-        spec = ctx.tmp / f"bare-{epochs}.json"
-        spec.write_text(json.dumps({"trials": bare_trials(configs), "data_path": str(data_path),
-                                    "concurrency": CONCURRENCY, "storage_path": str(ctx.tmp / "bare")}))
-        ctx.cache[key] = str(spec)
+        ctx.cache[key] = str(write_bare_spec(ctx.tmp / f"bare-{epochs}", configs, data, CONCURRENCY))
     return ctx.cache[key]
+
+
+def write_bare_spec(folder: Path, configs: Sequence[Any], data: Any, concurrency: int) -> Path:
+    """Write what benchmarks.baretune reads into `folder` (the data as tensors, the trials, its Ray
+    storage); return the spec's path."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data_path = folder / "data.pt"
+    torch.save({k: getattr(data, k) for k in ("x_train", "y_train", "x_val", "y_val")}, data_path)
+    spec = folder / "spec.json"
+    spec.write_text(json.dumps({"trials": bare_trials(configs), "data_path": str(data_path),
+                                "concurrency": concurrency, "storage_path": str(folder / "ray")}))
+    return spec
 
 
 def bare_trials(configs: Sequence[Any]) -> list[dict[str, Any]]:

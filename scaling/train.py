@@ -152,12 +152,14 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
     info = {"lr": lr, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "n_micro": split.accumulation,
             "warmup_steps": warmup_steps, "n_train": data.n_train, "device": str(device),
             "workers": split.workers, "micro_batch": split.micro_batch, "split": str(split)}
-    run = _Run(data, model, group.wrap(model, device), optimizer, schedule,
-               torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
-               {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision), gns,
-               MicroGradNorms() if gns else None, [p for p in model.parameters() if p.requires_grad],
-               split.micro_batch, split.accumulation, group.shard(B), steps_per_epoch, total_steps,
-               max(1, round(cfg.eval_every * steps_per_epoch)), ref_lr, info, _LoopState())
+    run = _Run(data=data, model=model, net=group.wrap(model, device), optimizer=optimizer, schedule=schedule,
+               scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
+               amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision), gns=gns,
+               grad_norms=MicroGradNorms() if gns else None,
+               params=[p for p in model.parameters() if p.requires_grad], micro=split.micro_batch,
+               n_micro=split.accumulation, shard=group.shard(B), steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, eval_interval=max(1, round(cfg.eval_every * steps_per_epoch)),
+               ref_lr=ref_lr, info=info, s=_LoopState())
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])

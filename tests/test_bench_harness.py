@@ -79,18 +79,12 @@ def test_bare_tune_script_trains_the_same_trials_as_run_trial(tmp_path, compose_
     here for two tiny trials through real Ray Tune."""
     import json
 
-    import torch
-
     from benchmarks.common import REPO
-    from benchmarks.studyrun import bare_trials
+    from benchmarks.studyrun import write_bare_spec
     from scaling.train import run_trial
 
     configs = [compose_cfg(*tiny, f"batch_size={b}", "eval_every=0.25") for b in (32, 64)]
-    data_path = tmp_path / "data.pt"
-    torch.save({k: getattr(tiny_data, k) for k in ("x_train", "y_train", "x_val", "y_val")}, data_path)
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"trials": bare_trials(configs), "data_path": str(data_path), "concurrency": 1,
-                                "storage_path": str(tmp_path / "ray")}))
+    spec = write_bare_spec(tmp_path, configs, tiny_data, concurrency=1)
     t = run_timed([sys.executable, "-m", "benchmarks.baretune", str(spec)], cwd=REPO, timeout=180)
     assert t.rc == 0, t.output[-3000:]
     out = json.loads(t.output.strip().splitlines()[-1])
