@@ -85,85 +85,96 @@ class MicroGradNorms:
     """Measure mean |g_micro|^2 and |g_big|^2 during gradient accumulation.
 
     Convention (the trial loop's): each micro-batch loss is a mean over its samples divided by
-    n_micro before backward, so after all micro-steps p.grad is the big-batch mean gradient
-    g_big and a micro-batch gradient is g_micro = n_micro * (the change of p.grad its backward
-    made). With `mean_of_micro=False`, losses are not divided: p.grad is the sum of micro-batch
-    gradients, g_micro is the change itself and g_big = p.grad / n_micro.
+    n_micro before backward, so the accumulated gradient is the big-batch mean gradient g_big
+    and a micro-batch gradient is g_micro = n_micro * (what its backward adds). With
+    `mean_of_micro=False`, losses are not divided: the accumulation is the sum of micro-batch
+    gradients, g_micro is each backward's part and g_big = the sum / n_micro.
 
     Usage per optimiser step, always with the same `params` list:
         optimizer.zero_grad(); norms.begin_step(params)
         for each micro-batch: (loss / n_micro).backward(); norms.after_micro_backward(params)
         small, big = norms.end_step(params)   # before clipping or optimizer.step()
-    Gradients must be zero or None at begin_step, and unchanged between the last
-    after_micro_backward and end_step (|g_big|^2 is read from the copy taken there).
 
-    Memory: one flat copy of the gradients per (device, dtype) of the parameters (fp32 at
-    least, so fp16 differences and squares cannot overflow), allocated once. Cost per
-    micro-step, whatever the number of parameters: a foreach subtract, one norm over the flat
-    buffer and a foreach copy, no allocation of gradient size and no host sync; end_step
-    syncs once. With fp16 loss scaling pass scaler.get_scale() as loss_scale to get true
+    How: each parameter's .grad is a view of one flat scratch buffer per (device, dtype),
+    zeroed before every backward, so autograd adds each micro-batch's gradient into zeros and
+    the scratch holds that gradient alone. after_micro_backward takes its norm and adds it into
+    a second flat buffer, the accumulation, in the order autograd would have (so the step's
+    gradient is bit for bit plain accumulation's); end_step points each .grad at its view of
+    the accumulation. Between begin_step and end_step, .grad is the scratch, not the
+    accumulation. Per micro-step that is one norm, one add and one zero of a flat buffer: on a
+    CPU, three ops whatever the number of parameters (a foreach op there is a loop of
+    per-tensor ops), on memory that stays in cache from step to step, and no host sync;
+    end_step syncs once. Norms are taken in float32 at least, so fp16 gradients cannot
+    overflow them. With fp16 loss scaling pass scaler.get_scale() as loss_scale to get true
     norms (B_simple itself is a ratio, unchanged by a constant scale).
+
+    A parameter gets a view once autograd has given it a gradient; one that never gets a
+    gradient keeps .grad None. One that had a gradient in an earlier step and gets none in a
+    later one gets zeros, as after zero_grad(set_to_none=False). Memory: the two flat buffers,
+    in place of the gradients autograd would allocate.
     """
 
     def __init__(self, mean_of_micro: bool = True):
         self.mean_of_micro = mean_of_micro
         self._params: Optional[list[torch.Tensor]] = None  # the params the buffers were laid out for
         self._groups: list[_FlatGroup] = []
-        self._norms: list[torch.Tensor] = []  # |delta p.grad| of each micro-step (per group), 0-dim
+        self._scratch: list[torch.Tensor] = []  # per param: its view of its group's scratch buffer
+        self._accum: list[torch.Tensor] = []  # per param: its view of its group's accumulation
+        self._used: list[bool] = []  # per param: has had a gradient (its scratch view is installed)
+        self._norms: list[torch.Tensor] = []  # |g| of each micro-step's backward (per group), 0-dim
         self._n_micro = 0
-        self._have_prev = False  # False: the buffers stand for an all-zero accumulation
+        self._clean = True  # the scratch buffers are all zero (else begin_step zeroes them)
 
     def begin_step(self, params: Iterable[torch.Tensor]) -> None:
-        """Reset for a new optimiser step (call after zero_grad, before the first backward)."""
+        """Start an optimiser step (call after zero_grad, before the first backward): .grad of
+        each parameter that has had a gradient becomes its zeroed scratch view."""
         params = params if isinstance(params, list) else list(params)
         if self._params is None or len(self._params) != len(params) or \
                 any(a is not b for a, b in zip(self._params, params)):
-            self._params, self._groups = list(params), _layout(params)  # once, reused every step
-        self._norms, self._n_micro, self._have_prev = [], 0, False
+            self._lay_out(params)  # once, reused every step
+        if not self._clean:  # the last step had no end_step (e.g. a trial that diverged)
+            for grp in self._groups:
+                grp.scratch.zero_()
+        for p, used, view in zip(params, self._used, self._scratch):
+            if used:
+                p.grad = view
+        self._norms, self._n_micro, self._clean = [], 0, False  # a backward may write there now
 
     def after_micro_backward(self, params: Iterable[torch.Tensor]) -> None:
-        """Record |delta p.grad| of the latest micro-batch backward (no host sync)."""
+        """Record |g| of the latest micro-batch backward and add it to the accumulation (no host sync)."""
         if self._params is None:
             raise RuntimeError("call begin_step before after_micro_backward")
-        grads = [p.grad for p in params]
+        for i, p in enumerate(params):
+            g = p.grad
+            if g is not None and g is not self._scratch[i]:  # made afresh by autograd: a first
+                self._scratch[i].copy_(g)  # gradient for p, or one it did not add in place
+                p.grad, self._used[i] = self._scratch[i], True
+        first = self._n_micro == 0
         self._n_micro += 1
-        if all(g is None for g in grads):
-            return  # nothing accumulated yet: the buffers still stand for zero
-        have_prev = self._have_prev
         for grp in self._groups:
-            gs = grads if grp.index is None else [grads[i] for i in grp.index]
-            if any(g is None for g in gs):  # e.g. an unused parameter: its accumulation is zero
-                views = [v for v, g in zip(grp.views, gs) if g is not None]
-                unset = [v for v, g in zip(grp.views, gs) if g is None]
-                gs = [g for g in gs if g is not None]
+            self._norms.append(torch.linalg.vector_norm(grp.scratch, dtype=grp.norm_dtype))
+            if first:
+                grp.accum.copy_(grp.scratch)
             else:
-                views, unset = grp.views, []
-            if have_prev:
-                if gs:
-                    torch._foreach_sub_(views, gs)  # flat := previous - current = -delta, in place
-                self._norms.append(torch.linalg.vector_norm(grp.flat))
-                if gs:
-                    torch._foreach_copy_(views, gs)  # the accumulation the next backward starts from
-                if unset:
-                    torch._foreach_zero_(unset)
-            else:  # first contribution: delta is the accumulation itself
-                if gs:
-                    torch._foreach_copy_(views, gs)
-                if unset:
-                    torch._foreach_zero_(unset)
-                self._norms.append(torch.linalg.vector_norm(grp.flat))
-        self._have_prev = True
+                grp.accum.add_(grp.scratch)
+            grp.scratch.zero_()
 
     def end_step(self, params: Iterable[torch.Tensor], loss_scale: float = 1.0) -> tuple[float, float]:
-        """Return (mean over micro-batches of |g_micro|^2, |g_big|^2) with one host sync."""
+        """Point .grad at the step's accumulated gradient; return (mean over micro-batches of
+        |g_micro|^2, |g_big|^2) with one host sync."""
         n = self._n_micro
         if n == 0:
             raise RuntimeError("end_step without any after_micro_backward in this step")
-        if not self._norms or all(p.grad is None for p in params):  # nothing measured: NaNs, which NoiseScale skips
+        for p, used, view in zip(params, self._used, self._accum):
+            if used:
+                p.grad = view
+        self._clean = True  # no backward reaches the scratch buffers until begin_step
+        if not any(self._used):  # nothing measured: NaNs, which NoiseScale skips
             return math.nan, math.nan
-        norms = self._norms + [torch.linalg.vector_norm(grp.flat) for grp in self._groups]  # |g_big| last
+        norms = self._norms + [torch.linalg.vector_norm(grp.accum, dtype=grp.norm_dtype)
+                               for grp in self._groups]  # |g_big| last
         if len(self._groups) > 1:  # one device and dtype to stack on
-            norms = [t.to(self._groups[0].flat.device, torch.float64) for t in norms]
+            norms = [t.to(self._groups[0].scratch.device, torch.float64) for t in norms]
         values = torch.stack(norms).tolist()
         k = len(self._groups)
         delta_sq = math.fsum(v * v for v in values[:-k])  # squared in float64
@@ -174,27 +185,40 @@ class MicroGradNorms:
             small, big = delta_sq / n, grad_sq / n ** 2
         return small / loss_scale ** 2, big / loss_scale ** 2
 
+    def _lay_out(self, params: list[torch.Tensor]) -> None:
+        """Build one _FlatGroup per (device, dtype) of params (usually exactly one)."""
+        keys: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            keys.setdefault((p.device, p.dtype), []).append(i)
+        self._params, self._groups = list(params), []
+        self._scratch, self._accum = [None] * len(params), [None] * len(params)
+        for index in keys.values():
+            grp = _FlatGroup([params[i] for i in index])
+            self._groups.append(grp)
+            for i, s, a in zip(index, grp.scratch_views, grp.accum_views):
+                self._scratch[i], self._accum[i] = s, a
+        self._used = [False] * len(params)
+        self._clean = True
+
 
 class _FlatGroup:
-    """One flat buffer for the parameters of one (device, dtype), with a view shaped as each."""
+    """The scratch and accumulation buffers of the parameters of one (device, dtype), with a
+    view of each shaped as each parameter."""
 
-    __slots__ = ("index", "flat", "views")
+    __slots__ = ("scratch", "accum", "scratch_views", "accum_views", "norm_dtype")
 
-    def __init__(self, index: Optional[list[int]], params: list[torch.Tensor]):
-        self.index = index  # positions in the params list; None: all of them, in order
-        dtype = torch.promote_types(params[0].dtype, torch.float32)
-        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
-        self.views, offset = [], 0
-        for p in params:
-            self.views.append(self.flat[offset:offset + p.numel()].view(p.shape))
-            offset += p.numel()
+    def __init__(self, params: list[torch.Tensor]):
+        n, like = sum(p.numel() for p in params), params[0]
+        self.scratch = torch.zeros(n, dtype=like.dtype, device=like.device)
+        self.accum = torch.zeros_like(self.scratch)
+        self.norm_dtype = torch.promote_types(like.dtype, torch.float32)
+        self.scratch_views, self.accum_views = _views(self.scratch, params), _views(self.accum, params)
 
 
-def _layout(params: list[torch.Tensor]) -> list[_FlatGroup]:
-    """Return one _FlatGroup per (device, dtype) of params (usually exactly one)."""
-    keys: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        keys.setdefault((p.device, p.dtype), []).append(i)
-    if len(keys) == 1:
-        return [_FlatGroup(None, params)] if params else []
-    return [_FlatGroup(index, [params[i] for i in index]) for index in keys.values()]
+def _views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Return consecutive views of flat, shaped as each of params."""
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset:offset + p.numel()].view(p.shape))
+        offset += p.numel()
+    return views

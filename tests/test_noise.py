@@ -188,7 +188,7 @@ def _reference_norms(model: torch.nn.Module, params: list[torch.Tensor], xs: lis
 @pytest.mark.parametrize("mixed_dtypes", [False, True])
 def test_micro_grad_norms_b_simple_matches_reference_on_a_tiny_model(mixed_dtypes: bool) -> None:
     """The trial loop's use of MicroGradNorms gives the same B_simple as a per-micro-batch reference,
-    and leaves the accumulated gradients exactly as plain accumulation would."""
+    and leaves the accumulated gradients exactly as plain accumulation does (an unused parameter's None)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     if mixed_dtypes:  # parameters of two dtypes (float32 and float64)
@@ -205,16 +205,19 @@ def test_micro_grad_norms_b_simple_matches_reference_on_a_tiny_model(mixed_dtype
         idx = torch.arange(step * 32, (step + 1) * 32)
         xs, ys = list(x[idx].chunk(n_micro)), list(y[idx].chunk(n_micro))
         want_small, want_big = _reference_norms(model, params, xs, ys)
+        opt.zero_grad(set_to_none=True)  # plain accumulation first, for the gradients it leaves
+        for xb, yb in zip(xs, ys):
+            (torch.nn.functional.cross_entropy(model(xb), yb) / n_micro).backward()
+        plain = [None if p.grad is None else p.grad.clone() for p in params]
         opt.zero_grad(set_to_none=True)
         norms.begin_step(params)
         for xb, yb in zip(xs, ys):
             (torch.nn.functional.cross_entropy(model(xb), yb) / n_micro).backward()
             norms.after_micro_backward(params)
-        plain = [None if p.grad is None else p.grad.clone() for p in params]
         small, big = norms.end_step(params)
         assert small == pytest.approx(want_small, rel=1e-5)
         assert big == pytest.approx(want_big, rel=1e-5)
-        for p, g in zip(params, plain):  # the measurement does not touch the gradients
+        for p, g in zip(params, plain):  # after end_step, the gradients are plain accumulation's, bit for bit
             assert (p.grad is None and g is None) or torch.equal(p.grad, g)
         ns.update(small, big, b_micro, b_micro * n_micro)
         ref.update(want_small, want_big, b_micro, b_micro * n_micro)
@@ -225,3 +228,48 @@ def test_micro_grad_norms_b_simple_matches_reference_on_a_tiny_model(mixed_dtype
 class _ToDouble(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.double()
+
+
+def test_micro_grad_norms_follow_parameters_that_join_late_and_steps_that_end_early() -> None:
+    """A parameter first used by a later micro-batch is measured from then on, and a step left
+    without end_step (a trial that diverged mid-step) leaves nothing in the next one."""
+    torch.manual_seed(1)
+    first, late = torch.nn.Linear(4, 3), torch.nn.Linear(3, 3)
+    params = list(first.parameters()) + list(late.parameters())
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+
+    def loss_of(xb, yb, use_late):
+        h = first(xb)
+        return torch.nn.functional.cross_entropy(late(h) if use_late else h, yb)
+
+    norms, n_micro = MicroGradNorms(), 4
+    norms.begin_step(params)  # an abandoned step: two backwards, the second one unrecorded
+    for xb, yb in list(zip(x[:16].chunk(n_micro), y[:16].chunk(n_micro)))[:2]:
+        (loss_of(xb, yb, True) / n_micro).backward()
+    norms.after_micro_backward(params)
+    (loss_of(x[:4], y[:4], True) / n_micro).backward()
+    for p in params:
+        p.grad = None
+    xs, ys = list(x[16:32].chunk(n_micro)), list(y[16:32].chunk(n_micro))
+    uses = [False, True, False, True]  # `late` joins at the second micro-batch
+    micro = []
+    for xb, yb, use in zip(xs, ys, uses):
+        grads = torch.autograd.grad(loss_of(xb, yb, use), params, allow_unused=True)
+        micro.append(torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)]))
+    micro = torch.stack(micro).double()
+    for p in params:  # plain accumulation, for the gradients it leaves
+        p.grad = None
+    for xb, yb, use in zip(xs, ys, uses):
+        (loss_of(xb, yb, use) / n_micro).backward()
+    plain = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    norms.begin_step(params)
+    for xb, yb, use in zip(xs, ys, uses):
+        (loss_of(xb, yb, use) / n_micro).backward()
+        norms.after_micro_backward(params)
+    small, big = norms.end_step(params)
+    assert small == pytest.approx(float((micro ** 2).sum(1).mean()), rel=1e-5)
+    assert big == pytest.approx(float((micro.mean(0) ** 2).sum()), rel=1e-5)
+    for p, g in zip(params, plain):
+        assert torch.equal(p.grad, g)
