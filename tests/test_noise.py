@@ -245,9 +245,9 @@ def test_micro_grad_norms_follow_parameters_that_join_late_and_steps_that_end_ea
     norms, n_micro = MicroGradNorms(), 4
     norms.begin_step(params)  # an abandoned step: two backwards, the second one unrecorded
     for xb, yb in list(zip(x[:16].chunk(n_micro), y[:16].chunk(n_micro)))[:2]:
-        (loss_of(xb, yb, True) / n_micro).backward()
+        (loss_of(xb, yb, False) / n_micro).backward()
     norms.after_micro_backward(params)
-    (loss_of(x[:4], y[:4], True) / n_micro).backward()
+    (loss_of(x[:4], y[:4], False) / n_micro).backward()
     for p in params:
         p.grad = None
     xs, ys = list(x[16:32].chunk(n_micro)), list(y[16:32].chunk(n_micro))
