@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+
 def train(config: dict, trials: list[dict], data_path: str) -> None:
     """One trial: train, evaluate every `eval_every` epochs, report val loss and samples."""
     import torch

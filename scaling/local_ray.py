@@ -150,18 +150,16 @@ def check_cluster(sweeper, started: Future, most_workers: int = 1) -> None:
     except Exception as exc:  # noqa: BLE001
         raise ConfigError("hydra.sweeper.ray.address", r.address, f"cannot start or reach Ray ({str(exc).splitlines()[0]})") from None
     res = ray.cluster_resources()
-    want = sweeper.conf.resources
-    if want.gpu > res.get("GPU", 0):
+    want = {"GPU": sweeper.conf.resources.gpu, "CPU": sweeper.conf.resources.cpu}
+    lacking = [ConfigError(f"hydra.sweeper.resources.{kind.lower()}", n, f"exceeds the cluster's {res.get(kind, 0):g} {kind}s")
+               for kind, n in want.items() if n > res.get(kind, 0)]
+    if most_workers > 1:
+        lacking += [ConfigError("parallel.workers", most_workers, f"x hydra.sweeper.resources.{kind.lower()}={n:g} "
+                                f"exceeds the cluster's {res.get(kind, 0):g} {kind}s")
+                    for kind, n in sorted(want.items()) if most_workers * n > res.get(kind, 0)]
+    if lacking:
         ray.shutdown()
-        raise ConfigError("hydra.sweeper.resources.gpu", want.gpu, f"exceeds the cluster's {res.get('GPU', 0):g} GPUs")
-    if want.cpu > res.get("CPU", 0):
-        ray.shutdown()
-        raise ConfigError("hydra.sweeper.resources.cpu", want.cpu, f"exceeds the cluster's {res.get('CPU', 0):g} CPUs")
-    for kind, per_worker in (("CPU", want.cpu), ("GPU", want.gpu)):
-        if most_workers > 1 and most_workers * per_worker > res.get(kind, 0):
-            ray.shutdown()
-            raise ConfigError("parallel.workers", most_workers, f"x hydra.sweeper.resources.{kind.lower()}="
-                              f"{per_worker:g} exceeds the cluster's {res.get(kind, 0):g} {kind}s")
+        raise lacking[0]
 
 
 def stop_ray_aside() -> Any:

@@ -135,9 +135,7 @@ class MicroGradNorms:
         if not self._clean:  # the last step had no end_step (e.g. a trial that diverged)
             for grp in self._groups:
                 grp.scratch.zero_()
-        for p, used, view in zip(params, self._used, self._scratch):
-            if used:
-                p.grad = view
+        self._point(params, self._scratch)
         self._norms, self._n_micro, self._clean = [], 0, False  # a backward may write there now
 
     def after_micro_backward(self, params: Iterable[torch.Tensor]) -> None:
@@ -165,9 +163,7 @@ class MicroGradNorms:
         n = self._n_micro
         if n == 0:
             raise RuntimeError("end_step without any after_micro_backward in this step")
-        for p, used, view in zip(params, self._used, self._accum):
-            if used:
-                p.grad = view
+        self._point(params, self._accum)
         self._clean = True  # no backward reaches the scratch buffers until begin_step
         if not any(self._used):  # nothing measured: NaNs, which NoiseScale skips
             return math.nan, math.nan
@@ -185,6 +181,12 @@ class MicroGradNorms:
             small, big = delta_sq / n, grad_sq / n ** 2
         return small / loss_scale ** 2, big / loss_scale ** 2
 
+    def _point(self, params: Iterable[torch.Tensor], views: list[torch.Tensor]) -> None:
+        """Make .grad of each parameter that has had a gradient its view in `views`."""
+        for p, used, view in zip(params, self._used, views):
+            if used:
+                p.grad = view
+
     def _lay_out(self, params: list[torch.Tensor]) -> None:
         """Build one _FlatGroup per (device, dtype) of params (usually exactly one)."""
         keys: dict[tuple, list[int]] = {}
@@ -193,26 +195,25 @@ class MicroGradNorms:
         self._params, self._groups = list(params), []
         self._scratch, self._accum = [None] * len(params), [None] * len(params)
         for index in keys.values():
-            grp = _FlatGroup([params[i] for i in index])
+            members = [params[i] for i in index]
+            grp = _FlatGroup(members)
             self._groups.append(grp)
-            for i, s, a in zip(index, grp.scratch_views, grp.accum_views):
+            for i, s, a in zip(index, _views(grp.scratch, members), _views(grp.accum, members)):
                 self._scratch[i], self._accum[i] = s, a
         self._used = [False] * len(params)
         self._clean = True
 
 
 class _FlatGroup:
-    """The scratch and accumulation buffers of the parameters of one (device, dtype), with a
-    view of each shaped as each parameter."""
+    """The flat scratch and accumulation buffers of the parameters of one (device, dtype)."""
 
-    __slots__ = ("scratch", "accum", "scratch_views", "accum_views", "norm_dtype")
+    __slots__ = ("scratch", "accum", "norm_dtype")
 
     def __init__(self, params: list[torch.Tensor]):
         n, like = sum(p.numel() for p in params), params[0]
         self.scratch = torch.zeros(n, dtype=like.dtype, device=like.device)
         self.accum = torch.zeros_like(self.scratch)
         self.norm_dtype = torch.promote_types(like.dtype, torch.float32)
-        self.scratch_views, self.accum_views = _views(self.scratch, params), _views(self.accum, params)
 
 
 def _views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
