@@ -120,12 +120,16 @@ def lr_grid(trials: pd.DataFrame, metric: str = "best/val_loss") -> pd.DataFrame
     """Return per (batch size, effective LR) the seed-median `metric` of its best configuration.
 
     A diverged trial counts as +inf (so a seed median survives one diverged seed of three);
-    `diverged` is the fraction of trials at that LR that diverged.
+    `diverged` is the fraction of trials at that LR that diverged; `pruned`, the fraction of the
+    best configuration's seeds that ASHA stopped, whose value is then one of a shorter budget.
     """
     df = trials[trials["status"].isin((*USABLE, "diverged"))].copy()
     df["value"] = np.where(df["status"] == "diverged", np.inf, df[metric] if metric in df else np.nan)
     out = best_config(df, "value", ["batch_size", LR])
     div = df.assign(d=df["status"] == "diverged").groupby(["batch_size", LR])["d"].mean()
+    keys = ["batch_size", *config_columns(df, ["batch_size"])]
+    pruned = df.assign(pruned=df["status"] == "pruned").groupby(keys, dropna=False)["pruned"].mean()
+    out = out.merge(pruned.reset_index(), on=keys, how="left") if not out.empty else out.assign(pruned=[])
     return out.merge(div.rename("diverged").reset_index(), on=["batch_size", LR])
 
 
@@ -133,7 +137,9 @@ def best_lr(grid: pd.DataFrame) -> pd.DataFrame:
     """Return per batch size the grid's best LR, its parabola-refined value, the best value and `edge`.
 
     `edge` is "low" or "high" when the best LR is the smallest or largest tried: the optimum
-    then lies outside the grid and the refined LR is only a bound.
+    then lies outside the grid and the refined LR is only a bound. The parabola goes only through
+    values of the full budget: a neighbour ASHA pruned has a higher loss than it would have had,
+    which would push the vertex away from it, so the best LR is then the grid's own.
     """
     rows = []
     for b, g in grid.sort_values(LR).groupby("batch_size"):
@@ -142,7 +148,9 @@ def best_lr(grid: pd.DataFrame) -> pd.DataFrame:
         if np.isfinite(v).any():
             i = int(np.argmin(np.where(np.isfinite(v), v, np.inf)))
             edge = "low" if i == 0 else "high" if i == len(v) - 1 else ""
-            row.update(lr_grid=lrs[i], lr_refined=fits.refine_best_lr(lrs, v), best=v[i],
+            full = g["pruned"].to_numpy(float) == 0 if "pruned" in g else np.ones(len(v), bool)
+            refined = fits.refine_best_lr(lrs, np.where(full, v, np.inf)) if full[i] else lrs[i]
+            row.update(lr_grid=lrs[i], lr_refined=refined, best=v[i],
                        edge="only" if len(v) == 1 else edge)
         rows.append(row)
     return pd.DataFrame(rows, columns=["batch_size", "lr_grid", "lr_refined", "best", "edge", "n_lrs"])

@@ -144,6 +144,25 @@ def test_best_lr_is_refined_between_grid_points_and_flags_the_grid_edge():
     assert best.loc[32, "edge"] == "" and best.loc[64, "edge"] == "high" and best.loc[64, "lr_refined"] == 0.8
 
 
+def test_a_pruned_neighbour_of_the_best_lr_does_not_move_the_refined_lr():
+    """ASHA stopped lr 0.2 early: its best loss (2.0, against 1.48 at the full budget) is of a
+    shorter budget and would push the vertex towards 0.8. Refinement then stops at the grid point; a pruned seed of the winning
+    configuration counts, one of a losing configuration at the same LR does not."""
+    rows = parabola_trials(32, 0.4, [0.1, 0.2, 0.4, 0.8])
+    rows[1].update(status="pruned", **{"best/val_loss": 2.0})
+    best = an.best_lr(an.lr_grid(trials(*rows))).iloc[0]
+    assert best["lr_grid"] == 0.4 and best["lr_refined"] == 0.4
+    rows[1].update(status="completed")  # the same loss at the full budget: a real asymmetry, refined
+    assert 0.4 < an.best_lr(an.lr_grid(trials(*rows))).iloc[0]["lr_refined"] < 0.8
+    rows[1].update(status="pruned")
+    loser = {"batch_size": 32, LR: 0.2, "lr_multiplier": 0.2, "status": "completed",
+             "best/val_loss": 1 + math.log(2) ** 2, "warmup.epochs": 1.0}  # the full-budget value at 0.2
+    axes = ("batch_size", "lr_multiplier", "warmup.epochs", "seed")
+    grid = an.lr_grid(trials(*rows, loser, axes=axes))
+    assert grid.set_index(LR).loc[0.2, "pruned"] == 0.0  # the winner at 0.2 is the completed one
+    assert an.best_lr(grid).iloc[0]["lr_refined"] == pytest.approx(0.4, rel=1e-6)
+
+
 def test_a_diverged_lr_is_never_best_and_one_diverged_seed_of_three_is_outvoted():
     df = trials(*parabola_trials(32, 0.3, [0.1, 0.2, 0.4, 0.8], diverge_above=0.5),
                 {LR: 0.4, "lr_multiplier": 0.4, "seed": 1, "best/val_loss": 1.05},
