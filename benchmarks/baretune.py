@@ -38,14 +38,20 @@ def train(config: dict, trials: list[dict], data_path: str) -> None:
                                 torch.nn.Linear(w, w), torch.nn.ReLU(), torch.nn.Linear(w, int(y.max()) + 1))
     opt = torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
     B, n = t["batch_size"], len(y)
-    per_epoch = n // B
-    total, every = max(1, round(t["epochs"] * per_epoch)), max(1, round(t["eval_every"] * per_epoch))
-    best = math.inf
+    per_epoch = n / B  # the trial loop's budget: e epochs are e x n samples, to the nearest step
+    total, every = (max(1, round(e * per_epoch)) for e in (t["epochs"], t["eval_every"]))
+    best, perms = math.inf, {}
+
+    def perm(epoch: int) -> torch.Tensor:  # the trial loop's data order (a function of seed and epoch),
+        if epoch not in perms:  # so that the same trials train
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(t["seed"] * 1_000_003 + epoch))
+        return perms[epoch]
+
     for step in range(total):
-        if step % per_epoch == 0:  # the trial loop's data order (a function of seed and epoch), so the
-            g = torch.Generator().manual_seed(t["seed"] * 1_000_003 + step // per_epoch)  # same trials train
-            order = torch.randperm(n, generator=g)
-        idx = order[(step % per_epoch) * B:(step % per_epoch + 1) * B]
+        epoch, off = divmod(step * B, n)  # read straight across epoch boundaries, B samples a step
+        idx = perm(epoch)[off:off + B]
+        if len(idx) < B:
+            idx = torch.cat((idx, perm(epoch + 1)[:B - len(idx)]))
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()

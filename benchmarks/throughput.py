@@ -77,7 +77,7 @@ def hand_rate(cfg: Any, data, epochs: int) -> Rate:
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=effective_lr(cfg), momentum=cfg.optimizer.momentum)
     B, n = cfg.batch_size, data.n_train
-    steps = n // B  # drop the ragged tail, as run_trial does
+    steps = n // B  # the plainest loop drops each epoch's ragged tail; the rates are per sample either way
     g = torch.Generator().manual_seed(cfg.seed)
     orders = [torch.randperm(n, generator=g) for _ in range(epochs)]
     x, y = data.x_train, data.y_train

@@ -305,10 +305,26 @@ def effective_lr(cfg: Any, ref_lr: Optional[float] = None) -> float:
 
 
 def warmup_start_lr(cfg: Any, ref_lr: Optional[float] = None) -> float:
-    """Return the LR the warmup starts from: ref_lr x multiplier (Goyal et al.), or 0."""
+    """Return the LR the warmup starts from: 0, or (`ref`, Goyal et al.) the LR the scaling rule gives
+    the reference batch, i.e. the trained LR x (B_ref / B) ** alpha.
+
+    With the rule's LR that is ref_lr x multiplier. An explicit `lr` bypasses ref_lr and the
+    multiplier, so the start is `lr` scaled back to scaling.ref_batch_size by the rule (with
+    rule=none, `lr` itself: a flat warmup, as for the rule's own LR).
+    """
     if cfg.warmup.start == "zero":
         return 0.0
-    if cfg.lr is not None and cfg.scaling.ref_lr == "auto" and ref_lr is None:
-        return float(cfg.lr)
+    if cfg.lr is not None:
+        s = cfg.scaling
+        return float(cfg.lr) * (s.ref_batch_size / cfg.batch_size) ** lr_exponent(s.rule)
     base = float(ref_lr if ref_lr is not None else cfg.scaling.ref_lr)
     return base * cfg.lr_multiplier
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: float, at_least: int = 1) -> int:
+    """Return a length in epochs as whole optimizer steps (to the nearest, as round() does), at least `at_least`.
+
+    steps_per_epoch is n_train / batch_size, not floored: the trial loop reads its data as one
+    stream across epoch boundaries, so e epochs are e x n_train samples at every batch size.
+    """
+    return max(at_least, round(epochs * steps_per_epoch))

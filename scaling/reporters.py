@@ -67,6 +67,8 @@ class ProgressReporter(Reporter):
     def start(self, info: dict[str, Any]) -> None:
         from tqdm.auto import tqdm
 
+        if info.get("total_steps") and info.get("steps_per_epoch"):  # the budget to the nearest whole step
+            self.total_epochs = info["total_steps"] / info["steps_per_epoch"]
         fmt = "{l_bar}{bar}| {n:.2f}/{total:.2f} epochs [{elapsed}<{remaining}{postfix}]"
         self.bar = tqdm(total=self.total_epochs, desc=self.desc, bar_format=fmt, leave=False)
 

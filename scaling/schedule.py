@@ -9,7 +9,7 @@ where main runs over the remaining `total_steps - warmup_steps` steps. constant,
 and cosine start at `lr`; onecycle starts at lr / div_factor and cyclic at base_lr_fraction * lr,
 as their papers define. warmup_start_lr may be above lr (Goyal et al. starting from the reference
 LR when the rule scales it down), or 0. Lengths in the config are epochs; steps_per_epoch
-converts them. Call `schedule.step()` once after every `optimizer.step()`.
+(n_train / batch_size, not floored) converts them to the nearest whole step. Call `schedule.step()` once after every `optimizer.step()`.
 
 Everything is torch.optim.lr_scheduler: LambdaLR for the warmup, the torch class for the main
 schedule, chained by SequentialLR, so state_dict()/load_state_dict() are torch's. To resume,
@@ -24,37 +24,32 @@ from typing import Any, Callable
 import torch
 from torch.optim import lr_scheduler as sched
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, epochs_to_steps
 
 Scheduler = sched.LRScheduler
 
 
-def _steps(epochs: float, steps_per_epoch: int) -> int:
-    """Return `epochs` in optimizer steps, at least one."""
-    return max(1, round(epochs * steps_per_epoch))
-
-
-def _constant(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: int) -> Scheduler:
+def _constant(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: float) -> Scheduler:
     """Return a schedule holding the LR at `lr`."""
     return sched.LambdaLR(opt, lambda _: 1.0)
 
 
-def _step(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: int) -> Scheduler:
+def _step(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: float) -> Scheduler:
     """Return StepLR: x gamma every step_epochs epochs."""
-    return sched.StepLR(opt, step_size=_steps(cfg.step_epochs, spe), gamma=cfg.gamma)
+    return sched.StepLR(opt, step_size=epochs_to_steps(cfg.step_epochs, spe), gamma=cfg.gamma)
 
 
-def _exponential(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: int) -> Scheduler:
+def _exponential(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: float) -> Scheduler:
     """Return ExponentialLR: x gamma per epoch, spread evenly over the epoch's steps."""
     return sched.ExponentialLR(opt, gamma=cfg.gamma ** (1.0 / spe))
 
 
-def _cosine(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: int) -> Scheduler:
+def _cosine(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: float) -> Scheduler:
     """Return CosineAnnealingLR from lr down to min_lr_fraction * lr at the last step + 1."""
     return sched.CosineAnnealingLR(opt, T_max=steps, eta_min=cfg.min_lr_fraction * lr)
 
 
-def _onecycle(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: int) -> Scheduler:
+def _onecycle(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: float) -> Scheduler:
     """Return OneCycleLR: cosine up from lr / div_factor to lr at step pct_start * steps - 1, then down."""
     # cycle_momentum=False: Adagrad has no momentum (torch would raise), and momentum is a study
     # axis of its own that the schedule must not move.
@@ -63,15 +58,15 @@ def _onecycle(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: 
                             cycle_momentum=False)
 
 
-def _cyclic(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: int) -> Scheduler:
+def _cyclic(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: float) -> Scheduler:
     """Return triangular CyclicLR between base_lr_fraction * lr and lr, cycle_epochs per cycle."""
-    half = _steps(cfg.cycle_epochs, spe) / 2  # half up, half down; CyclicLR takes float halves
+    half = epochs_to_steps(cfg.cycle_epochs, spe) / 2  # half up, half down; CyclicLR takes float halves
     # cycle_momentum=False: not every optimizer has momentum (Adagrad), and it is a study axis.
     return sched.CyclicLR(opt, base_lr=cfg.base_lr_fraction * lr, max_lr=lr, step_size_up=half,
                           step_size_down=half, mode="triangular", cycle_momentum=False)
 
 
-SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, Any, float, int, int], Scheduler]] = {
+SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, Any, float, int, float], Scheduler]] = {
     "constant": _constant, "step": _step, "exponential": _exponential,
     "cosine": _cosine, "onecycle": _onecycle, "cyclic": _cyclic,
 }
@@ -83,7 +78,7 @@ def _warmup(opt: torch.optim.Optimizer, lr: float, start: float, steps: int) -> 
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: Any, *, lr: float, warmup_start_lr: float,
-                   warmup_steps: int, total_steps: int, steps_per_epoch: int) -> Scheduler:
+                   warmup_steps: int, total_steps: int, steps_per_epoch: float) -> Scheduler:
     """Return the warmup + main LR schedule over `total_steps` optimizer steps, set to step 0.
 
     The optimizer's LR is set to the LR of step 0 on return. OneCycleLR raises if stepped more

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-import random
 import math
+import random
 import os
 import sys
 import time
@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from scaling.config import ConfigError, effective_lr
+from scaling.config import ConfigError, effective_lr, epochs_to_steps
 from scaling.grid import Grid, stratum_keys
 from scaling.local_ray import check_cluster, stop_ray_aside
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
@@ -341,7 +341,7 @@ def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool) 
 def _budget_samples(spec: TrialSpec, n_train: int) -> int:
     """Return the samples a trial trains on its full budget: whole steps of batch_size, as train.py counts them."""
     b = int(spec.config["batch_size"])
-    return max(1, round(float(spec.config["epochs"]) * (n_train // b))) * b if n_train >= b else 0
+    return epochs_to_steps(float(spec.config["epochs"]), n_train / b) * b if n_train >= b else 0
 
 
 def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: int, trained: int) -> None:

@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from scaling.config import (ACTIVATIONS, BACKENDS, DATASETS, DEVICES, INITS, LR_FIND_MIN_ITERS, LR_FIND_MODES,
                             LR_FIND_SUGGESTIONS, MODELS, MODES, OPTIMIZERS, PRECISIONS, REPORTED_METRICS,
-                            RULE_EXPONENTS, SCHEDULES, WARMUP_STARTS, ConfigError, Split, TrialConfig)
+                            RULE_EXPONENTS, SCHEDULES, WARMUP_STARTS, ConfigError, Split, TrialConfig,
+                            epochs_to_steps)
 
 
 def _positive(key: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
@@ -120,6 +121,9 @@ def validate(cfg: Any) -> None:
         _positive("memory.limit_mb", cfg.memory.limit_mb)
 
     _validate_data(cfg.data, cfg.batch_size)
+    n_train = _generated_n_train(cfg.data)  # _validate_data checked batch_size against it
+    if n_train is not None:
+        check_warmup_steps(cfg, n_train)
     _validate_model(cfg.model)
     _validate_optimizer(cfg.optimizer)
     _validate_schedule(cfg.schedule)
@@ -233,6 +237,20 @@ def _validate_schedule(s: Any) -> None:
     _positive("schedule.final_div_factor", s.final_div_factor)
     _fraction("schedule.base_lr_fraction", s.base_lr_fraction, open_low=True)
     _positive("schedule.cycle_epochs", s.cycle_epochs)
+
+
+def check_warmup_steps(cfg: Any, n_train: int) -> None:
+    """Raise ConfigError when warmup.epochs, in whole steps at this batch size, leaves no step after it.
+
+    Both lengths round to whole steps on their own, so a warmup shorter than `epochs` can still
+    take every step of a short run at a large batch size (2 epochs of 1,600 samples at B = 1024).
+    """
+    spe = n_train / cfg.batch_size
+    total, warmup = epochs_to_steps(cfg.epochs, spe), epochs_to_steps(cfg.warmup.epochs, spe, at_least=0)
+    if cfg.warmup.epochs > 0 and warmup >= total:
+        raise ConfigError("warmup.epochs", cfg.warmup.epochs,
+                          f"is {warmup} steps at batch_size={cfg.batch_size} ({n_train} training samples), "
+                          f"which leaves no step of the {total} that epochs={cfg.epochs} gives after it")
 
 
 def _generated_n_train(d: Any) -> Optional[int]:

@@ -39,6 +39,10 @@ CASES = [
     ("scaling-train", ["mlflow.tracking_uri=sqlite:////proc/nope/x.db"], "mlflow.tracking_uri"),
     ("scaling-train", ["seed=-1"], "seed=-1"),
     ("scaling-train", ["warmup.epochs=10", "epochs=1"], "warmup.epochs=10"),
+    # 1,600 training samples at B=1024: epochs=2 is 3 steps and a 1.8-epoch warmup rounds to all 3
+    ("scaling-train", ["data.n_samples=2000", "batch_size=1024", "epochs=2", "warmup.epochs=1.8"], "warmup.epochs=1.8"),
+    ("scaling-train", ["-m", "batch_size=32,1024", "data.n_samples=2000", "epochs=2", "warmup.epochs=1.8"],
+     "warmup.epochs=1.8"),
     ("scaling-train", ["batch_size=[1,2"], "batch_size=[1,2"),
     ("scaling-train", ["device=tpu"], "device='tpu'"),
     ("scaling-train", ["precision=fp8"], "precision='fp8'"),

@@ -49,8 +49,8 @@ def test_mlflow_server_lost_mid_study_loses_nothing(tmp_path):
         assert len(trials) == 4 and all(t.data.tags["trial.status"] == "completed" for t in trials)
         for t in trials:
             bs = int(t.data.params["batch_size"])
-            total = 2400 // bs
-            every = max(1, round(0.25 * total))
+            spe = 2400 / bs  # 1 epoch of 2,400 samples, to the nearest step; an evaluation every 0.25
+            total, every = round(spe), max(1, round(0.25 * spe))
             expected = sorted({s * bs for s in range(every, total + 1, every)} | {total * bs})
             assert [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")] == expected
         assert not list(tmp_path.glob(".studies/*/mlflow_journal.jsonl")), "the journal was not drained"

@@ -211,6 +211,29 @@ def test_warmup_follows_goyal_ramp(trial):
     assert result.status == "completed"
 
 
+def test_budget_is_samples_at_a_batch_size_that_does_not_divide_the_training_set(trial):
+    """1,600 samples at B=1024 for 2 epochs: 3 steps (3,072 samples, the nearest whole step to 3,200),
+    not 2 steps of one ragged epoch dropped twice; the warmup and evaluations count the same way."""
+    result, rec, _ = trial("batch_size=1024", "epochs=2", "eval_every=0.5", "warmup.epochs=1")
+    assert rec.info["steps_per_epoch"] == pytest.approx(1600 / 1024)
+    assert rec.info["total_steps"] == 3 and rec.info["warmup_steps"] == 2  # round(3.125), round(1.5625)
+    assert [h["step"] for h in rec.history] == [1, 2, 3]  # every round(0.78) = 1 step
+    assert result.metrics["samples"] == 3072 and result.metrics["epoch"] == pytest.approx(3072 / 1600)
+
+
+def test_sample_stream_reads_each_epoch_once_across_boundaries():
+    """Concatenated, the batches are one permutation per epoch; any step's batch is the same
+    whether the stream got there step by step or was built fresh there (as after a resume)."""
+    n, B = 10, 4
+    stream = train_mod._SampleStream(n, seed=3, device=torch.device("cpu"))
+    flat = torch.cat([stream.batch(step, B) for step in range(10)])  # 40 samples: 4 epochs
+    for e in range(4):
+        assert sorted(flat[e * n:(e + 1) * n].tolist()) == list(range(n)), e
+    assert not torch.equal(flat[:n], flat[n:2 * n])  # a fresh order each epoch
+    for step in (2, 5, 7):  # batches that straddle an epoch boundary (8..11, 20..23, 28..31)
+        assert torch.equal(train_mod._SampleStream(n, 3, torch.device("cpu")).batch(step, B), flat[step * B:(step + 1) * B])
+
+
 def test_warmup_from_zero(trial):
     _, rec, _ = trial("batch_size=64", "warmup.epochs=0.5", "warmup.start=zero", "eval_every=0.2")
     lr, warm = 0.05 * 64 / 128, round(0.5 * 25)
