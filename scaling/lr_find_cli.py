@@ -20,7 +20,7 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from scaling.config import ConfigError
-from scaling.validation import validate
+from scaling.validation import at_batch_size, validate
 
 CURVE_METRICS = {"lr": "lrs", "lr_find/loss": "losses", "lr_find/loss_smoothed": "smoothed"}
 
@@ -51,7 +51,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         argv = expand_batch_sizes(argv)
     except ConfigError as exc:
         fail(str(exc))
-    preflight(argv)
+    tested = [a.partition("=")[2].strip("[]").split(",") for a in argv if a.startswith("lr_find.batch_sizes=")]
+    sizes = [int(b) for b in (tested[-1] if tested else []) if b.strip().isdigit()]
+    # the tested batch sizes replace batch_size, which the test never uses: check the config at one of them
+    preflight(argv + [f"batch_size={min(sizes)}"] if sizes else argv)
     _run_hydra(_task, argv)
 
 
@@ -63,7 +66,8 @@ def _task(cfg: Any) -> None:
     key = "lr_find.batch_sizes" if cfg.lr_find.batch_sizes else "batch_size"
     batch_sizes = [int(b) for b in (cfg.lr_find.batch_sizes or [cfg.batch_size])]
     try:
-        validate(cfg)
+        for b in batch_sizes:  # the batch sizes tested replace batch_size, which the test never uses
+            validate(at_batch_size(cfg, b))
         data = load_dataset(cfg.data)  # once for every batch size; a missing dataset fails before any run
         for b in batch_sizes:
             if b > data.n_train:

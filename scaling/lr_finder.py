@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import numpy as np
 
 from scaling.config import ConfigError, lr_exponent
-from scaling.validation import validate
+from scaling.validation import at_batch_size, validate
 
 if TYPE_CHECKING:
     import torch
@@ -237,9 +237,10 @@ def range_test(cfg: Any, dataset: Any = None, batch_size: Optional[int] = None, 
     from scaling.optim import build_optimizer
     from scaling.train import evaluate, resolve_device
 
+    B = int(batch_size or cfg.batch_size)
+    cfg = at_batch_size(cfg, B)
     validate(cfg)
     f = cfg.lr_find
-    B = int(batch_size or cfg.batch_size)
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

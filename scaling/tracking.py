@@ -31,7 +31,7 @@ MAX_VALUE = 6000  # characters of a param value (MLflow's limit; tags allow 8000
 def sqlite_path(uri: str) -> Optional[Path]:
     """Return the database file of a `sqlite:///` URI (sqlite:///rel.db -> rel.db, sqlite:////abs.db
     -> /abs.db), None for any other store."""
-    return Path(uri[len("sqlite:///"):]).expanduser() if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None  # no ~: MLflow keeps it
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
@@ -48,10 +48,27 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
     elif scheme in ("sqlite", "file"):
         db = sqlite_path(uri)
         if db is not None:
+            if db.is_dir():
+                raise ConfigError("mlflow.tracking_uri", uri, f"names a folder ({db.resolve()}), not a database file")
             folder = db.resolve().parent
         else:
             folder = Path(uri.split("://", 1)[1] if "://" in uri else uri).expanduser().resolve()
         check_writable("mlflow.tracking_uri", uri, folder)
+    elif scheme.split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+        _check_db_driver(uri)
+
+
+def _check_db_driver(uri: str) -> None:
+    """Raise ConfigError when the database driver a SQL store's URI needs is not installed (no connection made)."""
+    import sqlalchemy
+
+    try:
+        sqlalchemy.create_engine(uri)  # loads the dialect and its driver; connects only on first use
+    except ModuleNotFoundError as exc:
+        raise ConfigError("mlflow.tracking_uri", uri, f"needs the database driver {exc.name!r}, "
+                          "which is not installed") from None
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy's own URL errors
+        raise ConfigError("mlflow.tracking_uri", uri, f"is not a valid database URL ({exc})") from None
 
 
 def check_writable(key: str, value: str, folder: Path) -> None:

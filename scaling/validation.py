@@ -19,6 +19,9 @@ from scaling.config import (ACTIVATIONS, BACKENDS, DATASETS, DEVICES, INITS, LR_
                             epochs_to_steps)
 
 
+MAX_SEED = 2**32 - 1
+
+
 def _positive(key: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
     bad_type = not isinstance(value, (int, float)) or isinstance(value, bool)
     if not bad_type and integer and not float(value).is_integer():
@@ -27,6 +30,12 @@ def _positive(key: str, value: Any, *, integer: bool = False, allow_zero: bool =
         raise ConfigError(key, value, "must be a finite " + ("integer" if integer else "number"))
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(key, value, "must be " + ("non-negative" if allow_zero else "positive"))
+
+
+def _seed(key: str, value: Any) -> None:
+    _positive(key, value, integer=True, allow_zero=True)
+    if value > MAX_SEED:  # numpy's generators take 32-bit seeds
+        raise ConfigError(key, value, f"must be at most {MAX_SEED} (2**32 - 1)")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -74,7 +83,7 @@ def validate(cfg: Any) -> None:
     _positive("eval_every", cfg.eval_every)
     if cfg.eval_every > cfg.epochs:
         raise ConfigError("eval_every", cfg.eval_every, f"must not exceed epochs={cfg.epochs}")
-    _positive("seed", cfg.seed, integer=True, allow_zero=True)
+    _seed("seed", cfg.seed)
     _choice("device", cfg.device, DEVICES)
     if cfg.threads is not None:
         _positive("threads", cfg.threads, integer=True)
@@ -99,8 +108,8 @@ def validate(cfg: Any) -> None:
 
     _choice("target.metric", cfg.target.metric, REPORTED_METRICS)
     _choice("target.mode", cfg.target.mode, MODES)
-    if not isinstance(cfg.target.value, (int, float)) or math.isnan(cfg.target.value):
-        raise ConfigError("target.value", cfg.target.value, "must be a number")
+    if not isinstance(cfg.target.value, (int, float)) or not math.isfinite(cfg.target.value):
+        raise ConfigError("target.value", cfg.target.value, "must be a finite number")
     if cfg.target.metric == "gns/b_simple" or (cfg.target.metric.startswith("gns/") and not cfg.gns.enabled):
         raise ConfigError("target.metric", cfg.target.metric, "is not a convergence metric")
     if cfg.early_stopping.patience is not None:
@@ -128,8 +137,7 @@ def validate(cfg: Any) -> None:
     _validate_optimizer(cfg.optimizer)
     _validate_schedule(cfg.schedule)
 
-    _choice("mlflow.tracking_uri", cfg.mlflow.tracking_uri.split(":", 1)[0] if ":" in cfg.mlflow.tracking_uri else "file",
-            ("sqlite", "file", "http", "https", "postgresql", "mysql", "databricks"))
+    _validate_tracking_uri(cfg.mlflow.tracking_uri)
     if not cfg.mlflow.experiment.strip():
         raise ConfigError("mlflow.experiment", cfg.mlflow.experiment, "must not be empty")
     _validate_lr_find(cfg)
@@ -181,12 +189,15 @@ def plan_split(cfg: Any) -> Split:
 def _validate_data(d: Any, batch_size: int) -> None:
     _choice("data.name", d.name, DATASETS)
     _fraction("data.val_fraction", d.val_fraction, open_low=True)
-    _positive("data.seed", d.seed, integer=True, allow_zero=True)
+    _seed("data.seed", d.seed)
+    if d.max_train_samples is not None:
+        _positive("data.max_train_samples", d.max_train_samples, integer=True)
     if d.name in ("mnist1d", "synthetic"):
         _positive("data.n_samples", d.n_samples, integer=True)
-        n_train = d.n_samples - int(round(d.n_samples * d.val_fraction))
-        if d.max_train_samples is not None:
-            n_train = min(n_train, d.max_train_samples)
+        if int(round(d.n_samples * d.val_fraction)) < 1:
+            raise ConfigError("data.n_samples", d.n_samples,
+                              f"leaves no validation sample at data.val_fraction={d.val_fraction}")
+        n_train = _generated_n_train(d)
         if batch_size > n_train:
             raise ConfigError("batch_size", batch_size, f"is larger than the training set ({n_train} samples)")
     if d.name == "synthetic":
@@ -195,8 +206,30 @@ def _validate_data(d: Any, batch_size: int) -> None:
         if d.n_classes < 2:
             raise ConfigError("data.n_classes", d.n_classes, "must be at least 2")
         _positive("data.noise", d.noise, allow_zero=True)
-    if d.max_train_samples is not None:
-        _positive("data.max_train_samples", d.max_train_samples, integer=True)
+
+
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def _validate_tracking_uri(uri: str) -> None:
+    """Check an MLflow tracking URI's form (check_tracking_uri in scaling.tracking then tries to reach it)."""
+    import os
+
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else "file"
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError("mlflow.tracking_uri", uri,
+                          f"has an unknown scheme {scheme!r}; choose one of {', '.join(TRACKING_SCHEMES)}")
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise ConfigError("mlflow.tracking_uri", uri, "is a file store, which MLflow refuses unless "
+                          "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///mlflow.db")
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+        if path is None:
+            raise ConfigError("mlflow.tracking_uri", uri, "must be sqlite:///relative.db or sqlite:////absolute.db")
+        if path in ("", ":memory:") or path.endswith("/"):
+            raise ConfigError("mlflow.tracking_uri", uri, "names no database file, and an in-memory store keeps nothing")
+        if path.startswith("~"):
+            raise ConfigError("mlflow.tracking_uri", uri, "starts with ~, which MLflow does not expand: give the path")
 
 
 def _validate_model(m: Any) -> None:
@@ -299,6 +332,8 @@ def _validate_lr_find(cfg: Any) -> None:
         raise ConfigError("scaling.ref_batch_size", cfg.scaling.ref_batch_size,
                           f"is larger than the training set ({n_train} samples), and scaling.ref_lr=auto "
                           "runs the LR range test at it")
+    if cfg.lr is not None and cfg.scaling.ref_lr == "auto":
+        raise ConfigError("lr", cfg.lr, "bypasses scaling.ref_lr=auto's range test; set one of them")
     if cfg.schedule.from_lr_find:
         if cfg.schedule.name not in ("onecycle", "cyclic"):
             raise ConfigError("schedule.from_lr_find", True,
@@ -308,3 +343,17 @@ def _validate_lr_find(cfg: Any) -> None:
 
 
 # --------------------------------------------------------------------------- derived values
+def at_batch_size(cfg: Any, batch_size: int) -> Any:
+    """Return cfg with `batch_size` (a copy when it differs): the range test's batch sizes
+    (lr_find.batch_sizes) replace the trial's, which the range test then never uses."""
+    if int(cfg.batch_size) == int(batch_size):
+        return cfg
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.merge(cfg, {"batch_size": int(batch_size)})
+    import dataclasses
+
+    return dataclasses.replace(cfg, batch_size=int(batch_size))
+
+

@@ -38,6 +38,18 @@ CASES = [
     ("scaling-train", ["mlflow.tracking_uri=ftp://host/x"], "mlflow.tracking_uri"),
     ("scaling-train", ["mlflow.tracking_uri=sqlite:////proc/nope/x.db"], "mlflow.tracking_uri"),
     ("scaling-train", ["seed=-1"], "seed=-1"),
+    ("scaling-train", ["seed=100000000000000"], "seed=100000000000000"),
+    ("scaling-train", ["data.seed=99999999999"], "data.seed=99999999999"),
+    ("scaling-train", ["data.n_samples=2", "batch_size=1"], "data.n_samples=2"),  # no validation sample
+    ("scaling-train", ["data.max_train_samples=-5"], "data.max_train_samples=-5"),
+    ("scaling-train", ["target.value=inf"], "target.value=inf"),
+    ("scaling-train", ["lr=0.1", "scaling.ref_lr=auto"], "lr=0.1"),
+    ("scaling-train", ["mlflow.tracking_uri=sqlite:///"], "mlflow.tracking_uri='sqlite:///'"),  # in memory: lost
+    ("scaling-train", ["mlflow.tracking_uri=sqlite:////tmp"], "mlflow.tracking_uri='sqlite:////tmp'"),  # a folder
+    ("scaling-train", ["mlflow.tracking_uri='sqlite:///~/x.db'"], "mlflow.tracking_uri='sqlite:///~/x.db'"),
+    ("scaling-train", ["mlflow.tracking_uri=bogus://x"], "mlflow.tracking_uri='bogus://x'"),
+    ("scaling-train", ["mlflow.tracking_uri=file:///tmp/mlruns"], "mlflow.tracking_uri='file:///tmp/mlruns'"),
+    ("scaling-train", ["mlflow.tracking_uri=postgresql://u@127.0.0.1:1/db"], "database driver"),
     ("scaling-train", ["warmup.epochs=10", "epochs=1"], "warmup.epochs=10"),
     # 1,600 training samples at B=1024: epochs=2 is 3 steps and a 1.8-epoch warmup rounds to all 3
     ("scaling-train", ["data.n_samples=2000", "batch_size=1024", "epochs=2", "warmup.epochs=1.8"], "warmup.epochs=1.8"),
@@ -68,6 +80,7 @@ CASES = [
     ("scaling-lr-find", ["batch_size=100000", *SMALL], "batch_size"),
     ("scaling-report", ["no-such-study", "--tracking-uri", "sqlite:///{tmp}/store.db"], "no-such-study"),
     ("scaling-report", ["--memory-budget", "abc"], "memory-budget"),
+    ("scaling-report", ["--memory-budget", "inf"], "memory-budget"),
     ("scaling-report", ["--tracking-uri", "sqlite:////nonexistent/x.db"], "x.db"),
 ]
 

@@ -166,5 +166,4 @@ def test_warmup_starts_from_the_rules_lr_at_the_reference_batch(compose_cfg, rul
     explicit = compose_cfg(*over, "lr=0.3", "lr_multiplier=4")  # neither ref_lr nor the multiplier counts
     assert warmup_start_lr(explicit) == pytest.approx(0.3 * (REF_B / batch_size) ** alpha, rel=1e-12)
     assert warmup_start_lr(explicit, ref_lr=1.0) == warmup_start_lr(explicit)
-    assert warmup_start_lr(compose_cfg(*over, "lr=0.3", "scaling.ref_lr=auto")) == warmup_start_lr(explicit)
     assert warmup_start_lr(compose_cfg(*over, "lr=0.3", "warmup.start=zero")) == 0.0

@@ -302,6 +302,17 @@ def run_cli(args, cwd, script="scaling-lr-find", timeout=240, env_extra=None):
                           timeout=timeout)
 
 
+def test_lr_find_cli_checks_the_tested_batch_sizes_not_the_unused_batch_size(tmp_path):
+    """80 training samples: batch_size's default (128) would not fit, but only 16 and 32 are tested."""
+    proc = run_cli(["data.n_samples=100", "model.width=8", "threads=1", "lr_find.num_iters=20",
+                    "batch_size=16,32", "mlflow.enabled=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("bs=")] == ["bs=16", "bs=32"]
+    proc = run_cli(["data.n_samples=100", "batch_size=16,128", "mlflow.enabled=false"], tmp_path)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        "error: lr_find.batch_sizes=128: is larger than the training set (80 samples)"], proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_lr_find_cli_records_one_run_per_batch_size(tmp_path):
     from mlflow.tracking import MlflowClient
