@@ -1,8 +1,8 @@
 """Console entry points: scaling-train, scaling-study (and, via their modules, report and lr-find).
 
-Each entry point checks the command line *before* Hydra starts: it composes the config,
-validates it and probes the tracking store, so a typo ends in one line naming the key and
-the value (exit 2), with no output folder, no MLflow run and no Ray process left behind.
+Each entry point checks the command line *before* Hydra starts (scaling.preflight): it composes
+the config, validates it and probes the tracking store, so a typo ends in one line naming the key
+and the value (exit 2), with no output folder, no MLflow run and no Ray process left behind.
 HYDRA_FULL_ERROR=1 shows the full traceback instead.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def one_line(exc: BaseException) -> str:
         # Hydra names the missing file `missing_cfg_file` ("optimizer/foo"); there is no `config_name`
         # attribute, and reading one turned every unknown group option into an AttributeError traceback.
         missing = exc.missing_cfg_file or ""
-        group = missing.split("/")[0]
+        group = missing.rpartition("/")[0]  # "hydra/launcher/nope" is an option of hydra/launcher
         return f"{head.split(': ', 1)[-1]} (options for {group}: {', '.join(sorted(exc.options))})"
     cause = exc.__cause__
     if cause is not None and str(cause).strip():
@@ -62,31 +62,6 @@ def compose(overrides: Sequence[str], config_name: str = "config") -> Any:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name, overrides=list(overrides))
-
-
-def preflight(argv: Sequence[str]) -> None:
-    """Exit with one line if a single-run command line does not compose, validate and reach MLflow."""
-    argv = [a for a in argv if a != "--yes"]
-    if any(a.split("=")[0] in INFO_FLAGS for a in argv):
-        return  # help output needs no check
-    if any(a in MULTIRUN_FLAGS for a in argv):  # the sweeper checks the grid; the syntax is checked here
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        try:
-            OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
-        except Exception as exc:  # noqa: BLE001
-            fail(one_line(exc))
-        return
-    from scaling.tracking import check_experiment, check_tracking_uri
-
-    try:
-        cfg = compose([a for a in argv if not a.startswith("-")])
-        validate(cfg)
-        if cfg.mlflow.enabled:
-            check_tracking_uri(cfg.mlflow.tracking_uri)
-            check_experiment(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
-        fail(one_line(exc))
 
 
 def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str] = None,
@@ -164,8 +139,10 @@ def _train_task(cfg: Any) -> Optional[float]:
 def _run_hydra(task, argv: Sequence[str]) -> None:
     import hydra
 
+    from scaling.preflight import hydra_argv
+
     # `--yes` is ours, not Hydra's: it answers the large-grid question in advance
-    argv = ["hydra.sweeper.confirm=false" if a == "--yes" else a for a in argv]
+    argv = hydra_argv(["hydra.sweeper.confirm=false" if a == "--yes" else a for a in argv])
     register_configs()
     sys.argv = [sys.argv[0], *argv]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
@@ -173,6 +150,8 @@ def _run_hydra(task, argv: Sequence[str]) -> None:
 
 def train_main(argv: Optional[Sequence[str]] = None) -> None:
     """`scaling-train [overrides]`: one recorded trial; `-m` sweeps with the configured sweeper."""
+    from scaling.preflight import preflight
+
     argv = list(sys.argv[1:] if argv is None else argv)
     preflight(argv)
     _run_hydra(_train_task, argv)
@@ -185,6 +164,8 @@ def study_main(argv: Optional[Sequence[str]] = None) -> None:
         argv = ["experiment=default_study", *argv]
     if not any(a in MULTIRUN_FLAGS for a in argv) and not any(a.split("=")[0] in INFO_FLAGS for a in argv):
         argv = ["--multirun", *argv]
+    from scaling.preflight import preflight
+
     preflight(argv)
     _run_hydra(_train_task, argv)
 

@@ -148,25 +148,32 @@ def _teacher_student(n: int, n_features: int, n_classes: int, noise: float, seed
     return x.numpy(), y.numpy()
 
 
-def _cached_mnist1d(n_samples: int, seed: int, cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return mnist1d's (x, y), read from the cache or generated and written there atomically."""
+def _mnist1d_cache_path(n_samples: int, seed: int, cache_dir: str) -> str:
     from importlib.metadata import version
 
     # The package version stands for its default arguments; reading it does not import mnist1d.
     key = {"name": "mnist1d", "n_samples": n_samples, "seed": seed, "format": CACHE_FORMAT,
            "mnist1d": version("mnist1d")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = os.path.join(cache_dir, f"mnist1d-{digest}.npz")
+    return os.path.join(cache_dir, f"mnist1d-{digest}.npz")
+
+
+def _cached_mnist1d(n_samples: int, seed: int, cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return mnist1d's (x, y), read from the cache or generated and written there atomically."""
+    path = _mnist1d_cache_path(n_samples, seed, cache_dir)
     try:
         with np.load(path) as f:
             return f["x"], f["y"]
     except (OSError, ValueError, KeyError):  # missing, or unreadable: regenerate below
         pass
     x, y = _generate_mnist1d(n_samples, seed)
-    os.makedirs(cache_dir, exist_ok=True)
     # Concurrent trials may generate at once: each writes its own temp file, and os.replace
     # swaps it in atomically, so a reader sees either no file or a complete one.
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".mnist1d-", suffix=".tmp")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".mnist1d-", suffix=".tmp")
+    except OSError as exc:
+        raise ConfigError("data.cache_dir", cache_dir, f"cannot hold the generated dataset ({exc.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, x=x, y=y)
@@ -205,26 +212,57 @@ _VISION_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 def _read_vision(cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Return uint8 (x_train, y_train, x_test, y_test) images as (N, C, H, W) from cfg.root."""
-    root = os.path.expanduser(cfg.root)
     if cfg.download:
-        _download(cfg.name, root)
+        _download(cfg.name, os.path.expanduser(cfg.root))
+    files = _vision_files(cfg)
+    if cfg.name == "cifar10":
+        x_tr, y_tr = zip(*(_read_cifar_batch(f) for f in files[:-1]))
+        return (np.concatenate(x_tr), np.concatenate(y_tr), *_read_cifar_batch(files[-1]))
+    x_tr, y_tr, x_te, y_te = (_read_idx(f) for f in files)
+    return x_tr[:, None], y_tr, x_te[:, None], y_te
+
+
+def _vision_files(cfg: Any) -> list[str]:
+    """Return the dataset's files in cfg.root (cifar10: 5 training batches, then the test batch;
+    mnist-like: train images, train labels, test images, test labels); ConfigError if one is missing."""
+    root = os.path.expanduser(cfg.root)
     if cfg.name == "cifar10":
         folder = os.path.join(root, "cifar-10-batches-py")
-        files = [os.path.join(folder, f"data_batch_{i}") for i in range(1, 6)]
-        if not all(os.path.exists(f) for f in files + [os.path.join(folder, "test_batch")]):
+        files = [os.path.join(folder, f"data_batch_{i}") for i in range(1, 6)] + [os.path.join(folder, "test_batch")]
+        if not all(os.path.exists(f) for f in files):
             _missing(cfg, files[0])
-        x_tr, y_tr = zip(*(_read_cifar_batch(f) for f in files))
-        return (np.concatenate(x_tr), np.concatenate(y_tr), *_read_cifar_batch(os.path.join(folder, "test_batch")))
+        return files
     folder = os.path.join(root, _VISION_DIRS[cfg.name], "raw")
-    arrays = []
+    files = []
     for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         path = os.path.join(folder, stem)
         path = path if os.path.exists(path) else path + ".gz"
         if not os.path.exists(path):
             _missing(cfg, os.path.join(folder, stem))
-        arrays.append(_read_idx(path))
-    x_tr, y_tr, x_te, y_te = arrays
-    return x_tr[:, None], y_tr, x_te[:, None], y_te
+        files.append(path)
+    return files
+
+
+def check_sources(cfg: Any) -> None:
+    """Raise ConfigError when the dataset can be neither read nor generated: a file dataset's files
+    are not in data.root (and data.download is off), or mnist1d is not in its cache yet and
+    data.cache_dir cannot be written. Cheap (nothing is read, no torch): the command line checks
+    it before Hydra's output folder or the MLflow store exists."""
+    if _is_vision(cfg):
+        if not cfg.download:
+            _vision_files(cfg)
+        return
+    if cfg.name != "mnist1d":
+        return
+    cache_dir = os.path.expanduser(cfg.cache_dir)
+    if os.path.exists(_mnist1d_cache_path(cfg.n_samples, cfg.seed, cache_dir)):
+        return
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as exc:
+        raise ConfigError("data.cache_dir", cfg.cache_dir, f"cannot hold the generated dataset ({exc.strerror})") from None
 
 
 def _missing(cfg: Any, expected: str) -> None:

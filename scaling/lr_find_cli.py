@@ -42,7 +42,8 @@ def expand_batch_sizes(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Check the command line (one line on error, nothing created), then run the tests as a Hydra app."""
-    from scaling.cli import MULTIRUN_FLAGS, _run_hydra, fail, preflight
+    from scaling.cli import MULTIRUN_FLAGS, _run_hydra, fail
+    from scaling.preflight import preflight
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in MULTIRUN_FLAGS for a in argv):

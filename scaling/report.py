@@ -56,7 +56,12 @@ def report_study(tracking_uri: Optional[str], study: Optional[str] = None, *, ex
     from scaling.plots import save_figures
 
     out = Path(out_dir) if out_dir is not None else default_out_dir(s)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        error = f"--out {out}: cannot hold the report ({exc.strerror})"
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return ReportResult(error=error, exit_code=1)
     figures = save_figures(a, s, out, memory_budget_mb)
     tables = write_tables(a, out)
     if log_to_mlflow:
@@ -205,6 +210,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """`scaling-report [STUDY] [--tracking-uri URI] [--experiment NAME] [--memory-budget MB] [--out DIR]`."""
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.tracking_uri.startswith(("http:", "https:")):  # MLflow's client would retry for minutes
+        from scaling.config import ConfigError
+        from scaling.tracking import check_tracking_uri
+
+        try:
+            check_tracking_uri(args.tracking_uri)
+        except ConfigError as exc:
+            print(f"error: --tracking-uri {args.tracking_uri}: {exc.problem}", file=sys.stderr)
+            raise SystemExit(1) from None
     try:
         result = report_study(args.tracking_uri, args.study, experiment=args.experiment,
                               memory_budget_mb=args.memory_budget, out_dir=args.out, log_to_mlflow=not args.no_log)

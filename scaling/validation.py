@@ -197,9 +197,9 @@ def _validate_data(d: Any, batch_size: int) -> None:
         if int(round(d.n_samples * d.val_fraction)) < 1:
             raise ConfigError("data.n_samples", d.n_samples,
                               f"leaves no validation sample at data.val_fraction={d.val_fraction}")
-        n_train = _generated_n_train(d)
-        if batch_size > n_train:
-            raise ConfigError("batch_size", batch_size, f"is larger than the training set ({n_train} samples)")
+    n_train = _generated_n_train(d)
+    if n_train is not None and batch_size > n_train:
+        raise ConfigError("batch_size", batch_size, f"is larger than the training set ({n_train} samples)")
     if d.name == "synthetic":
         _positive("data.n_features", d.n_features, integer=True)
         _positive("data.n_classes", d.n_classes, integer=True)
@@ -286,11 +286,15 @@ def check_warmup_steps(cfg: Any, n_train: int) -> None:
                           f"which leaves no step of the {total} that epochs={cfg.epochs} gives after it")
 
 
+DIGITS_SAMPLES = 1797  # scikit-learn's bundled digits, all of which data.py uses
+
+
 def _generated_n_train(d: Any) -> Optional[int]:
     """Return the training-set size of a generated dataset (as load_dataset splits it), None for files."""
-    if d.name not in ("mnist1d", "synthetic"):
+    if d.name not in ("mnist1d", "synthetic", "digits"):
         return None
-    n_train = d.n_samples - int(round(d.n_samples * d.val_fraction))
+    n = DIGITS_SAMPLES if d.name == "digits" else d.n_samples
+    n_train = n - int(round(n * d.val_fraction))
     return n_train if d.max_train_samples is None else min(n_train, d.max_train_samples)
 
 

@@ -42,6 +42,10 @@ CASES = [
     ("scaling-train", ["data.seed=99999999999"], "data.seed=99999999999"),
     ("scaling-train", ["data.n_samples=2", "batch_size=1"], "data.n_samples=2"),  # no validation sample
     ("scaling-train", ["data.max_train_samples=-5"], "data.max_train_samples=-5"),
+    ("scaling-train", ["data.cache_dir=/proc/nope", "data.n_samples=1234"], "data.cache_dir='/proc/nope'"),
+    ("scaling-train", ["data=mnist", "data.root=/nonexistent"], "data.root='/nonexistent'"),
+    ("scaling-train", ["data=digits", "batch_size=4096"], "batch_size=4096"),
+    ("scaling-train", ["-m", "data=digits", "batch_size=32,4096", "epochs=0.5"], "batch_size=4096"),
     ("scaling-train", ["target.value=inf"], "target.value=inf"),
     ("scaling-train", ["lr=0.1", "scaling.ref_lr=auto"], "lr=0.1"),
     ("scaling-train", ["mlflow.tracking_uri=sqlite:///"], "mlflow.tracking_uri='sqlite:///'"),  # in memory: lost
@@ -81,6 +85,7 @@ CASES = [
     ("scaling-report", ["no-such-study", "--tracking-uri", "sqlite:///{tmp}/store.db"], "no-such-study"),
     ("scaling-report", ["--memory-budget", "abc"], "memory-budget"),
     ("scaling-report", ["--memory-budget", "inf"], "memory-budget"),
+    ("scaling-report", ["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri http://127.0.0.1:9: tracking server"),
     ("scaling-report", ["--tracking-uri", "sqlite:////nonexistent/x.db"], "x.db"),
 ]
 

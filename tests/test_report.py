@@ -138,6 +138,8 @@ def test_unknown_study_or_experiment_is_one_line(tiny_study):
     assert_one_error_line(run_cli(["no-such-study"], cwd, "scaling-report"), "no study 'no-such-study'", "latest studies")
     assert_one_error_line(run_cli(["--experiment", "nope"], cwd, "scaling-report"), "no experiment 'nope'")
     assert_one_error_line(run_cli(["--memory-budget", "-3"], cwd, "scaling-report"), "must be positive")
+    assert_one_error_line(run_cli(["--memory-budget", "inf"], cwd, "scaling-report"), "must be positive and finite")
+    assert_one_error_line(run_cli(["--out", "/proc/nope/report"], cwd, "scaling-report"), "--out /proc/nope/report")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,176 @@
+"""The command line's check before Hydra starts: parse, compose, validate, probe the store.
+
+Every entry point calls `preflight(argv)` first, so a typo ends in one line naming the key and
+the value (exit 2), with no output folder, no MLflow run and no Ray process left behind. It
+builds what `hydra.main` would build (search path, `-cn`/`-cp`/`-cd`), composes the run or the
+multirun the same way, and turns Hydra's multi-line errors into `scaling.cli.one_line`'s one line.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+from typing import Any, Sequence
+
+from omegaconf import open_dict
+
+from scaling.cli import CONF_DIR, fail, one_line
+from scaling.config import ConfigError, register_configs
+from scaling.validation import validate
+
+
+def hydra_argv(argv: Sequence[str]) -> list[str]:
+    """Return argv with Hydra's flags, each with its value, ahead of the overrides (both in their order).
+
+    Hydra's argparse takes the overrides as one run of positionals: `a=1 -m b=2` is refused, and so
+    was scaling-study's own `experiment=` put ahead of a user's `-cn NAME`.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    actions = {flag: a for a in get_args_parser()._actions for flag in a.option_strings}
+    flags, overrides, rest = [], [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        action = actions.get(arg)
+        if not arg.startswith("-"):
+            overrides.append(arg)
+            continue
+        flags.append(arg)
+        # `-cn NAME` takes the next word; `--info` only when it is one of its choices
+        if action is not None and action.nargs is None and rest:
+            flags.append(rest.pop(0))
+        elif action is not None and action.nargs == "?" and rest and rest[0] in (action.choices or ()):
+            flags.append(rest.pop(0))
+    return flags + overrides
+
+
+def parse_args(argv: Sequence[str]) -> Any:
+    """Return Hydra's parse of the command line (a Namespace); a usage error becomes one line."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.error = fail  # type: ignore[method-assign]
+    return parser.parse_args(hydra_argv(argv))
+
+
+def main_hydra(args: Any) -> Any:
+    """Return the Hydra instance hydra.main would build for `args`: conf/, or -cp, plus -cd."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path, detect_task_name
+
+    if args.config_dir is not None and not os.path.isdir(args.config_dir):
+        raise ConfigError("--config-dir", args.config_dir, "is not a directory")
+    register_configs()
+    search_path = create_automatic_config_search_path(None, __name__, args.config_path or str(CONF_DIR))
+    if args.config_dir is not None:
+        from hydra.core.config_search_path import SearchPathQuery
+
+        search_path.prepend("command-line", f"file://{os.path.abspath(args.config_dir)}", SearchPathQuery("schema"))
+    return Hydra.create_main_hydra2(detect_task_name(None, __name__), search_path)
+
+
+def preflight(argv: Sequence[str]) -> None:
+    """Exit with one line unless the command line parses, composes, validates and reaches MLflow.
+
+    A multirun is composed as Hydra composes it, then at its first grid point; a basic-sweeper
+    multirun at every grid point, since its jobs run one after another (the scaling sweeper plans
+    its own grid before anything starts).
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    args = parse_args([a for a in argv if a != "--yes"])
+    if (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.package
+            or args.resolve or args.experimental_rerun):
+        return  # help and config output need no check
+    name = args.config_name or "config"
+    try:
+        hydra = main_hydra(args)
+        configs = sweep_configs(hydra, name, args.overrides) if args.multirun else [run_config(hydra, name, args)]
+        from scaling.tracking import check_experiment, check_tracking_uri
+
+        for uri, experiment in dict.fromkeys((c.mlflow.tracking_uri, c.mlflow.experiment)
+                                             for c in configs if c.mlflow.enabled):
+            check_tracking_uri(uri)
+            check_experiment(uri, experiment)
+        if not args.multirun:  # a study's driver reads or generates each dataset before its record opens
+            from scaling.data import check_sources
+
+            check_sources(configs[0].data)
+    except MissingConfigException as exc:
+        if exc.missing_cfg_file == name:  # the primary config: Hydra's message names no flag
+            fail(f"--config-name={name}: {one_line(exc)}")
+        fail(one_line(exc))
+    except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
+        fail(one_line(exc))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def run_config(hydra: Any, config_name: str, args: Any) -> Any:
+    """Return the validated config of a single run."""
+    from hydra.types import RunMode
+
+    cfg = hydra.compose_config(config_name, args.overrides, run_mode=RunMode.RUN)
+    return _trial(cfg, [])
+
+
+def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> list:
+    """Check a multirun as Hydra composes it; return the configs whose MLflow store is checked here.
+
+    The basic sweeper runs its jobs one after another, so each of its grid points is composed and
+    validated (and returned). The scaling sweeper plans its whole grid, and probes the store,
+    before anything starts; here each value of its axes is merged alone, so a value that does not
+    compose is named by itself rather than by the trial it belongs to.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    master = hydra.compose_config(config_name, list(overrides), run_mode=RunMode.MULTIRUN)  # sweeps left out
+    sweeper, loader = master.hydra.sweeper, hydra.config_loader
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]  # the preset's axes come first
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + list(master.hydra.overrides.task))
+    if sweeper._target_.endswith("BasicSweeper"):
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        for o in parsed:
+            if o.is_discrete_sweep() and next(o.sweep_string_iterator(), None) is None:
+                raise ConfigError(o.get_key_element(), o.input_line.split("=", 1)[-1],
+                                  "sweeps over no values: the grid is empty")
+        points = BasicSweeper.split_arguments(parsed, None)[0]
+        return [_trial(loader.load_sweep_config(master, p), p) for p in points]
+    base, value_parser = copy.deepcopy(master), OverridesParser.create()
+    with open_dict(base):
+        del base["hydra"]
+    axes = {o.get_key_element(): o for o in parsed if o.is_discrete_sweep()}  # a shell axis replaces a preset's
+    for key, o in axes.items():
+        for value in _axis_values(o):
+            if key[:1] in "+~" or "@" in key or loader.repository.group_exists(key.replace(".", "/")):
+                loader.load_sweep_config(master, [f"{key}={value}"])  # a group choice: its own composition
+            else:  # a plain value: merged as Hydra merges it, into the copy (a millisecond, not a composition)
+                from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+                ConfigLoaderImpl._apply_overrides_to_config(value_parser.parse_overrides([f"{key}={value}"]), base)
+    return []
+
+
+def _axis_values(override: Any) -> list[str]:
+    """Return the values of a discrete sweep to merge: every choice, a range's first (all of one type)."""
+    from hydra.core.override_parser.types import Transformer
+
+    if override.is_range_sweep():  # range(0,10**8) is not listed: the sweeper refuses such a grid itself
+        return [Transformer.str(v) for v in itertools.islice(override.value().range(), 1)]
+    return list(override.sweep_string_iterator())
+
+
+def _trial(cfg: Any, point: Sequence[str]) -> Any:
+    """Return `cfg` without its hydra node, validated; a grid point's error names the trial."""
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        if not point:
+            raise
+        raise ConfigError(exc.key, exc.value, f"{exc.problem} (trial {' '.join(point)})") from None
+    return cfg

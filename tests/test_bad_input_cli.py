@@ -1,0 +1,86 @@
+"""Bad input that used to slip past the command-line check: composition errors of a multirun,
+a basic-sweeper grid point that fails validation, Hydra's flags that take a value, and error lines
+that named the wrong key. Each goes through a real console script and must end in ONE line (exit 2)
+naming the key and the value, with nothing left in the cwd.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from scaling.cli import CONF_DIR
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SMALL = ["data.n_samples=2000", "epochs=0.5"]
+
+CASES = [
+    # (script, args, texts the line must contain, texts it must not)
+    # a multirun's composition errors (scaling-study is a multirun)
+    ("scaling-study", ["optimizer=foo"], ["optimizer/foo", "options for optimizer"], []),
+    ("scaling-study", ["experiment=nope"], ["experiment/nope"], []),
+    ("scaling-study", ["batch_size=abc"], ["batch_size=abc"], []),
+    ("scaling-study", ["foo=1"], ["'foo'"], []),
+    ("scaling-study", ["hydra.sweeper.asha.nope=1"], ["hydra.sweeper.asha.nope"], []),
+    ("scaling-study", ["hydra.sweeper.num_samples=abc"], ["hydra.sweeper.num_samples=abc"], []),
+    ("scaling-train", ["-m", "batch_size="], ["batch_size="], []),
+    ("scaling-train", ["-m", "optimizer=adam,foo", *SMALL], ["optimizer/foo"], ["data.n_samples", "epochs"]),
+    # every grid point of a basic-sweeper multirun is validated before its first job
+    ("scaling-train", ["-m", "hydra/sweeper=basic", "batch_size=32,-1", *SMALL], ["batch_size=-1"], []),
+    ("scaling-train", ["-m", "hydra/sweeper=basic", "batch_size=range(5,5)", *SMALL], ["batch_size", "range(5,5)"], []),
+    # Hydra's flags that take a value
+    ("scaling-train", ["--config-name", "config", "batch_size=-1"], ["batch_size=-1"], []),
+    ("scaling-train", ["-cn", "config", "batch_size=-1"], ["batch_size=-1"], []),
+    ("scaling-train", ["--config-dir", str(CONF_DIR), "batch_size=-1"], ["batch_size=-1"], []),
+    ("scaling-train", ["-cd", str(CONF_DIR), "batch_size=-1"], ["batch_size=-1"], []),
+    ("scaling-study", ["-cn", "config", "batch_size=-1"], ["batch_size=-1"], []),
+    ("scaling-train", ["--config-name=foo"], ["--config-name", "foo"], []),
+    ("scaling-train", ["-cd", "/nonexistent/conf"], ["--config-dir", "/nonexistent/conf"], []),
+    # the line names the key that is wrong, and only that
+    ("scaling-train", ["hydra/launcher=nope"], ["hydra/launcher/nope", "options for hydra/launcher:"], []),
+    ("scaling-train", ["-m", "batch_size=32,abc", *SMALL], ["batch_size=abc"], ["data.n_samples", "epochs"]),
+]
+
+
+def _left_behind(cwd: Path) -> list[str]:
+    leftovers = [p.name for p in cwd.iterdir()]
+    for proc in psutil.process_iter(["cwd", "name"]):
+        try:
+            if proc.info["cwd"] == str(cwd):
+                leftovers.append(f"process {proc.pid} {proc.info['name']}")
+        except (psutil.Error, TypeError):
+            pass
+    return leftovers
+
+
+def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "SCALING_PROGRESS")}
+    return subprocess.run([str(BIN / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("script, args, needles, absent", CASES,
+                         ids=[f"{c[0]}:{' '.join(c[1])[:50]}" for c in CASES])
+def test_bad_input_ends_in_one_line_naming_it(tmp_path, script, args, needles, absent):
+    proc = run(script, args, tmp_path)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-2000:]
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert not any(a in lines[0] for a in absent), lines[0]
+    assert _left_behind(tmp_path) == []  # no multirun/, outputs/, mlflow.db, no trial's process
+
+
+def test_basic_sweeper_runs_with_flags_among_the_overrides(tmp_path):
+    """A valid basic-sweeper grid still runs every job, with `-cn NAME` after an override."""
+    proc = run("scaling-train", ["-m", "hydra/sweeper=basic", "batch_size=32,64", "-cn", "config", *SMALL,
+                                 "mlflow.enabled=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("trial completed") == 2, proc.stdout
