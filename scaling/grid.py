@@ -51,27 +51,56 @@ def _sample(override: Any, rng: random.Random) -> str:
     return repr(value)
 
 
+def _last_per_key(overrides: Sequence[Any]) -> dict[str, Any]:
+    """Return the overrides by key: a later override of the same key replaces an earlier one."""
+    by_key: dict[str, Any] = {}
+    for o in overrides:
+        by_key[o.get_key_element()] = o  # insertion order kept; later wins
+    return by_key
+
+
+def _axis_length(key: str, o: Any) -> int:
+    """Return how many values a discrete sweep has, counting a range without listing it
+    (range(0,100000000) as strings would not fit in memory)."""
+    from hydra.core.override_parser.types import RangeSweep
+
+    sweep, text = o.value(), o.input_line.split("=", 1)[-1]
+    if isinstance(sweep, RangeSweep):
+        if not sweep.step:
+            raise ConfigError(key, text, "a range's step must not be 0")
+        r = sweep.range()  # range, or Hydra's FloatRange: start + i * step short of stop, in Decimal
+        n = len(r) if isinstance(r, range) else max(0, math.ceil((r.stop - r.start) / r.step))
+    else:
+        n = sum(1 for _ in o.sweep_string_iterator())
+    if n == 0:
+        raise ConfigError(key, text, "sweeps over no values: the grid is empty")
+    return n
+
+
+def grid_size(overrides: Sequence[Any], *, num_samples: int = 1) -> int:
+    """Return how many trials build_grid would make of these overrides, without making them."""
+    if num_samples < 1:
+        raise ConfigError("hydra.sweeper.num_samples", num_samples, "must be at least 1")
+    sweeps = [(k, o) for k, o in _last_per_key(overrides).items() if o.is_sweep_override()]
+    n = math.prod(_axis_length(k, o) for k, o in sweeps if o.is_discrete_sweep())
+    return n * (num_samples if any(not o.is_discrete_sweep() for _, o in sweeps) else 1)
+
+
 def build_grid(overrides: Sequence[Any], *, num_samples: int = 1, seed: int = 0) -> Grid:
     """Return the trials of a sweep, given Hydra-parsed overrides (params first, then the shell's).
 
     A later override of the same key replaces an earlier one, so shell sweeps replace preset axes.
+    Call grid_size first where the grid may be too large to build.
     """
-    by_key: dict[str, Any] = {}
-    for o in overrides:
-        by_key[o.get_key_element()] = o  # insertion order kept; later wins
-    axes, sampled, fixed = {}, {}, []
+    grid_size(overrides, num_samples=num_samples)  # a zero step or an empty axis: the same error as there
+    by_key, axes, sampled, fixed = _last_per_key(overrides), {}, {}, []
     for key, o in by_key.items():
         if not o.is_sweep_override():
             fixed.append(f"{key}={o.get_value_element_as_str()}")
         elif o.is_discrete_sweep():
-            values = list(o.sweep_string_iterator())
-            if not values:
-                raise ConfigError(key, o.input_line.split("=", 1)[-1], "sweeps over no values: the grid is empty")
-            axes[key] = values
+            axes[key] = list(o.sweep_string_iterator())
         else:
             sampled[key] = o.input_line.split("=", 1)[-1]
-    if num_samples < 1:
-        raise ConfigError("hydra.sweeper.num_samples", num_samples, "must be at least 1")
     rng = random.Random(seed)
     interval_overrides = [by_key[k] for k in sampled]
     points = []

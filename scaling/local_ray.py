@@ -136,8 +136,9 @@ def start_ray(sweeper) -> Future:
     return started
 
 
-def check_cluster(sweeper, started: Future, most_workers: int = 1) -> None:
-    """Wait for start_ray; raise ConfigError if it failed or the cluster lacks the resources asked for."""
+def check_cluster(sweeper, started: Future, most_workers: int = 1, needs_gpu: bool = False) -> None:
+    """Wait for start_ray; raise ConfigError if it failed or the cluster lacks the resources asked for
+    (needs_gpu: a trial has device=cuda, which fails every attempt on a cluster without a GPU)."""
     import ray
 
     from scaling.config import ConfigError
@@ -151,15 +152,28 @@ def check_cluster(sweeper, started: Future, most_workers: int = 1) -> None:
         raise ConfigError("hydra.sweeper.ray.address", r.address, f"cannot start or reach Ray ({str(exc).splitlines()[0]})") from None
     res = ray.cluster_resources()
     want = {"GPU": sweeper.conf.resources.gpu, "CPU": sweeper.conf.resources.cpu}
+    # `not n <= have`, so that a NaN request is lacking too: Tune would wait for it forever
     lacking = [ConfigError(f"hydra.sweeper.resources.{kind.lower()}", n, f"exceeds the cluster's {res.get(kind, 0):g} {kind}s")
-               for kind, n in want.items() if n > res.get(kind, 0)]
+               for kind, n in want.items() if not n <= res.get(kind, 0)]
     if most_workers > 1:
         lacking += [ConfigError("parallel.workers", most_workers, f"x hydra.sweeper.resources.{kind.lower()}={n:g} "
                                 f"exceeds the cluster's {res.get(kind, 0):g} {kind}s")
-                    for kind, n in sorted(want.items()) if most_workers * n > res.get(kind, 0)]
+                    for kind, n in sorted(want.items()) if not most_workers * n <= res.get(kind, 0)]
+    if needs_gpu and not res.get("GPU", 0):
+        lacking.append(ConfigError("device", "cuda", "needs a GPU, and the Ray cluster has none"))
     if lacking:
         ray.shutdown()
         raise lacking[0]
+
+
+def abandon_ray(started: Future) -> None:
+    """Wait for start_ray and stop what it started, for a study refused after start_ray (a batch
+    larger than its data, a missing data file): exiting mid-start left Ray's agents running."""
+    import ray
+
+    with contextlib.suppress(BaseException):  # a start that failed started nothing to stop
+        started.result()
+    ray.shutdown()
 
 
 def stop_ray_aside() -> Any:

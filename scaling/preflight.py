@@ -112,6 +112,11 @@ def run_config(hydra: Any, config_name: str, args: Any) -> Any:
     from hydra.types import RunMode
 
     cfg = hydra.compose_config(config_name, args.overrides, run_mode=RunMode.RUN)
+    from pathlib import Path
+
+    from scaling.tracking import check_writable
+
+    check_writable("hydra.run.dir", cfg.hydra.run.dir, Path(cfg.hydra.run.dir).absolute())  # Hydra makes it first
     return _trial(cfg, [])
 
 
@@ -139,6 +144,9 @@ def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> lis
                                   "sweeps over no values: the grid is empty")
         points = BasicSweeper.split_arguments(parsed, None)[0]
         return [_trial(loader.load_sweep_config(master, p), p) for p in points]
+    from scaling.grid import grid_size
+
+    grid_size(parsed, num_samples=sweeper.get("num_samples", 1))  # an empty axis or a zero range step, by key
     base, value_parser = copy.deepcopy(master), OverridesParser.create()
     with open_dict(base):
         del base["hydra"]

@@ -18,7 +18,7 @@ from scaling.grid import Grid, stratum_keys
 from scaling.local_ray import check_cluster, stop_ray_aside
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
 from scaling.tracking import import_mlflow
-from scaling.validation import plan_split
+from scaling.validation import check_warmup_steps, plan_split
 
 STATE_FILE = "scaling_study.json"
 
@@ -153,7 +153,8 @@ def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], worker
     if first.mlflow.enabled:
         import_mlflow(first.mlflow.tracking_uri)  # while Ray is still starting (creates nothing): the wait below shrinks
     try:
-        check_cluster(sweeper, ray_started, max(workers.values()))
+        check_cluster(sweeper, ray_started, max(workers.values()),
+                      needs_gpu=any(s.config["device"] == "cuda" for s in specs.values()))
         recorder = StudyRecorder(first.mlflow.tracking_uri, first.mlflow.experiment, study_name=name,
                                  run_id=state.get("study_run_id"), enabled=first.mlflow.enabled)
     except ConfigError as exc:
@@ -301,7 +302,11 @@ def _point(spec: TrialSpec) -> dict:
 
 
 def prepare_data(configs: list) -> dict[str, int]:
-    """Generate each distinct dataset once, in the driver, so trials only read the cache; return n_train per dataset."""
+    """Generate each distinct dataset once, in the driver, so trials only read the cache; return n_train per dataset.
+
+    Raise ConfigError for a trial that could never run on its data: validate() knows the size of a
+    generated dataset only, and such a trial would fail every attempt Tune gives it.
+    """
     from scaling.data import count_train
 
     n_train: dict[str, int] = {}
@@ -309,6 +314,9 @@ def prepare_data(configs: list) -> dict[str, int]:
         key = data_key(c.data)
         if key not in n_train:
             n_train[key] = count_train(c.data)
+        if c.batch_size > n_train[key]:
+            raise ConfigError("batch_size", c.batch_size, f"is larger than the training set ({n_train[key]} samples)")
+        check_warmup_steps(c, n_train[key])
     return n_train
 
 

@@ -3,9 +3,11 @@
 Hydra only loads plugins from the `hydra_plugins` namespace, so `hydra_plugins/scaling_sweeper`
 holds a thin subclass of `ScalingSweeper` and registers `hydra/sweeper=scaling`.
 
-Everything a user can get wrong is checked before Ray starts and before any MLflow run
-exists: every grid point is composed and validated, the tracking store and the Ray address
-are probed, and the GPU request is compared with the cluster.
+Everything a user can get wrong is checked before any MLflow run exists, and all but what needs
+the data or the cluster before Ray starts: the grid's size is counted before it is built, every
+grid point is composed and validated, the ASHA and resource settings are checked, the tracking
+store and the Ray address are probed, each trial's batch is compared with its training set (Ray
+is stopped again if that fails), and the GPU request and device=cuda with the cluster.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -22,9 +25,9 @@ from typing import Any, Dict, List, Optional
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from scaling.config import ConfigError
-from scaling.grid import Grid, build_grid
-from scaling.validation import validate
+from scaling.config import MODES, REPORTED_METRICS, ConfigError
+from scaling.grid import Grid, build_grid, grid_size
+from scaling.validation import _choice, _positive, validate
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,10 @@ class ScalingSweeperConf:
     """Run the study report at the end (figures become artifacts of the study run)."""
 
 
+# What ASHA may judge by: a metric every evaluation reports (Tune fails a trial whose result lacks
+# it). mem/eval_peak_mb is reported on CUDA only, gns/b_simple once the noise scale has an estimate.
+ASHA_METRICS = tuple(m for m in REPORTED_METRICS if m not in ("mem/eval_peak_mb", "gns/b_simple"))
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
 
 
@@ -121,13 +128,9 @@ class ScalingSweeper(Sweeper):
         params = [f"{k}={v}" for k, v in (self.conf.params or {}).items()]
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(params + list(arguments))
+        self._check_settings()
+        self._check_size(grid_size(overrides, num_samples=self.conf.num_samples))
         grid = build_grid(overrides, num_samples=self.conf.num_samples, seed=self.conf.sample_seed)
-        if not grid.points:
-            raise ConfigError("hydra.sweeper.params", dict(self.conf.params or {}), "the grid is empty")
-        if len(grid.points) > self.conf.max_trials and self.conf.confirm and not _confirmed(len(grid.points)):
-            raise ConfigError("hydra.sweeper.max_trials", self.conf.max_trials,
-                              f"the grid has {len(grid.points)} trials; pass --yes (or "
-                              "hydra.sweeper.confirm=false) to launch them all")
         configs = self._compose_all(grid)
         a = self.conf.asha
         if a.enabled:
@@ -135,20 +138,38 @@ class ScalingSweeper(Sweeper):
             if a.grace_period > budget:
                 raise ConfigError("hydra.sweeper.asha.grace_period", a.grace_period,
                                   f"is longer than the budget epochs={budget:g}")
-            if a.reduction_factor <= 1:
-                raise ConfigError("hydra.sweeper.asha.reduction_factor", a.reduction_factor, "must be above 1")
             for key in a.group_by or []:
                 if OmegaConf.select(configs[0], key, default="__missing__") == "__missing__":
                     raise ConfigError("hydra.sweeper.asha.group_by", key, "is not a config key")
-        if self.conf.resources.cpu <= 0 or self.conf.resources.gpu < 0:
-            raise ConfigError("hydra.sweeper.resources", OmegaConf.to_container(self.conf.resources),
-                              "cpu must be positive and gpu non-negative")
-        if not self.conf.checkpoint_interval_s >= 0:
-            raise ConfigError("hydra.sweeper.checkpoint_interval_s", self.conf.checkpoint_interval_s,
-                              "must be 0 (every evaluation) or more seconds")
-        if self.conf.study_name is not None:
-            safe_name("hydra.sweeper.study_name", self.conf.study_name)
         return grid, configs
+
+    def _check_settings(self) -> None:
+        """Raise ConfigError for a sweeper setting that Ray or ASHA would reject only mid-study, or never."""
+        c, a = self.conf, self.conf.asha
+        _positive("hydra.sweeper.resources.cpu", c.resources.cpu)  # NaN passed `<= 0`, and no trial was ever placed
+        _positive("hydra.sweeper.resources.gpu", c.resources.gpu, allow_zero=True)
+        _positive("hydra.sweeper.max_failures", c.max_failures, integer=True, allow_zero=True)  # Ray: -1 is unbounded
+        if c.max_concurrent is not None:
+            _positive("hydra.sweeper.max_concurrent", c.max_concurrent, integer=True)
+        if not c.checkpoint_interval_s >= 0:
+            raise ConfigError("hydra.sweeper.checkpoint_interval_s", c.checkpoint_interval_s,
+                              "must be 0 (every evaluation) or more seconds")
+        if c.study_name is not None:
+            safe_name("hydra.sweeper.study_name", c.study_name)
+        if a.enabled:
+            _positive("hydra.sweeper.asha.grace_period", a.grace_period)
+            if not 1 < a.reduction_factor < math.inf:
+                raise ConfigError("hydra.sweeper.asha.reduction_factor", a.reduction_factor,
+                                  "must be a finite number above 1")
+            _choice("hydra.sweeper.asha.mode", a.mode, MODES)
+            _choice("hydra.sweeper.asha.metric", a.metric, ASHA_METRICS)
+
+    def _check_size(self, n_trials: int) -> None:
+        """Raise ConfigError for a grid larger than max_trials that was not confirmed, before it is built."""
+        if n_trials > self.conf.max_trials and self.conf.confirm and not _confirmed(n_trials):
+            raise ConfigError("hydra.sweeper.max_trials", self.conf.max_trials,
+                              f"the grid has {n_trials} trials; pass --yes (or "
+                              "hydra.sweeper.confirm=false) to launch them all")
 
     def _compose_all(self, grid: Grid) -> list[DictConfig]:
         """Return each point's validated config, composing once per distinct set of group choices.
@@ -229,6 +250,7 @@ class ScalingSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from scaling.cli import fail, one_line
 
+        ray_started = None
         try:
             grid, configs = self.plan(arguments)
             from scaling.tracking import check_tracking_uri
@@ -249,6 +271,10 @@ class ScalingSweeper(Sweeper):
             ray_started = start_ray(self)  # ~4 s, while the driver prepares the rest
             self.n_train = prepare_data(configs)  # every dataset once, in the driver; a missing file fails here
         except Exception as exc:  # noqa: BLE001
+            if ray_started is not None:
+                from scaling.local_ray import abandon_ray
+
+                abandon_ray(ray_started)
             fail(one_line(exc))
         from scaling.study_runner import run_study
 

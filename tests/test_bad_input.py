@@ -44,6 +44,7 @@ CASES = [
     ("scaling-train", ["data.max_train_samples=-5"], "data.max_train_samples=-5"),
     ("scaling-train", ["data.cache_dir=/proc/nope", "data.n_samples=1234"], "data.cache_dir='/proc/nope'"),
     ("scaling-train", ["data=mnist", "data.root=/nonexistent"], "data.root='/nonexistent'"),
+    ("scaling-train", ["hydra.run.dir=/proc/nope"], "hydra.run.dir='/proc/nope'"),
     ("scaling-train", ["data=digits", "batch_size=4096"], "batch_size=4096"),
     ("scaling-train", ["-m", "data=digits", "batch_size=32,4096", "epochs=0.5"], "batch_size=4096"),
     ("scaling-train", ["target.value=inf"], "target.value=inf"),
