@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from scaling.cli import CONF_DIR
+from test_bad_input import _left_behind
 
 pytestmark = pytest.mark.slow
 
@@ -46,17 +46,6 @@ CASES = [
     ("scaling-train", ["hydra/launcher=nope"], ["hydra/launcher/nope", "options for hydra/launcher:"], []),
     ("scaling-train", ["-m", "batch_size=32,abc", *SMALL], ["batch_size=abc"], ["data.n_samples", "epochs"]),
 ]
-
-
-def _left_behind(cwd: Path) -> list[str]:
-    leftovers = [p.name for p in cwd.iterdir()]
-    for proc in psutil.process_iter(["cwd", "name"]):
-        try:
-            if proc.info["cwd"] == str(cwd):
-                leftovers.append(f"process {proc.pid} {proc.info['name']}")
-        except (psutil.Error, TypeError):
-            pass
-    return leftovers
 
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
