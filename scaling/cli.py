@@ -117,7 +117,31 @@ def end_line(result: Any, run_id: Optional[str], cfg: Any) -> str:
     return " ".join(parts)
 
 
+def _from_launch_dir(cfg: Any) -> Any:
+    """Return cfg with its relative paths (a sqlite store, data.root, data.cache_dir) anchored at the
+    folder the command was launched from: hydra.job.chdir=true runs the task in its output folder,
+    where `sqlite:///mlflow.db` would otherwise make a new store per run."""
+    from hydra.utils import get_original_cwd
+    from omegaconf import open_dict
+
+    try:
+        launch = get_original_cwd()
+    except ValueError:  # not under Hydra (a test calling the task directly)
+        return cfg
+    if os.path.abspath(launch) == os.getcwd():
+        return cfg
+    uri = cfg.mlflow.tracking_uri
+    with open_dict(cfg):
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            cfg.mlflow.tracking_uri = "sqlite:///" + os.path.join(launch, uri[len("sqlite:///"):])
+        for key in ("root", "cache_dir"):
+            path = os.path.expanduser(str(cfg.data[key]))
+            cfg.data[key] = path if os.path.isabs(path) else os.path.join(launch, path)
+    return cfg
+
+
 def _train_task(cfg: Any) -> Optional[float]:
+    cfg = _from_launch_dir(cfg)
     try:
         validate(cfg)
         progress = sys.stderr.isatty() or os.environ.get("SCALING_PROGRESS") == "1"

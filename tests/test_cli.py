@@ -49,6 +49,17 @@ def test_script_exists():
     assert SCRIPT.exists(), SCRIPT
 
 
+def test_chdir_run_records_into_the_launch_folders_store(tmp_path, cli_tiny):
+    """hydra.job.chdir=true runs in outputs/<date>/<time>/; the default sqlite:///mlflow.db still
+    means the launch folder, as every other command reads it."""
+    args = [a for a in cli_tiny if not a.startswith("mlflow.")] + ["hydra.job.chdir=true", "mlflow.experiment=chdir"]
+    proc = run(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "mlflow.db").exists() and not list((tmp_path / "outputs").rglob("mlflow.db"))
+    [r] = search(f"sqlite:///{tmp_path / 'mlflow.db'}", "chdir")
+    assert r.info.status == "FINISHED" and f"at sqlite:///{tmp_path}/mlflow.db" in proc.stdout
+
+
 def test_train_end_to_end(tmp_path, cli_tiny, tracking_uri, compose_cfg):
     from mlflow.tracking import MlflowClient
 
