@@ -130,7 +130,7 @@ def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     db = sqlite_path(uri)
-    if db is not None and not db.exists():
+    if db is not None and (not db.is_file() or db.stat().st_size == 0):  # reading must not create a store
         raise StudyError(f"no MLflow store at {uri} (pass --tracking-uri, or run from the study's folder)")
     client = make_client(uri)
     run = _find_study_run(client, study, uri, experiment, KIND_TAG)

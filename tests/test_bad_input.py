@@ -88,11 +88,12 @@ CASES = [
     ("scaling-report", ["--memory-budget", "inf"], "memory-budget"),
     ("scaling-report", ["--tracking-uri", "http://127.0.0.1:9"], "--tracking-uri http://127.0.0.1:9: tracking server"),
     ("scaling-report", ["--tracking-uri", "sqlite:////nonexistent/x.db"], "x.db"),
+    ("scaling-report", ["--tracking-uri", "sqlite:///{tmp}/empty.db"], "no MLflow store"),  # an empty file
 ]
 
 
 def _left_behind(tmp_path: Path) -> list[str]:
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("store.db",)]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("store.db", "empty.db")]
     for proc in psutil.process_iter(["cwd", "name"]):
         try:
             if proc.info["cwd"] == str(tmp_path):
@@ -109,6 +110,8 @@ def test_bad_input_ends_in_one_line_and_leaves_nothing(tmp_path, script, args, n
 
         MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/store.db").create_experiment("scaling")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if any(a.endswith("/empty.db") for a in args):
+        (tmp_path / "empty.db").touch()  # must stay empty: reading a store creates none
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     t0 = time.time()
     proc = subprocess.run([str(BIN / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -121,6 +124,7 @@ def test_bad_input_ends_in_one_line_and_leaves_nothing(tmp_path, script, args, n
     assert needle in lines[0], lines[0]
     assert elapsed < 60, f"took {elapsed:.0f}s"
     assert _left_behind(tmp_path) == []
+    assert not (tmp_path / "empty.db").exists() or (tmp_path / "empty.db").stat().st_size == 0
 
 
 @pytest.mark.parametrize("script, args", [
