@@ -7,8 +7,8 @@ The LR at optimizer step t (t = 0 is the LR the first `optimizer.step()` uses) i
 
 where main runs over the remaining `total_steps - warmup_steps` steps. constant, step, exponential
 and cosine start at `lr`; onecycle starts at lr / div_factor and cyclic at base_lr_fraction * lr,
-as their papers define. warmup_start_lr may be above lr (Goyal et al. starting from the reference
-LR when the rule scales it down), or 0. Lengths in the config are epochs; steps_per_epoch
+as their papers define. warmup_start_lr is 0 or at most lr (scaling.config.warmup_start_lr), though
+the schedule itself would ramp down from a start above lr too. Lengths in the config are epochs; steps_per_epoch
 (n_train / batch_size, not floored) converts them to the nearest whole step. Call `schedule.step()` once after every `optimizer.step()`.
 
 Everything is torch.optim.lr_scheduler: LambdaLR for the warmup, the torch class for the main

@@ -157,13 +157,15 @@ def test_explicit_lr_bypasses_the_rule(compose_cfg, rule, batch_size):
 @pytest.mark.parametrize("rule,batch_size,mult,expected", LR_TABLE)
 def test_warmup_starts_from_the_rules_lr_at_the_reference_batch(compose_cfg, rule, batch_size, mult, expected):
     """Goyal et al.'s start, ref_lr x multiplier, is the trained LR scaled back to ref_batch_size by
-    the rule; an explicit lr gets the same start, lr x (B_ref / B) ** alpha, and not ref_lr's."""
+    the rule; an explicit lr gets the same start, lr x (B_ref / B) ** alpha, and not ref_lr's.
+    Below ref_batch_size that would start above the trained LR: the warmup is flat there."""
     over = (f"scaling.rule={rule}", f"batch_size={batch_size}", f"scaling.ref_lr={REF_LR}",
             f"scaling.ref_batch_size={REF_B}", "warmup.epochs=0.5")
     cfg = compose_cfg(*over, f"lr_multiplier={mult}")
-    assert warmup_start_lr(cfg) == pytest.approx(REF_LR * mult, rel=1e-12)
+    assert warmup_start_lr(cfg) == pytest.approx(min(REF_LR * mult, expected), rel=1e-12)
+    assert warmup_start_lr(cfg) <= effective_lr(cfg)
     alpha = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}[rule]
     explicit = compose_cfg(*over, "lr=0.3", "lr_multiplier=4")  # neither ref_lr nor the multiplier counts
-    assert warmup_start_lr(explicit) == pytest.approx(0.3 * (REF_B / batch_size) ** alpha, rel=1e-12)
+    assert warmup_start_lr(explicit) == pytest.approx(0.3 * min(1.0, (REF_B / batch_size) ** alpha), rel=1e-12)
     assert warmup_start_lr(explicit, ref_lr=1.0) == warmup_start_lr(explicit)
     assert warmup_start_lr(compose_cfg(*over, "lr=0.3", "warmup.start=zero")) == 0.0
