@@ -84,6 +84,41 @@ def _to_float(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).sub_(mean_t).div_(std_t)
 
 
+class SampleStream:
+    """The training data order: each epoch a fresh permutation of the n training samples, read B at
+    a time straight across epoch boundaries (the trial loop's; torch is imported on first use).
+
+    Every step sees exactly B samples, and a budget of e epochs is e x n samples at every batch size
+    (to the nearest step). Dropping each epoch's ragged tail instead would cut the largest batches'
+    budgets, warmups and evaluation intervals (n = 19,200 at B = 2048: 9 steps an epoch, 4% fewer
+    samples, and a 0.5-epoch warmup 15% short), just where a scaling study compares them. Each
+    permutation is a pure function of (seed, epoch), so a resumed trial needs no RNG state.
+    """
+
+    def __init__(self, n: int, seed: int, device: Any):
+        self.n, self.seed, self.device = n, seed, device
+        self._perms: dict[int, Any] = {}
+
+    def _perm(self, epoch: int) -> Any:
+        if epoch not in self._perms:
+            import torch
+
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # at most two are live
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g).to(self.device)
+        return self._perms[epoch]
+
+    def batch(self, step: int, B: int) -> Any:
+        """Return the indices of step `step`'s batch of B (B <= n): samples step*B .. step*B + B - 1."""
+        epoch, off = divmod(step * B, self.n)
+        perm = self._perm(epoch)
+        if off + B <= self.n:
+            return perm[off:off + B]
+        import torch
+
+        return torch.cat((perm[off:], self._perm(epoch + 1)[:off + B - self.n]))
+
+
 def _is_vision(cfg: Any) -> bool:
     """Return True for a dataset read from files (its test set is the validation split), False for a
     generated one; raise ConfigError naming data.name when the name is unknown."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from scaling.config import ConfigError, effective_lr, epochs_to_steps, warmup_start_lr
-from scaling.data import Dataset, load_dataset
+from scaling.data import Dataset, SampleStream, load_dataset
 from scaling.distributed import Group
 from scaling.memory import PeakMemory
 from scaling.models import build_model
@@ -138,7 +138,7 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
     # in n_micro micro-batches (gradient accumulation)
     if B > data.n_train:
         raise ConfigError("batch_size", B, f"is larger than the training set ({data.n_train} samples)")
-    steps_per_epoch = data.n_train / B  # not floored: see _SampleStream
+    steps_per_epoch = data.n_train / B  # not floored: see scaling.data.SampleStream
     total_steps = epochs_to_steps(cfg.epochs, steps_per_epoch)
     warmup_steps = epochs_to_steps(cfg.warmup.epochs, steps_per_epoch, at_least=0)
     check_warmup_steps(cfg, data.n_train)  # validate() checks it for generated data; a file's size is known here
@@ -155,7 +155,8 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
                amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision), gns=gns,
                grad_norms=MicroGradNorms() if gns else None,
                params=[p for p in model.parameters() if p.requires_grad], micro=split.micro_batch,
-               n_micro=split.accumulation, shard=group.shard(B), total_steps=total_steps, eval_interval=epochs_to_steps(cfg.eval_every, steps_per_epoch),
+               n_micro=split.accumulation, shard=group.shard(B), total_steps=total_steps,
+               eval_interval=epochs_to_steps(cfg.eval_every, steps_per_epoch),
                ref_lr=ref_lr, info=info, s=_LoopState())
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -179,7 +180,7 @@ def _steps(cfg, run: _Run, reporter, device, meter, group: Group) -> TrialResult
     B, micro, n_micro, shard, n_train = cfg.batch_size, run.micro, run.n_micro, run.shard, data.n_train
     total_steps, eval_interval = run.total_steps, run.eval_interval
     t0 = time.perf_counter() - s.elapsed_s
-    stream = _SampleStream(n_train, cfg.seed, device)
+    stream = SampleStream(n_train, cfg.seed, device)
     while s.step < total_steps:
         idx = stream.batch(s.step, B)[shard]  # this rank's contiguous part of the global batch
 
@@ -295,37 +296,6 @@ def _warm_up(cfg, device: torch.device) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     _WARMED.add(key)
-
-
-class _SampleStream:
-    """The training data order: each epoch a fresh permutation of the n training samples, read B at
-    a time straight across epoch boundaries.
-
-    Every step sees exactly B samples, and a budget of e epochs is e x n samples at every batch size
-    (to the nearest step). Dropping each epoch's ragged tail instead would cut the largest batches'
-    budgets, warmups and evaluation intervals (n = 19,200 at B = 2048: 9 steps an epoch, 4% fewer
-    samples, and a 0.5-epoch warmup 15% short), just where a scaling study compares them. Each
-    permutation is a pure function of (seed, epoch), so a resumed trial needs no RNG state.
-    """
-
-    def __init__(self, n: int, seed: int, device: torch.device):
-        self.n, self.seed, self.device = n, seed, device
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # at most two are live
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g).to(self.device)
-        return self._perms[epoch]
-
-    def batch(self, step: int, B: int) -> torch.Tensor:
-        """Return the indices of step `step`'s batch of B (B <= n): samples step*B .. step*B + B - 1."""
-        epoch, off = divmod(step * B, self.n)
-        perm = self._perm(epoch)
-        if off + B <= self.n:
-            return perm[off:off + B]
-        return torch.cat((perm[off:], self._perm(epoch + 1)[:off + B - self.n]))
 
 
 def _progress(s: _LoopState, B: int, n_train: int, optimizer, t0: float, train_loss: float,

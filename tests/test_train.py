@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import scaling.train as train_mod
+from scaling.data import SampleStream
 from scaling.reporters import RecordingReporter
 from scaling.train import TrialResult, run_trial
 
@@ -225,13 +226,13 @@ def test_sample_stream_reads_each_epoch_once_across_boundaries():
     """Concatenated, the batches are one permutation per epoch; any step's batch is the same
     whether the stream got there step by step or was built fresh there (as after a resume)."""
     n, B = 10, 4
-    stream = train_mod._SampleStream(n, seed=3, device=torch.device("cpu"))
+    stream = SampleStream(n, seed=3, device=torch.device("cpu"))
     flat = torch.cat([stream.batch(step, B) for step in range(10)])  # 40 samples: 4 epochs
     for e in range(4):
         assert sorted(flat[e * n:(e + 1) * n].tolist()) == list(range(n)), e
     assert not torch.equal(flat[:n], flat[n:2 * n])  # a fresh order each epoch
     for step in (2, 5, 7):  # batches that straddle an epoch boundary (8..11, 20..23, 28..31)
-        assert torch.equal(train_mod._SampleStream(n, 3, torch.device("cpu")).batch(step, B), flat[step * B:(step + 1) * B])
+        assert torch.equal(SampleStream(n, 3, torch.device("cpu")).batch(step, B), flat[step * B:(step + 1) * B])
 
 
 def test_warmup_from_zero(trial):
