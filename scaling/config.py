@@ -308,20 +308,16 @@ def warmup_start_lr(cfg: Any, ref_lr: Optional[float] = None) -> float:
     """Return the LR the warmup starts from: 0, or (`ref`, Goyal et al.) the LR the scaling rule gives
     the reference batch, i.e. the trained LR x (B_ref / B) ** alpha, and never above the trained LR.
 
-    With the rule's LR that is ref_lr x multiplier. An explicit `lr` bypasses ref_lr and the
-    multiplier, so the start is `lr` scaled back to scaling.ref_batch_size by the rule (with
-    rule=none, `lr` itself: a flat warmup, as for the rule's own LR). Below ref_batch_size the rule
-    scales the LR down, and Goyal's ramp from the reference LR up to k x it has nothing to ramp:
-    starting there would be a cool-down from up to (B_ref / B) x the trained LR (8x at B=16 against
-    128), so the warmup is flat instead; `warmup.start=zero` ramps at every batch size.
+    For the rule's own LR that is ref_lr x multiplier; an explicit `lr` is scaled back the same way
+    (with rule=none, `lr` itself: a flat warmup). Below ref_batch_size the rule scales the LR down,
+    and Goyal's ramp from the reference LR up to k x it has nothing to ramp: starting there would be
+    a cool-down from up to (B_ref / B) x the trained LR (8x at B=16 against 128), so the warmup is
+    flat instead; `warmup.start=zero` ramps at every batch size.
     """
     if cfg.warmup.start == "zero":
         return 0.0
-    if cfg.lr is not None:
-        s = cfg.scaling
-        return min(float(cfg.lr), float(cfg.lr) * (s.ref_batch_size / cfg.batch_size) ** lr_exponent(s.rule))
-    base = float(ref_lr if ref_lr is not None else cfg.scaling.ref_lr)
-    return min(base * cfg.lr_multiplier, effective_lr(cfg, ref_lr))
+    lr, s = effective_lr(cfg, ref_lr), cfg.scaling
+    return min(lr, lr * (s.ref_batch_size / cfg.batch_size) ** lr_exponent(s.rule))
 
 
 def epochs_to_steps(epochs: float, steps_per_epoch: float, at_least: int = 1) -> int:

@@ -20,7 +20,7 @@ import uuid
 from typing import Any, Optional, Sequence
 
 from scaling.config import ConfigError
-from scaling.validation import at_batch_size, validate
+from scaling.validation import at_batch_size, check_batch_fits, validate
 
 CURVE_METRICS = {"lr": "lrs", "lr_find/loss": "losses", "lr_find/loss_smoothed": "smoothed"}
 
@@ -71,8 +71,7 @@ def _task(cfg: Any) -> None:
             validate(at_batch_size(cfg, b))
         data = load_dataset(cfg.data)  # once for every batch size; a missing dataset fails before any run
         for b in batch_sizes:
-            if b > data.n_train:
-                raise ConfigError(key, b, f"is larger than the training set ({data.n_train} samples)")
+            check_batch_fits(key, b, data.n_train)
     except ConfigError as exc:
         fail(str(exc))
     progress = sys.stderr.isatty() or os.environ.get("SCALING_PROGRESS") == "1"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import numpy as np
 
 from scaling.config import ConfigError, lr_exponent
-from scaling.validation import at_batch_size, validate
+from scaling.validation import at_batch_size, check_batch_fits, validate
 
 if TYPE_CHECKING:
     import torch
@@ -245,8 +245,7 @@ def range_test(cfg: Any, dataset: Any = None, batch_size: Optional[int] = None, 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     data = (dataset or load_dataset(cfg.data)).to(device)
-    if B > data.n_train:
-        raise ConfigError("batch_size", B, f"is larger than the training set ({data.n_train} samples)")
+    check_batch_fits("batch_size", B, data.n_train)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), f.start_lr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 from omegaconf import open_dict
@@ -72,9 +73,9 @@ def main_hydra(args: Any) -> Any:
 def preflight(argv: Sequence[str]) -> None:
     """Exit with one line unless the command line parses, composes, validates and reaches MLflow.
 
-    A multirun is composed as Hydra composes it, then at its first grid point; a basic-sweeper
-    multirun at every grid point, since its jobs run one after another (the scaling sweeper plans
-    its own grid before anything starts).
+    A multirun is composed as Hydra composes it, with each sweep value merged alone; a basic-sweeper
+    multirun is also validated at every grid point, since its jobs run one after another (the
+    scaling sweeper validates its own grid before anything starts).
     """
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import MissingConfigException
@@ -111,11 +112,9 @@ def run_config(hydra: Any, config_name: str, args: Any) -> Any:
     """Return the validated config of a single run."""
     from hydra.types import RunMode
 
-    cfg = hydra.compose_config(config_name, args.overrides, run_mode=RunMode.RUN)
-    from pathlib import Path
-
     from scaling.tracking import check_writable
 
+    cfg = hydra.compose_config(config_name, args.overrides, run_mode=RunMode.RUN)
     check_writable("hydra.run.dir", cfg.hydra.run.dir, Path(cfg.hydra.run.dir).absolute())  # Hydra makes it first
     return _trial(cfg, [])
 
@@ -131,22 +130,18 @@ def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> lis
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
 
+    from scaling.grid import grid_size
+
     master = hydra.compose_config(config_name, list(overrides), run_mode=RunMode.MULTIRUN)  # sweeps left out
     sweeper, loader = master.hydra.sweeper, hydra.config_loader
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]  # the preset's axes come first
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + list(master.hydra.overrides.task))
+    grid_size(parsed, num_samples=sweeper.get("num_samples", 1))  # an empty axis or a zero range step, by key
     if sweeper._target_.endswith("BasicSweeper"):
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-        for o in parsed:
-            if o.is_discrete_sweep() and next(o.sweep_string_iterator(), None) is None:
-                raise ConfigError(o.get_key_element(), o.input_line.split("=", 1)[-1],
-                                  "sweeps over no values: the grid is empty")
         points = BasicSweeper.split_arguments(parsed, None)[0]
         return [_trial(loader.load_sweep_config(master, p), p) for p in points]
-    from scaling.grid import grid_size
-
-    grid_size(parsed, num_samples=sweeper.get("num_samples", 1))  # an empty axis or a zero range step, by key
     base, value_parser = copy.deepcopy(master), OverridesParser.create()
     with open_dict(base):
         del base["hydra"]

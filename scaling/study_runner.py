@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import os
+import random
 import sys
 import time
 from concurrent.futures import Future
@@ -18,7 +18,7 @@ from scaling.grid import Grid, stratum_keys
 from scaling.local_ray import check_cluster, stop_ray_aside
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
 from scaling.tracking import import_mlflow
-from scaling.validation import check_warmup_steps, plan_split
+from scaling.validation import check_fits_data, plan_split
 
 STATE_FILE = "scaling_study.json"
 
@@ -314,9 +314,7 @@ def prepare_data(configs: list) -> dict[str, int]:
         key = data_key(c.data)
         if key not in n_train:
             n_train[key] = count_train(c.data)
-        if c.batch_size > n_train[key]:
-            raise ConfigError("batch_size", c.batch_size, f"is larger than the training set ({n_train[key]} samples)")
-        check_warmup_steps(c, n_train[key])
+        check_fits_data(c, n_train[key])
     return n_train
 
 

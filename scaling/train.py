@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from scaling.config import ConfigError, effective_lr, epochs_to_steps, warmup_start_lr
+from scaling.config import effective_lr, epochs_to_steps, warmup_start_lr
 from scaling.data import Dataset, SampleStream, load_dataset
 from scaling.distributed import Group
 from scaling.memory import PeakMemory
@@ -26,7 +26,7 @@ from scaling.noise import MicroGradNorms, NoiseScale
 from scaling.optim import build_optimizer
 from scaling.reporters import Reporter
 from scaling.schedule import build_schedule
-from scaling.validation import check_warmup_steps, plan_split, validate
+from scaling.validation import check_fits_data, plan_split, validate
 
 STATUSES = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
 
@@ -136,12 +136,10 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
     B = cfg.batch_size
     split = plan_split(cfg)  # B = workers x micro x n_micro: each rank takes B / workers of every batch,
     # in n_micro micro-batches (gradient accumulation)
-    if B > data.n_train:
-        raise ConfigError("batch_size", B, f"is larger than the training set ({data.n_train} samples)")
+    check_fits_data(cfg, data.n_train)  # validate() knows only a generated dataset's size
     steps_per_epoch = data.n_train / B  # not floored: see scaling.data.SampleStream
     total_steps = epochs_to_steps(cfg.epochs, steps_per_epoch)
     warmup_steps = epochs_to_steps(cfg.warmup.epochs, steps_per_epoch, at_least=0)
-    check_warmup_steps(cfg, data.n_train)  # validate() checks it for generated data; a file's size is known here
     lr = effective_lr(cfg, ref_lr)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr)
     schedule = build_schedule(optimizer, cfg.schedule, lr=lr, warmup_start_lr=warmup_start_lr(cfg, ref_lr),

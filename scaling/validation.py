@@ -11,6 +11,7 @@ This module imports neither torch, ray nor mlflow: `scaling-study batch_size=-1`
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional
 
 from scaling.config import (ACTIVATIONS, BACKENDS, DATASETS, DEVICES, INITS, LR_FIND_MIN_ITERS, LR_FIND_MODES,
@@ -129,10 +130,10 @@ def validate(cfg: Any) -> None:
     if cfg.memory.limit_mb is not None:
         _positive("memory.limit_mb", cfg.memory.limit_mb)
 
-    _validate_data(cfg.data, cfg.batch_size)
-    n_train = _generated_n_train(cfg.data)  # _validate_data checked batch_size against it
+    _validate_data(cfg.data)
+    n_train = _generated_n_train(cfg.data)
     if n_train is not None:
-        check_warmup_steps(cfg, n_train)
+        check_fits_data(cfg, n_train)
     _validate_model(cfg.model)
     _validate_optimizer(cfg.optimizer)
     _validate_schedule(cfg.schedule)
@@ -186,7 +187,7 @@ def plan_split(cfg: Any) -> Split:
     return Split(w, share // acc, acc)
 
 
-def _validate_data(d: Any, batch_size: int) -> None:
+def _validate_data(d: Any) -> None:
     _choice("data.name", d.name, DATASETS)
     _fraction("data.val_fraction", d.val_fraction, open_low=True)
     _seed("data.seed", d.seed)
@@ -197,9 +198,6 @@ def _validate_data(d: Any, batch_size: int) -> None:
         if int(round(d.n_samples * d.val_fraction)) < 1:
             raise ConfigError("data.n_samples", d.n_samples,
                               f"leaves no validation sample at data.val_fraction={d.val_fraction}")
-    n_train = _generated_n_train(d)
-    if n_train is not None and batch_size > n_train:
-        raise ConfigError("batch_size", batch_size, f"is larger than the training set ({n_train} samples)")
     if d.name == "synthetic":
         _positive("data.n_features", d.n_features, integer=True)
         _positive("data.n_classes", d.n_classes, integer=True)
@@ -213,8 +211,6 @@ TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "m
 
 def _validate_tracking_uri(uri: str) -> None:
     """Check an MLflow tracking URI's form (check_tracking_uri in scaling.tracking then tries to reach it)."""
-    import os
-
     scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else "file"
     if scheme not in TRACKING_SCHEMES:
         raise ConfigError("mlflow.tracking_uri", uri,
@@ -272,12 +268,22 @@ def _validate_schedule(s: Any) -> None:
     _positive("schedule.cycle_epochs", s.cycle_epochs)
 
 
-def check_warmup_steps(cfg: Any, n_train: int) -> None:
-    """Raise ConfigError when warmup.epochs, in whole steps at this batch size, leaves no step after it.
+def check_batch_fits(key: str, batch_size: int, n_train: int) -> None:
+    """Raise ConfigError when a batch is larger than the training set."""
+    if batch_size > n_train:
+        raise ConfigError(key, batch_size, f"is larger than the training set ({n_train} samples)")
 
-    Both lengths round to whole steps on their own, so a warmup shorter than `epochs` can still
-    take every step of a short run at a large batch size (2 epochs of 1,600 samples at B = 1024).
+
+def check_fits_data(cfg: Any, n_train: int) -> None:
+    """Raise ConfigError when a trial cannot train on n_train samples: its batch is larger, or
+    warmup.epochs, in whole steps at this batch size, leaves no step after it.
+
+    validate() checks this for generated data, whose size it knows; the study's driver and the
+    trial check it for files. Both lengths round to whole steps on their own, so a warmup shorter
+    than `epochs` can still take every step of a short run at a large batch size (2 epochs of
+    1,600 samples at B = 1024).
     """
+    check_batch_fits("batch_size", cfg.batch_size, n_train)
     spe = n_train / cfg.batch_size
     total, warmup = epochs_to_steps(cfg.epochs, spe), epochs_to_steps(cfg.warmup.epochs, spe, at_least=0)
     if cfg.warmup.epochs > 0 and warmup >= total:
@@ -328,8 +334,8 @@ def _validate_lr_find(cfg: Any) -> None:
             raise ConfigError("lr_find.batch_sizes", list(f.batch_sizes), "must list at least one batch size")
         for b in f.batch_sizes:
             _positive("lr_find.batch_sizes", b, integer=True)
-            if n_train is not None and b > n_train:
-                raise ConfigError("lr_find.batch_sizes", b, f"is larger than the training set ({n_train} samples)")
+            if n_train is not None:
+                check_batch_fits("lr_find.batch_sizes", b, n_train)
         if len(set(f.batch_sizes)) < len(f.batch_sizes):
             raise ConfigError("lr_find.batch_sizes", list(f.batch_sizes), "lists a batch size twice")
     if cfg.scaling.ref_lr == "auto" and n_train is not None and cfg.scaling.ref_batch_size > n_train:
