@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from scaling.config import ConfigError
 from scaling.reporters import Reporter
-from scaling.validation import plan_split, validate
+from scaling.validation import check_backend, plan_split, validate
 
 # --------------------------------------------------------------------------- inside the trial loop
 
@@ -146,7 +146,9 @@ def run_data_parallel(cfg: Any, reporter: Optional[Reporter] = None, workers: Op
 
 
 def _backend(cfg: dict, cuda: bool) -> str:
+    """Return the process group's backend (ConfigError for nccl on ranks without CUDA)."""
     backend = cfg["parallel"]["backend"]
+    check_backend(backend, cfg["device"], cuda)
     return backend if backend != "auto" else ("nccl" if cuda and cfg["device"] != "cpu" else "gloo")
 
 
@@ -240,6 +242,7 @@ def _launch_local(job: dict, workers: int, reporter: Reporter, dataset: Any):
     cuda = torch.cuda.is_available() and job["cfg"]["device"] != "cpu"
     if cuda and torch.cuda.device_count() < workers:
         raise ConfigError("parallel.workers", workers, f"exceeds the {torch.cuda.device_count()} visible CUDA devices")
+    _backend(job["cfg"], cuda)  # before any process starts
     queue = multiprocessing.get_context("spawn").Queue()
     # The rendezvous lives here, on loopback, on a port the OS picks: no race for a "free" port.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -291,6 +294,7 @@ def _launch_ray(job: dict, workers: int, reporter: Reporter, cpus: float, gpus: 
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Empty, Queue
 
+    backend = _backend(job["cfg"], gpus > 0)  # before any actor starts
     channel = Queue(actor_options={"num_cpus": 0})
     job = {**job, "channel": channel, "threads": max(1, int(cpus))}
     own_storage = storage_path is None
@@ -299,7 +303,7 @@ def _launch_ray(job: dict, workers: int, reporter: Reporter, cpus: float, gpus: 
         _ray_rank, train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}),
-        torch_config=TorchConfig(backend=_backend(job["cfg"], gpus > 0)),
+        torch_config=TorchConfig(backend=backend),
         # A fresh name per attempt: Train would otherwise resume an earlier attempt's run from storage.
         # No Train-level retries: Tune retries the whole trial from its last checkpoint.
         run_config=RunConfig(name=f"dp-{uuid.uuid4().hex[:8]}", storage_path=storage_path,

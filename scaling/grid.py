@@ -37,7 +37,9 @@ class Grid:
         return {"axes": self.axes, "sampled": self.sampled, "fixed": self.fixed, "n_trials": len(self.points)}
 
 
-def _sample(override: Any, rng: random.Random) -> str:
+def draw(override: Any, rng: random.Random) -> str:
+    """Return one value of an interval sweep, as override text: uniform, or log-uniform when tagged
+    `log`; an integer when both ends are (Hydra's `int(interval(a,b))`; a bare interval is floats)."""
     sweep = override.value()
     lo, hi = float(sweep.start), float(sweep.end)
     if "log" in sweep.tags:
@@ -105,7 +107,7 @@ def build_grid(overrides: Sequence[Any], *, num_samples: int = 1, seed: int = 0)
     interval_overrides = [by_key[k] for k in sampled]
     points = []
     for _ in range(num_samples if sampled else 1):
-        draws = [f"{o.get_key_element()}={_sample(o, rng)}" for o in interval_overrides]
+        draws = [f"{o.get_key_element()}={draw(o, rng)}" for o in interval_overrides]
         for combo in itertools.product(*[[f"{k}={v}" for v in vals] for k, vals in axes.items()]):
             points.append([*fixed, *combo, *draws])
     return Grid(points, axes, sampled, fixed)

@@ -85,6 +85,7 @@ def preflight(argv: Sequence[str]) -> None:
             or args.resolve or args.experimental_rerun):
         return  # help and config output need no check
     name = args.config_name or "config"
+    hydra = None
     try:
         hydra = main_hydra(args)
         configs = sweep_configs(hydra, name, args.overrides) if args.multirun else [run_config(hydra, name, args)]
@@ -98,14 +99,42 @@ def preflight(argv: Sequence[str]) -> None:
             from scaling.data import check_sources
 
             check_sources(configs[0].data)
+            from scaling.train import check_device  # torch: the run imports it next anyway
+
+            check_device(configs[0])  # device=cuda without a GPU, nccl on the CPU: before Hydra's output folder
     except MissingConfigException as exc:
         if exc.missing_cfg_file == name:  # the primary config: Hydra's message names no flag
             fail(f"--config-name={name}: {one_line(exc)}")
         fail(one_line(exc))
     except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
-        fail(one_line(exc))
+        fail(_blame(hydra, name, args, exc))
     finally:
         GlobalHydra.instance().clear()
+
+
+def _blame(hydra: Any, config_name: str, args: Any, exc: Exception) -> str:
+    """Return exc's one line, led by the override that raised it when the line names none.
+
+    Some of OmegaConf's errors name no key: `hydra.sweeper.params.batch_size=1` in a single run,
+    whose sweeper has `params: null`, fails with "Unexpected type for root: NoneType". Hydra applies
+    the overrides in order, so the first prefix of them that fails to compose ends with the culprit
+    (a composition per override, on this error path only).
+    """
+    from hydra.types import RunMode
+
+    line = one_line(exc)
+    if line == "Unexpected type for root: NoneType":
+        line = "a node on this path is null here, so no key can be set under it"
+    overrides = list(args.overrides)
+    if hydra is None or isinstance(exc, ConfigError) or any(o.split("=", 1)[0].lstrip("+~") in line for o in overrides):
+        return line
+    mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
+    for i in range(len(overrides)):
+        try:
+            hydra.compose_config(config_name, overrides[:i + 1], run_mode=mode)
+        except Exception:  # noqa: BLE001 - the first prefix that fails
+            return f"{overrides[i]}: {line}"
+    return line
 
 
 def run_config(hydra: Any, config_name: str, args: Any) -> Any:
@@ -145,8 +174,11 @@ def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> lis
     base, value_parser = copy.deepcopy(master), OverridesParser.create()
     with open_dict(base):
         del base["hydra"]
-    axes = {o.get_key_element(): o for o in parsed if o.is_discrete_sweep()}  # a shell axis replaces a preset's
+    axes = {o.get_key_element(): o for o in parsed if o.is_sweep_override()}  # a shell axis replaces a preset's
     for key, o in axes.items():
+        if o.is_interval_sweep():
+            _merge_draw(o, loader, base, value_parser)
+            continue
         for value in _axis_values(o):
             if key[:1] in "+~" or "@" in key or loader.repository.group_exists(key.replace(".", "/")):
                 loader.load_sweep_config(master, [f"{key}={value}"])  # a group choice: its own composition
@@ -155,6 +187,25 @@ def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> lis
 
                 ConfigLoaderImpl._apply_overrides_to_config(value_parser.parse_overrides([f"{key}={value}"]), base)
     return []
+
+
+def _merge_draw(override: Any, loader: Any, base: Any, value_parser: Any) -> None:
+    """Merge one draw of an interval sweep into `base`; a ConfigError names the interval if it cannot be."""
+    import random
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    from scaling.grid import draw
+
+    key, text = override.get_key_element(), override.input_line.split("=", 1)[-1]
+    if key[:1] in "+~" or "@" in key or loader.repository.group_exists(key.replace(".", "/")):
+        raise ConfigError(key, text, "is a config group: list its options (a,b), an interval draws numbers")
+    value = draw(override, random.Random(0))
+    try:
+        ConfigLoaderImpl._apply_overrides_to_config(value_parser.parse_overrides([f"{key}={value}"]), base)
+    except Exception as exc:  # noqa: BLE001 - the draw's own error, under the interval's name
+        hint = "; int(interval(a,b)) draws integers" if "Integer" in str(exc.__cause__ or exc) else ""
+        raise ConfigError(key, text, f"its draw {value} does not merge ({one_line(exc)}){hint}") from None
 
 
 def _axis_values(override: Any) -> list[str]:

@@ -132,6 +132,9 @@ class ScalingSweeper(Sweeper):
         self._check_size(grid_size(overrides, num_samples=self.conf.num_samples))
         grid = build_grid(overrides, num_samples=self.conf.num_samples, seed=self.conf.sample_seed)
         configs = self._compose_all(grid)
+        if not self.conf.resources.gpu and any(c.parallel.backend == "nccl" for c in configs):
+            raise ConfigError("parallel.backend", "nccl",  # else every attempt fails inside its trial
+                              "needs a GPU per worker, and hydra.sweeper.resources.gpu=0; use gloo or auto")
         a = self.conf.asha
         if a.enabled:
             budget = min(float(c.epochs) for c in configs)

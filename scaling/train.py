@@ -26,7 +26,7 @@ from scaling.noise import MicroGradNorms, NoiseScale
 from scaling.optim import build_optimizer
 from scaling.reporters import Reporter
 from scaling.schedule import build_schedule
-from scaling.validation import check_fits_data, plan_split, validate
+from scaling.validation import check_backend, check_fits_data, plan_split, validate
 
 STATUSES = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
 
@@ -56,6 +56,14 @@ def resolve_device(name: str) -> torch.device:
 
         raise ConfigError("device", name, "no CUDA device is visible to this process")
     return torch.device(name)
+
+
+def check_device(cfg: Any) -> torch.device:
+    """Return the trial's device; raise ConfigError for device=cuda without a GPU, or for
+    parallel.backend=nccl when the trial would run on the CPU (what validate() cannot tell)."""
+    device = resolve_device(cfg.device)
+    check_backend(cfg.parallel.backend, cfg.device, device.type == "cuda")
+    return device
 
 
 def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optional[Dataset] = None,

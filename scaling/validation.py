@@ -166,6 +166,14 @@ def _validate_parallel(cfg: Any) -> Split:
     return plan_split(cfg)
 
 
+def check_backend(backend: str, device: str, cuda: bool) -> None:
+    """Raise ConfigError for parallel.backend=nccl on ranks without CUDA (`cuda`: whether they use it),
+    which fails inside every rank; validate() can tell only for device=cpu, as device=auto needs torch."""
+    if backend == "nccl" and not cuda:
+        raise ConfigError("parallel.backend", backend,
+                          f"needs CUDA, and the ranks run on the CPU (device={device}); use gloo or auto")
+
+
 def plan_split(cfg: Any) -> Split:
     """Return how a step's batch_size samples are split: workers x micro_batch x accumulation.
 

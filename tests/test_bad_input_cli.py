@@ -29,6 +29,10 @@ CASES = [
     ("scaling-study", ["foo=1"], ["'foo'"], []),
     ("scaling-study", ["hydra.sweeper.asha.nope=1"], ["hydra.sweeper.asha.nope"], []),
     ("scaling-study", ["hydra.sweeper.num_samples=abc"], ["hydra.sweeper.num_samples=abc"], []),
+    # an interval's draw is merged alone: named by the interval, not by the first trial holding it
+    ("scaling-study", ["model.width=interval(8,16)"], ["model.width='interval(8,16)'", "int(interval(a,b))"],
+     ["trial"]),
+    ("scaling-study", ["optimizer=interval(8,16)"], ["optimizer='interval(8,16)'", "config group"], ["trial"]),
     ("scaling-train", ["-m", "batch_size="], ["batch_size="], []),
     ("scaling-train", ["-m", "optimizer=adam,foo", *SMALL], ["optimizer/foo"], ["data.n_samples", "epochs"]),
     # every grid point of a basic-sweeper multirun is validated before its first job
@@ -43,6 +47,8 @@ CASES = [
     ("scaling-train", ["--config-name=foo"], ["--config-name", "foo"], []),
     ("scaling-train", ["-cd", "/nonexistent/conf"], ["--config-dir", "/nonexistent/conf"], []),
     # the line names the key that is wrong, and only that
+    ("scaling-train", ["hydra.sweeper.params.batch_size=1", *SMALL],  # OmegaConf's message names no key
+     ["hydra.sweeper.params.batch_size=1", "null"], ["data.n_samples", "epochs"]),
     ("scaling-train", ["hydra/launcher=nope"], ["hydra/launcher/nope", "options for hydra/launcher:"], []),
     ("scaling-train", ["-m", "batch_size=32,abc", *SMALL], ["batch_size=abc"], ["data.n_samples", "epochs"]),
 ]

@@ -80,6 +80,22 @@ def test_cuda_without_a_gpu_ends_in_one_line_before_the_study_run_opens(tmp_path
     assert _left_behind(tmp_path) == []
 
 
+@NO_GPU
+@pytest.mark.parametrize("args, needle", [
+    (["-m", "batch_size=32,64", "parallel.workers=2", "parallel.backend=nccl", *SMALL],
+     "parallel.backend='nccl': needs a GPU per worker, and hydra.sweeper.resources.gpu=0"),
+    (["parallel.workers=2", "parallel.backend=nccl", *SMALL],
+     "parallel.backend='nccl': needs CUDA, and the ranks run on the CPU (device=auto)"),
+    (["device=cuda", *SMALL], "device='cuda': no CUDA device is visible to this process"),
+], ids=["study nccl", "run nccl", "run cuda"])
+def test_a_trial_this_machine_cannot_run_ends_in_one_line_before_hydra_or_mlflow_write(tmp_path, args, needle):
+    """nccl with device=auto on a CPU, or device=cuda without a GPU, failed inside the trial (every
+    attempt of a study's), after Hydra's output folder and the MLflow store were made."""
+    proc, _ = run_cli(args, tmp_path)
+    assert_one_line(proc, needle)
+    assert _left_behind(tmp_path) == []
+
+
 def test_a_huge_grid_is_refused_before_it_is_built(tmp_path):
     """10^8 trials would take ~10 GB as override lists: the driver, capped at 3 GB, must not build them."""
     proc, elapsed = run_cli(["-m", "seed=range(0,100000000)", *SMALL], tmp_path, timeout=60, limit_bytes=3 << 30)
