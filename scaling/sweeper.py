@@ -91,6 +91,9 @@ class ScalingSweeperConf:
     max_failures: int = 2
     report: bool = True
     """Run the study report at the end (figures become artifacts of the study run)."""
+    run_twins: bool = False
+    """Run every grid point, even one that trains exactly what another does (a flat warmup, one LR
+    under two rule labels): scaling.twins. false: run it once and record both runs from it."""
 
 
 # What ASHA may judge by: a metric every evaluation reports (Tune fails a trial whose result lacks
