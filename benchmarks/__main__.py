@@ -12,7 +12,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import asha, gpu, startup, study, throughput
+from benchmarks import asha, gpu, startup, study, throughput, twins
 from benchmarks.common import REPO, Ctx, Row, cpu_share, load_average, log, machine
 
 # Run (and table) order follows the row numbers.
@@ -23,6 +23,7 @@ GROUPS = {
     "tune": study.tool_vs_bare_tune,
     "asha": asha.asha_vs_grid,
     "asha-resume": asha.asha_resumed,
+    "twins": twins.twins_once,
     "mlflow": study.mlflow_overhead,
     "gns": throughput.gns_overhead,
     "config-error": startup.config_error,
