@@ -39,7 +39,8 @@ class Grid:
 
 def draw(override: Any, rng: random.Random) -> str:
     """Return one value of an interval sweep, as override text: uniform, or log-uniform when tagged
-    `log`; an integer when both ends are (Hydra's `int(interval(a,b))`; a bare interval is floats)."""
+    `log`; an integer when both ends are (Hydra's `int(interval(a,b))`, or `int(tag(log,interval(a,b)))`
+    for batch sizes; a bare interval is floats)."""
     sweep = override.value()
     lo, hi = float(sweep.start), float(sweep.end)
     if "log" in sweep.tags:
@@ -48,7 +49,7 @@ def draw(override: Any, rng: random.Random) -> str:
         value = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     else:
         value = rng.uniform(lo, hi)
-    if isinstance(sweep.start, int) and isinstance(sweep.end, int) and "log" not in sweep.tags:
+    if isinstance(sweep.start, int) and isinstance(sweep.end, int):  # int(interval(..)), log-tagged or not
         return str(int(round(value)))
     return repr(value)
 

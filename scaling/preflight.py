@@ -132,8 +132,8 @@ def _blame(hydra: Any, config_name: str, args: Any, exc: Exception) -> str:
     for i in range(len(overrides)):
         try:
             hydra.compose_config(config_name, overrides[:i + 1], run_mode=mode)
-        except Exception:  # noqa: BLE001 - the first prefix that fails
-            return f"{overrides[i]}: {line}"
+        except Exception as prefix_exc:  # noqa: BLE001 - the first prefix that fails, with the same error
+            return f"{overrides[i]}: {line}" if one_line(prefix_exc) == one_line(exc) else line
     return line
 
 
@@ -198,7 +198,9 @@ def _merge_draw(override: Any, loader: Any, base: Any, value_parser: Any) -> Non
     from scaling.grid import draw
 
     key, text = override.get_key_element(), override.input_line.split("=", 1)[-1]
-    if key[:1] in "+~" or "@" in key or loader.repository.group_exists(key.replace(".", "/")):
+    if key[:1] in "+~" or "@" in key:
+        return  # adds, deletes and packages: the sweeper composes them with the grid
+    if loader.repository.group_exists(key.replace(".", "/")):
         raise ConfigError(key, text, "is a config group: list its options (a,b), an interval draws numbers")
     value = draw(override, random.Random(0))
     try:

@@ -119,7 +119,11 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     twins = {} if sweeper.conf.run_twins else find_twins({i: s.config for i, s in specs.items()})
     if scheduler is not None:  # ASHA judges a trial within its stratum
         twins = whole_strata(twins, {i: scheduler.stratum_of({"point": _point(s)}) for i, s in specs.items()})
-    recorder, self_run = mirror_twins(recorder, twins, specs)
+    recorder = mirror_twins(recorder, twins, specs)
+    # the twins recorded from their source, in any attempt: samples/trained leaves them out
+    not_trained = set(getattr(recorder, "mirrored", ())) | set(state.get("mirrored", []))
+    if not_trained:
+        _write_state(storage, {**json.loads(state_path.read_text()), "mirrored": sorted(not_trained)})
     if state and scheduler is not None:
         _seed_asha(scheduler, recorder, specs)
     callback = _callback_class()(recorder, specs, scheduler)
@@ -143,7 +147,7 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     wall = time.time() - t0
     stopping = stop_ray_aside()
     try:
-        return _finish(sweeper, recorder, specs, callback, wall, interrupted, not_trained=set(twins) - self_run)
+        return _finish(sweeper, recorder, specs, callback, wall, interrupted, not_trained=not_trained)
     finally:
         stopping.join()
         del tuner  # after Ray has stopped, as before this function was split

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scaling.config import MODES, REPORTED_METRICS, ConfigError
 from scaling.grid import Grid, build_grid, grid_size
-from scaling.validation import _choice, _positive, validate
+from scaling.validation import _choice, _positive, plan_split, validate
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ class ScalingSweeper(Sweeper):
         self._check_size(grid_size(overrides, num_samples=self.conf.num_samples))
         grid = build_grid(overrides, num_samples=self.conf.num_samples, seed=self.conf.sample_seed)
         configs = self._compose_all(grid)
-        if not self.conf.resources.gpu and any(c.parallel.backend == "nccl" for c in configs):
+        if not self.conf.resources.gpu and any(c.parallel.backend == "nccl" and plan_split(c).workers > 1
+                                               for c in configs):
             raise ConfigError("parallel.backend", "nccl",  # else every attempt fails inside its trial
                               "needs a GPU per worker, and hydra.sweeper.resources.gpu=0; use gloo or auto")
         a = self.conf.asha

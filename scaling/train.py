@@ -60,9 +60,10 @@ def resolve_device(name: str) -> torch.device:
 
 def check_device(cfg: Any) -> torch.device:
     """Return the trial's device; raise ConfigError for device=cuda without a GPU, or for
-    parallel.backend=nccl when the trial would run on the CPU (what validate() cannot tell)."""
+    parallel.backend=nccl when the trial's ranks would run on the CPU (what validate() cannot tell)."""
     device = resolve_device(cfg.device)
-    check_backend(cfg.parallel.backend, cfg.device, device.type == "cuda")
+    if plan_split(cfg).workers > 1:  # one worker starts no process group
+        check_backend(cfg.parallel.backend, cfg.device, device.type == "cuda")
     return device
 
 

@@ -6,14 +6,17 @@ schedule `warmup.epochs=0` and `0.5` train the same trial; in the default study 
 point at batch 16 and 64 with warmup 0.5, 32 of its 128. At scaling.ref_batch_size every rule
 gives the same LR, so the rules' points there are twins too. A twin is not sent to Tune: its
 MLflow run is written from its source's results, call for call (MirroringRecorder), under its
-own params, and tagged `trial.same_as`. The study's samples/trained counts only what ran;
-samples/full_grid still counts every point, so the saving shows in samples/fraction.
+own params, and tagged `trial.same_as` (the derived.* params and Tune's trial id stay the
+source's alone). The study's samples/trained counts only what ran; samples/full_grid still
+counts every point, so the saving shows in samples/fraction.
 
 What makes two points the same training is the resolved trial config with the LR's *labels*
 (`lr`, `lr_multiplier`, `scaling.*`) replaced by the LR trained, and the warmup by what it does:
 nothing, when it is flat (or zero epochs) in front of a constant schedule; else its length and
-start LR (the main schedule starts after the warmup, so even a flat one shifts a decay). Studies
-with `scaling.ref_lr=auto` have no twins: the range test's LR is found at run time.
+start LR (the main schedule starts after the warmup, so even a flat one shifts a decay). A study
+resolves `scaling.ref_lr=auto` (one range test) before it looks for twins; a config that still says
+`auto`, or trains from a range test at its own batch size (`schedule.from_lr_find`, where the LR is
+that test's peak x lr_multiplier whatever the rule), is never a twin.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ SAME_AS_TAG = "trial.same_as"
 
 def training_key(config: dict) -> Optional[str]:
     """Return a key equal for two resolved trial configs that train the same thing (None: never a twin)."""
-    if config["scaling"]["ref_lr"] == "auto":
+    if config["scaling"]["ref_lr"] == "auto" or config["schedule"].get("from_lr_find"):
         return None
     # the keys effective_lr and warmup_start_lr read: a DictConfig of a whole config costs ~30 ms
     cfg = SimpleNamespace(lr=config["lr"], lr_multiplier=config["lr_multiplier"], batch_size=config["batch_size"],
@@ -86,11 +89,12 @@ class MirroringRecorder:
         def both(index: int, *args: Any, **kwargs: Any) -> Any:
             out = attr(index, *args, **kwargs)
             for twin in self.of.get(index, ()):
+                if name == "trial_params":  # derived values (warmup steps, ...) are the source's config's
+                    continue
                 if name == "trial_started":  # the twin's own config (its params), and where its values come from
                     source = self.specs[index]
-                    tags = {**(args[1] if len(args) > 1 and args[1] else kwargs.get("extra_tags") or {}),
-                            SAME_AS_TAG: " ".join(source.overrides), f"{SAME_AS_TAG}_index": str(index)}
-                    attr(twin, self.specs[twin].config, tags)
+                    attr(twin, self.specs[twin].config,
+                         {SAME_AS_TAG: " ".join(source.overrides), f"{SAME_AS_TAG}_index": str(index)})
                 else:
                     attr(twin, *args, **kwargs)
             return out
@@ -119,14 +123,15 @@ def whole_strata(twins: dict[int, int], stratum: dict[int, Any]) -> dict[int, in
     return kept
 
 
-def mirror_twins(recorder: Any, twins: dict[int, int], specs: dict[int, Any]) -> tuple[Any, set[int]]:
-    """Return the study's recorder, mirroring to each unfinished twin its source's records, and the
-    twins that must run themselves: those whose source an earlier attempt finished before them."""
+def mirror_twins(recorder: Any, twins: dict[int, int], specs: dict[int, Any]) -> Any:
+    """Return the study's recorder, mirroring to each unfinished twin its unfinished source's records.
+
+    A twin whose source an earlier attempt finished before the twin (a driver killed between the
+    two records) runs itself."""
     finished = recorder.finished_indices()
     mirrored = {t: s for t, s in twins.items() if t not in finished and s not in finished}
-    self_run = {t for t, s in twins.items() if t not in finished and s in finished}
     if not mirrored:
-        return recorder, self_run
+        return recorder
     print(f"{len(mirrored)} of {len(specs)} trials train what another trial trains (e.g. a flat warmup): "
           f"each pair runs once, recorded for both (tag {SAME_AS_TAG})", flush=True)
-    return MirroringRecorder(recorder, mirrored, specs), self_run
+    return MirroringRecorder(recorder, mirrored, specs)

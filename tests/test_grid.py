@@ -36,6 +36,14 @@ def test_log_interval_is_sampled_log_uniformly_num_samples_times():
         build_grid(parse("lr_multiplier=interval(0.1,1)"), num_samples=3, seed=1).points
 
 
+@pytest.mark.parametrize("sweep", ["int(interval(16,2048))", "int(tag(log,interval(16,2048)))"])
+def test_an_int_interval_draws_integers_log_tagged_or_not(sweep):
+    """A batch size cannot be a float: a log-tagged int interval used to draw 181.02..."""
+    g = build_grid(parse(f"batch_size={sweep}"), num_samples=50, seed=3)
+    draws = [p[-1].split("=")[1] for p in g.points]
+    assert all(d.isdigit() and 16 <= int(d) <= 2048 for d in draws) and len(set(draws)) > 10
+
+
 def test_empty_sweep_is_an_error_naming_the_key():
     with pytest.raises(ConfigError, match="batch_size"):
         build_grid(parse("batch_size=range(5,5)"))

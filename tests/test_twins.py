@@ -43,10 +43,17 @@ def test_twins_are_points_that_train_the_same(compose_cfg, a, b, twins):
     assert (ka == kb) is twins
 
 
-def test_a_range_test_lr_makes_no_twins(compose_cfg):
-    """ref_lr=auto is found at run time: nothing is known to be the same before."""
-    cfgs = {i: point(compose_cfg, "scaling.ref_lr=auto", f"warmup.epochs={w}") for i, w in enumerate((0, 0.5))}
+@pytest.mark.parametrize("overrides", [["scaling.ref_lr=auto"], ["schedule=onecycle", "schedule.from_lr_find=true"]])
+def test_a_range_test_lr_makes_no_twins(compose_cfg, overrides):
+    """An unresolved ref_lr=auto is not known before the run; with schedule.from_lr_find the LR is the
+    range test's peak at the trial's own batch size x lr_multiplier, whatever the rule: sqrt x 0.5 and
+    none x 1 at 4 x ref_batch_size would key alike on the rule's LR, and train LRs 2x apart."""
+    cfgs = {0: point(compose_cfg, *overrides, "batch_size=256", "scaling.rule=sqrt", "lr_multiplier=0.5"),
+            1: point(compose_cfg, *overrides, "batch_size=256", "scaling.rule=none", "lr_multiplier=1")}
     assert training_key(cfgs[0]) is None and find_twins(cfgs) == {}
+    plain = {i: {**c, "scaling": {**c["scaling"], "ref_lr": 0.1}, "schedule": {**c["schedule"], "from_lr_find": False}}
+             for i, c in cfgs.items()}
+    assert find_twins(plain) == {1: 0}  # the same LR by the rule's labels, when the rule sets it
 
 
 def test_the_default_studys_grid_has_a_twin_for_every_flat_warmup(compose_cfg):
@@ -97,6 +104,9 @@ def test_a_study_runs_each_twin_pair_once_and_records_both(tmp_path):
     assert {"batch_size=32", "warmup.epochs=0"} <= set(twin.data.tags["trial.same_as"].split())
     assert twin.info.run_id != source.info.run_id and float(twin.data.params["warmup.epochs"]) == 0.25
     assert all("trial.same_as" not in t.data.tags for p, t in by_point.items() if p != (32, 0.25))
+    # what the trial loop derived (warmup steps, ...) belongs to the source's config, not to the twin's params
+    assert any(k.startswith("derived.") for k in source.data.params)
+    assert not any(k.startswith("derived.") for k in twin.data.params) and "tune.trial_id" not in twin.data.tags
     history = lambda c, run: [(m.step, m.value) for m in c.get_metric_history(run.info.run_id, "val/loss")]  # noqa: E731
     assert history(client, twin) == history(client, source) and len(history(client, twin)) >= 4
     ran_twice = runs["true"][2][(32, 0.25)]
