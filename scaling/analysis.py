@@ -351,6 +351,11 @@ def analyze(study: Study, memory_budget_mb: Optional[float] = None, target: Opti
     if trials["batch_size"].nunique() == 1:
         notes.append(f"one batch size ({trials['batch_size'].iloc[0]}): no scaling law and no critical batch size; "
                      "sweep batch_size over 3 or more values")
+    twins = int((trials["same_as"] != "").sum()) if "same_as" in trials else 0
+    if twins:
+        notes.append(f"{twins} of {len(trials)} trial runs are twins: each trains what another trial trains (e.g. "
+                     "a flat warmup below ref_batch_size) and was recorded from it (tag trial.same_as), so its "
+                     "row repeats its source's")
     tgt, costed, more = targeted(study, target)
     notes += more
     costs = cost_to_target(costed)

@@ -89,14 +89,16 @@ def typed(column: pd.Series) -> pd.Series:
     return pd.to_numeric(raw, errors="coerce").astype(float)
 
 
+HEAD = ("trial", "name", "status", "reason", "same_as")  # same_as: a twin's source (scaling.twins), else ""
+
+
 def trials_frame(records: Sequence[dict], axes: Sequence[str] = ()) -> pd.DataFrame:
-    """Return one row per trial from dicts with trial, name, status, reason, params and metrics.
+    """Return one row per trial from dicts with trial, name, status, reason, same_as, params and metrics.
 
     Params become typed columns under their config keys; metrics keep their names (their last
     logged value), except one named like a param (`lr`), which becomes `lr/last`.
     """
-    head = pd.DataFrame([{k: r.get(k, "") for k in ("trial", "name", "status", "reason")} for r in records],
-                        columns=["trial", "name", "status", "reason"])
+    head = pd.DataFrame([{k: r.get(k, "") for k in HEAD} for r in records], columns=list(HEAD))
     params = pd.DataFrame([r.get("params", {}) for r in records], index=head.index).apply(typed)
     metrics = pd.DataFrame([r.get("metrics", {}) for r in records], index=head.index, dtype=float)
     metrics = metrics.rename(columns={c: f"{c}/last" for c in metrics if c in params})
@@ -127,6 +129,7 @@ def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
     Raises StudyError (one line) when the store, the experiment or the study does not exist.
     """
     from scaling.tracking import KIND_TAG, STATUS_TAG, STUDY_TAG, make_client, sqlite_path
+    from scaling.twins import SAME_AS_TAG
 
     uri = tracking_uri or DEFAULT_TRACKING_URI
     db = sqlite_path(uri)
@@ -143,7 +146,8 @@ def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
         if not token:
             break
     records = [{"trial": r.info.run_id, "name": r.info.run_name, "status": r.data.tags.get(STATUS_TAG, "running"),
-                "reason": r.data.tags.get("trial.reason", ""), "params": r.data.params, "metrics": r.data.metrics}
+                "reason": r.data.tags.get("trial.reason", ""), "same_as": r.data.tags.get(SAME_AS_TAG, ""),
+                "params": r.data.params, "metrics": r.data.metrics}
                for r in runs]
     columns = {k for r in records for k in r["params"]}
     trials = trials_frame(records, _axis_columns(run.data.params.get("grid"), columns))

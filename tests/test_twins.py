@@ -118,3 +118,10 @@ def test_a_study_runs_each_twin_pair_once_and_records_both(tmp_path):
     assert trained == sum(v for p, v in per_point.items() if p != (32, 0.25)) and full == sum(per_point.values())
     assert runs["true"][1].data.metrics["samples/trained"] == full
     assert math.isclose(study.data.metrics["samples/fraction"], trained / full)
+    # the report says which rows repeat another's
+    from scaling.analysis import analyze
+    from scaling.study_data import load_study
+
+    notes = analyze(load_study("twins-false", f"sqlite:///{tmp_path / 'mlflow.db'}")).notes
+    assert any(n.startswith("1 of 4 trial runs are twins") for n in notes), notes
+    assert not any("trial.same_as" in n for n in analyze(load_study("twins-true", f"sqlite:///{tmp_path / 'mlflow.db'}")).notes)
