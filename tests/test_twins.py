@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
 
 import pytest
 from omegaconf import OmegaConf
-
+from procs import stop_group, wait_for_text
 from records import study_records
+from test_study import BIN, TINY, run_cli
+
 from scaling.twins import find_twins, training_key, whole_strata
-from test_study import TINY, run_cli
 
 
 def point(compose_cfg, *overrides) -> dict:
@@ -125,3 +128,32 @@ def test_a_study_runs_each_twin_pair_once_and_records_both(tmp_path):
     notes = analyze(load_study("twins-false", f"sqlite:///{tmp_path / 'mlflow.db'}")).notes
     assert any(n.startswith("1 of 4 trial runs are twins") for n in notes), notes
     assert not any("trial.same_as" in n for n in analyze(load_study("twins-true", f"sqlite:///{tmp_path / 'mlflow.db'}")).notes)
+
+
+@pytest.mark.slow
+def test_a_study_with_twins_killed_and_resumed_counts_each_training_once(tmp_path):
+    """The driver is killed once a source and its twin are recorded; the resume mirrors the other
+    pair, and samples/trained still counts two trainings (the state file keeps which were mirrored)."""
+    args = ["-m", "batch_size=32", "lr_multiplier=0.5,1", "warmup.epochs=0,0.25", "scaling.ref_batch_size=64",
+            "warmup.start=ref", "hydra.sweeper.max_concurrent=1", "hydra.sweeper.checkpoint_interval_s=0", *TINY,
+            "hydra.sweeper.asha.enabled=false"]  # every trial to its budget: samples/trained is exact
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "scaling-train"), *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            wait_for_text(log, "done 2/4", proc, timeout=180)
+        finally:
+            stop_group(proc)  # the driver and the Ray it started
+    proc = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resuming study" in proc.stdout
+    client, (study,), trials = study_records(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(trials) == 4 and {t.data.tags["trial.status"] for t in trials} == {"completed"}
+    twins = [t for t in trials if "trial.same_as" in t.data.tags]
+    assert len(twins) == 2 and {float(t.data.params["warmup.epochs"]) for t in twins} == {0.25}
+    per_trial = study.data.metrics["samples/full_grid"] / 4
+    assert study.data.metrics["samples/trained"] == 2 * per_trial, "a mirrored twin was counted as trained"
+    for t in trials:
+        steps = [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")]
+        assert steps == sorted(set(steps)) and steps[-1] == per_trial, f"{t.info.run_name}: {steps}"
