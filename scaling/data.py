@@ -15,7 +15,7 @@ import random
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -204,11 +204,7 @@ def _cached_mnist1d(n_samples: int, seed: int, cache_dir: str) -> tuple[np.ndarr
     x, y = _generate_mnist1d(n_samples, seed)
     # Concurrent trials may generate at once: each writes its own temp file, and os.replace
     # swaps it in atomically, so a reader sees either no file or a complete one.
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".mnist1d-", suffix=".tmp")
-    except OSError as exc:
-        raise ConfigError("data.cache_dir", cache_dir, f"cannot hold the generated dataset ({exc.strerror})") from None
+    fd, tmp = _temp_in_cache(cache_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, x=x, y=y)
@@ -218,6 +214,17 @@ def _cached_mnist1d(n_samples: int, seed: int, cache_dir: str) -> tuple[np.ndarr
         os.unlink(tmp)
         raise
     return x, y
+
+
+def _temp_in_cache(cache_dir: str, shown: Optional[str] = None) -> tuple[int, str]:
+    """Make cache_dir and a temp file in it; return (fd, path), or raise ConfigError naming
+    data.cache_dir (as `shown`, the value given) when no file can be written there."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        return tempfile.mkstemp(dir=cache_dir, prefix=".mnist1d-", suffix=".tmp")
+    except OSError as exc:
+        raise ConfigError("data.cache_dir", shown or cache_dir,
+                          f"cannot hold the generated dataset ({exc.strerror})") from None
 
 
 def _generate_mnist1d(n_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -292,12 +299,9 @@ def check_sources(cfg: Any) -> None:
     cache_dir = os.path.expanduser(cfg.cache_dir)
     if os.path.exists(_mnist1d_cache_path(cfg.n_samples, cfg.seed, cache_dir)):
         return
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cache_dir):
-            pass
-    except OSError as exc:
-        raise ConfigError("data.cache_dir", cfg.cache_dir, f"cannot hold the generated dataset ({exc.strerror})") from None
+    fd, tmp = _temp_in_cache(cache_dir, cfg.cache_dir)
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def _missing(cfg: Any, expected: str) -> None:

@@ -119,3 +119,18 @@ def stratum_keys(axis_names: Sequence[str], group_by: Sequence[str] | None) -> l
     if group_by is not None:
         return list(group_by)
     return [a for a in axis_names if a.split("@")[0].lstrip("+~") not in LR_AXES]
+
+
+def is_value_key(config_loader: Any, key: str) -> bool:
+    """Return True for a plain config key of an override (not a config group, no +/~ or @package)."""
+    if key[:1] in "+~" or "@" in key or "/" in key:
+        return False
+    return not config_loader.repository.group_exists(key.replace(".", "/"))
+
+
+def merge_values(cfg: Any, overrides: Sequence[str]) -> None:
+    """Apply plain `key=value` overrides to cfg with Hydra's own override code (its grammar and errors)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides(overrides), cfg)

@@ -171,40 +171,38 @@ def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> lis
 
         points = BasicSweeper.split_arguments(parsed, None)[0]
         return [_trial(loader.load_sweep_config(master, p), p) for p in points]
-    base, value_parser = copy.deepcopy(master), OverridesParser.create()
+    from scaling.grid import is_value_key, merge_values
+
+    base = copy.deepcopy(master)
     with open_dict(base):
         del base["hydra"]
     axes = {o.get_key_element(): o for o in parsed if o.is_sweep_override()}  # a shell axis replaces a preset's
     for key, o in axes.items():
         if o.is_interval_sweep():
-            _merge_draw(o, loader, base, value_parser)
+            _merge_draw(o, loader, base)
             continue
         for value in _axis_values(o):
-            if key[:1] in "+~" or "@" in key or loader.repository.group_exists(key.replace(".", "/")):
-                loader.load_sweep_config(master, [f"{key}={value}"])  # a group choice: its own composition
-            else:  # a plain value: merged as Hydra merges it, into the copy (a millisecond, not a composition)
-                from hydra._internal.config_loader_impl import ConfigLoaderImpl
-
-                ConfigLoaderImpl._apply_overrides_to_config(value_parser.parse_overrides([f"{key}={value}"]), base)
+            if is_value_key(loader, key):  # merged as Hydra merges it, into the copy (a millisecond)
+                merge_values(base, [f"{key}={value}"])
+            else:  # a group choice: its own composition
+                loader.load_sweep_config(master, [f"{key}={value}"])
     return []
 
 
-def _merge_draw(override: Any, loader: Any, base: Any, value_parser: Any) -> None:
+def _merge_draw(override: Any, loader: Any, base: Any) -> None:
     """Merge one draw of an interval sweep into `base`; a ConfigError names the interval if it cannot be."""
     import random
 
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-
-    from scaling.grid import draw
+    from scaling.grid import draw, is_value_key, merge_values
 
     key, text = override.get_key_element(), override.input_line.split("=", 1)[-1]
     if key[:1] in "+~" or "@" in key:
         return  # adds, deletes and packages: the sweeper composes them with the grid
-    if loader.repository.group_exists(key.replace(".", "/")):
+    if not is_value_key(loader, key):
         raise ConfigError(key, text, "is a config group: list its options (a,b), an interval draws numbers")
     value = draw(override, random.Random(0))
     try:
-        ConfigLoaderImpl._apply_overrides_to_config(value_parser.parse_overrides([f"{key}={value}"]), base)
+        merge_values(base, [f"{key}={value}"])
     except Exception as exc:  # noqa: BLE001 - the draw's own error, under the interval's name
         hint = "; int(interval(a,b)) draws integers" if "Integer" in str(exc.__cause__ or exc) else ""
         raise ConfigError(key, text, f"its draw {value} does not merge ({one_line(exc)}){hint}") from None

@@ -26,7 +26,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scaling.config import MODES, REPORTED_METRICS, ConfigError
-from scaling.grid import Grid, build_grid, grid_size
+from scaling.grid import Grid, build_grid, grid_size, is_value_key, merge_values
 from scaling.validation import _choice, _positive, plan_split, validate
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class ScalingSweeper(Sweeper):
         composed once, and each point's own values are applied to a copy with Hydra's own
         override code: the same grammar, the same errors, the same result as composing it whole.
         """
-        value_axes = [k for k in grid.axis_names if self._is_value_key(k)]
+        value_axes = [k for k in grid.axis_names if is_value_key(self.hydra_context.config_loader, k)]
         bases: dict[tuple, DictConfig] = {}
         configs = []
         for point in grid.points:
@@ -198,19 +198,10 @@ class ScalingSweeper(Sweeper):
             configs.append(self._apply_values(bases[shared], own, point))
         return configs
 
-    def _is_value_key(self, key: str) -> bool:
-        """Return True for a plain config key (not a config group, no +/~ or @package)."""
-        if key[:1] in "+~" or "@" in key or "/" in key:
-            return False
-        return not self.hydra_context.config_loader.repository.group_exists(key.replace(".", "/"))
-
     def _apply_values(self, base: DictConfig, values: list[str], point: list[str]) -> DictConfig:
-        from hydra._internal.config_loader_impl import ConfigLoaderImpl
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
         cfg = copy.deepcopy(base)
         try:
-            ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides(values), cfg)
+            merge_values(cfg, values)
         except Exception as exc:  # noqa: BLE001 - becomes one line naming the override
             from scaling.cli import one_line
 
