@@ -1,4 +1,5 @@
-"""Row 3: stratified ASHA against the full grid of the same study, read back from MLflow.
+"""Row 3: stratified ASHA against the full grid of the same study, read back from MLflow, in both
+variants (hydra.sweeper.asha.variant: stopping, Ray Tune's; promotion, Li et al.'s).
 
 ASHA (grace 0.1 epoch, reduction factor 3: rungs at 0.1, 0.3, 0.9) must train <= 1/3 of the
 full grid's samples, and its best val/loss per batch size must be within 2% of the full grid's.
@@ -28,10 +29,23 @@ def _regret(asha_best: dict, full_best: dict) -> dict[int, float]:
     return out
 
 
+VARIANTS = {"stopping": ("3a", "3b", []), "promotion": ("3e", "3f", ["hydra.sweeper.asha.variant=promotion"])}
+
+
 def asha_vs_grid(ctx: Ctx) -> list[Row]:
+    """Rows 3a/3b (stopping-based ASHA, Ray Tune's) and 3e/3f (promotion-based, scaling.asha_promotion),
+    each against the same full grid."""
     full = full_grid_reference(ctx)
-    runs = [run_study(ctx, asha=True) for _ in range(ctx.cache.get("asha_runs", 1))]
-    ctx.cache["asha_study"] = runs[0]
+    rows = []
+    for variant, (samples_row, best_row, extra) in VARIANTS.items():
+        runs = [run_study(ctx, asha=True, extra=extra) for _ in range(ctx.cache.get("asha_runs", 1))]
+        if variant == "stopping":
+            ctx.cache["asha_study"] = runs[0]
+        rows += _variant_rows(variant, samples_row, best_row, runs, full)
+    return rows
+
+
+def _variant_rows(variant: str, samples_row: str, best_row: str, runs: list[dict], full: dict) -> list[Row]:
     frac = summarize([r["samples_trained"] / r["samples_full_grid"] for r in runs])
     regrets = [_regret(r["best_per_batch_size"], full["best_per_batch_size"]) for r in runs]
     worst = summarize([1 + max(rg.values()) for rg in regrets])
@@ -40,15 +54,16 @@ def asha_vs_grid(ctx: Ctx) -> list[Row]:
     wall = summarize([r["wall_s"] / full["wall_s"] for r in runs])
     printed_ok = all(r.get("printed_trained") == int(r["samples_trained"]) for r in runs)
     trained = sorted(int(r["samples_trained"]) for r in runs)
-    data = {"asha_runs": runs, "full_grid": {k: full[k] for k in ("name", "study_run_id", "wall_s",
-                                                                 "samples_full_grid", "best_per_batch_size")},
+    data = {"variant": variant, "asha_runs": runs,
+            "full_grid": {k: full[k] for k in ("name", "study_run_id", "wall_s", "samples_full_grid",
+                                                 "best_per_batch_size")},
             "fractions": frac.values, "regret_per_batch_size": regrets}
     return [
-        Row("3a. asha samples trained / full grid", f"{trained[len(trained) // 2]:,} samples",
+        Row(f"{samples_row}. asha ({variant}) samples trained / full grid", f"{trained[len(trained) // 2]:,} samples",
             f"{int(full['samples_full_grid']):,} (full grid)", frac.median, "<= 0.333", frac.median <= 1 / 3,
             frac.spread, note=f"asha wall / full-grid wall = {wall.median:.2f} [{wall.spread}]; printed line "
                               f"{'agrees' if printed_ok else 'DISAGREES'} with MLflow samples/trained", data=data),
-        Row("3b. asha best val/loss per batch size vs full grid",
+        Row(f"{best_row}. asha ({variant}) best val/loss per batch size vs full grid",
             f"{runs[worst_run]['best_per_batch_size'].get(wb, math.nan):.4f} (batch {wb}, worst)",
             f"{full['best_per_batch_size'][wb]:.4f} (full grid)", worst.median,
             "<= 1.02x", worst.median <= 1.02, worst.spread,

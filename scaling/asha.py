@@ -82,7 +82,9 @@ def rung_levels(grace_period: float, max_t: float, reduction_factor: float) -> l
     """Return the rungs grace_period * rf**k that lie strictly below max_t, ascending."""
     rungs, k = [], 0
     while grace_period * reduction_factor**k < max_t * (1 - 1e-9):
-        rungs.append(grace_period * reduction_factor**k)
+        # to 12 digits: 0.1 * 3 is 0.30000000000000004, above the 0.3 a trial reports after 0.3 epoch
+        # (step * B / n_train, correctly rounded), so the rung fell on the evaluation after it
+        rungs.append(float(f"{grace_period * reduction_factor**k:.12g}"))
         k += 1
     return rungs
 
@@ -260,7 +262,7 @@ class StratifiedASHA(FIFOScheduler):
         return (judged[0] if judged else None), action
 
     def seed(self, trial_id: str, config: Dict[str, Any], history: Sequence[tuple[float, float]],
-             bad: bool = False) -> int:
+             bad: bool = False, finished: bool = False) -> int:
         """Record, at the rungs it reached, a trial that an earlier attempt of the study finished.
 
         A resumed study is a fresh Tune run over the unfinished trials, so without this its rungs
@@ -270,7 +272,8 @@ class StratifiedASHA(FIFOScheduler):
         through the bracket as the trial's reports were (the first one at or past each rung is
         the one recorded). A non-finite value, or the last one when `bad` (the trial ended
         diverged, oom or error), is recorded as -inf, as `on_trial_result` did. Nothing is
-        decided. Return the number of rung values recorded.
+        decided (`finished`, whether it ended by itself, is for the promotion variant). Return the
+        number of rung values recorded.
         """
         _, bracket = self._bracket_for(trial_id, config)
         ref = _Seeded(trial_id)

@@ -51,8 +51,10 @@ class TuneReporter(Reporter):
     folder (measured: 3 s of a 19 s study of 32 short trials at every evaluation).
     """
 
-    def __init__(self, checkpointing: bool, interval_s: float = 0.0, report_at: tuple = ()) -> None:
+    def __init__(self, checkpointing: bool, interval_s: float = 0.0, report_at: tuple = (),
+                 checkpoint_at_rungs: bool = False) -> None:
         self.checkpointing, self.interval_s = checkpointing, interval_s
+        self.checkpoint_at_rungs = checkpoint_at_rungs  # promotion-based ASHA may pause the trial there
         self.report_at = sorted(float(t) for t in report_at)  # epochs (the scheduler's time_attr)
         self._saved_at = self._reported_at = time.monotonic()
         self.pending: list[dict[str, float]] = []  # evaluations not sent yet, oldest first
@@ -77,6 +79,8 @@ class TuneReporter(Reporter):
         self._saved_at = self._reported_at = time.monotonic()
         self.total_steps = info.get("total_steps")
         self.resumed_from = info.get("resumed_from_step")
+        if self.resumed_from and info.get("steps_per_epoch"):  # rungs passed before the checkpoint were judged then
+            self._crosses_rung(self.resumed_from / info["steps_per_epoch"] * (1 + 1e-9))
         self.derived = json.dumps({k: v for k, v in info.items() if k != "resumed_from_step"})
 
     def _once(self) -> dict[str, str]:
@@ -112,7 +116,8 @@ class TuneReporter(Reporter):
         if self.resumed_from:
             result["resumed_from_step"] = self.resumed_from
         result.update(self.extra)
-        if self.checkpointing and checkpoint is not None and now - self._saved_at >= self.interval_s:
+        due = now - self._saved_at >= self.interval_s or (rung and self.checkpoint_at_rungs)
+        if self.checkpointing and checkpoint is not None and due:
             import torch
 
             self._saved_at = now
@@ -160,7 +165,7 @@ def trainable(params: dict, configs: dict) -> None:
     elif params["point"].get("resume_from"):
         resume = torch.load(params["point"]["resume_from"], weights_only=False)
     reporter = TuneReporter(params.get("checkpoint", True), params.get("checkpoint_interval_s", 0.0),
-                            params.get("report_at", ()))
+                            params.get("report_at", ()), params.get("checkpoint_at_rungs", False))
     ref_lr = params.get("ref_lr")
     if cfg.schedule.from_lr_find and resume is None:  # Smith: the cycle's peak from a range test at this batch size
         from scaling.lr_finder import trial_ref_lr
@@ -227,6 +232,7 @@ def _callback_class():
             self.running: set[int] = set()
             self.final: dict[int, dict] = {}
             self.resumed: set[int] = set()
+            self.unpaused: dict[int, int] = {}  # trial index -> the step it last resumed from a pause
             self.tagged_lr: set[int] = set()
             self.nodes: dict[int, str] = {}  # trial index -> the Ray node id it last reported from
 
@@ -251,9 +257,15 @@ def _callback_class():
             if result.get("derived"):  # the trial loop's derived values (lr, steps, the data-parallel split)
                 derived = json.loads(result["derived"])
                 self.recorder.trial_params(i, {f"derived.{k}": str(v) for k, v in derived.items()})
-            if result.get("resumed_from_step") and i not in self.resumed:
+            step = result.get("resumed_from_step")
+            if step and self._unpaused(trial, step):  # promotion-based ASHA paused it there: say so, once a pause
+                if self.unpaused.get(i) != step:
+                    self.unpaused[i] = step
+                    steps = sorted(self.scheduler.paused_steps[trial.trial_id])
+                    self.recorder.trial_tag(i, "asha.paused_at_steps", ",".join(map(str, steps)))
+            elif step and i not in self.resumed:
                 self.resumed.add(i)
-                self.recorder.trial_tag(i, "trial.resumed_from_step", str(result["resumed_from_step"]))
+                self.recorder.trial_tag(i, "trial.resumed_from_step", str(step))
             if "lr_find_ref_lr" in result and i not in self.tagged_lr:
                 self.tagged_lr.add(i)
                 self.recorder.trial_tag(i, "lr_find.ref_lr", repr(result["lr_find_ref_lr"]))
@@ -264,6 +276,10 @@ def _callback_class():
                 self.recorder.trial_metrics(i, metrics)
             if status != "running":
                 self.final[i] = dict(result)
+
+        def _unpaused(self, trial, step: int) -> bool:
+            """True when the trial resumed from where the scheduler paused it (not a failure's retry)."""
+            return int(step) in getattr(self.scheduler, "paused_steps", {}).get(trial.trial_id, ())
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._finish(trial)

@@ -56,9 +56,11 @@ def _scheduler(sweeper, grid: Grid, specs: dict[int, TrialSpec]):
     if not a.enabled:
         return None
     from scaling.asha import StratifiedASHA
+    from scaling.asha_promotion import PromotingASHA
 
     budget = max(float(s.config["epochs"]) for s in specs.values())
-    return StratifiedASHA(metric=a.metric, mode=a.mode, time_attr="epoch", max_t=budget,
+    kind = PromotingASHA if a.variant == "promotion" else StratifiedASHA
+    return kind(metric=a.metric, mode=a.mode, time_attr="epoch", max_t=budget,
                           grace_period=a.grace_period, reduction_factor=a.reduction_factor,
                           group_by=[f"point.{_bare(k)}" for k in stratum_keys(grid.axis_names, a.group_by)],
                           axes=[f"point.{_bare(k)}" for k in grid.axis_names], stratified=a.stratified)
@@ -130,6 +132,8 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     checkpoints = _latest_checkpoints(storage) if state else {}
     _relog_from_checkpoints(recorder, checkpoints, specs)
     points = _points_to_run(sweeper, specs, recorder, scheduler, checkpoints)
+    if hasattr(scheduler, "expect"):  # Tune may create trials lazily: the scheduler must know how many come
+        scheduler.expect(scheduler.stratum_of({"point": p}) for p in points)
     t0 = time.time()
     interrupted = False
     # The Tuner holds Ray objects (the trial configs with_parameters put in the object store). Let go
@@ -220,7 +224,8 @@ def _tuner(sweeper, specs: dict[int, TrialSpec], workers: dict[int, int], schedu
         param_space={"point": tune.grid_search(points), "cpus": res.cpu, "gpus": res.gpu,
                      "checkpoint": sweeper.conf.checkpoint,
                      "checkpoint_interval_s": sweeper.conf.checkpoint_interval_s,
-                     "report_at": scheduler.rungs if scheduler is not None else []},
+                     "report_at": scheduler.rungs if scheduler is not None else [],
+                     "checkpoint_at_rungs": hasattr(scheduler, "expect")},  # a paused trial resumes from its rung
         tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
                                     max_concurrent_trials=_max_concurrent(sweeper, workers),
                                     trial_dirname_creator=lambda t: f"trial_{t.config['point']['index']:05d}"),
@@ -269,7 +274,8 @@ def _seed_asha(scheduler, recorder, specs: dict[int, TrialSpec]) -> None:
         rows = recorder.metric_history(i, (scheduler.metric, "epoch"))
         history = [(r["epoch"], r.get(scheduler.metric, math.nan)) for r in rows if "epoch" in r]
         bad = recorder.status[i] in BAD_STATUSES
-        seeded += scheduler.seed(f"resumed-{i}", {"point": _point(specs[i])}, history, bad=bad) > 0
+        finished = recorder.status[i] in ("completed", "early_stopped")  # ended by itself, not pruned
+        seeded += scheduler.seed(f"resumed-{i}", {"point": _point(specs[i])}, history, bad=bad, finished=finished) > 0
     print(f"ASHA: rung values of {seeded} finished trials restored", flush=True)
 
 

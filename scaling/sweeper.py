@@ -44,6 +44,11 @@ class AshaConf:
     reduction_factor: float = 3.0
     metric: str = "val/loss"
     mode: str = "min"
+    variant: str = "stopping"
+    """`stopping`: a trial is judged on reaching a rung against the values recorded there before it,
+    and stopped or continued at once (Ray Tune's ASHA). `promotion`: it waits at the rung (paused,
+    checkpointed) until it ranks in the top 1/reduction_factor there (Li et al. 2020): fewer samples,
+    a pause and a resume per rung. scaling.asha_promotion says more."""
 
 
 @dataclass
@@ -148,7 +153,21 @@ class ScalingSweeper(Sweeper):
             for key in a.group_by or []:
                 if OmegaConf.select(configs[0], key, default="__missing__") == "__missing__":
                     raise ConfigError("hydra.sweeper.asha.group_by", key, "is not a config key")
+            if a.variant == "promotion":
+                self._check_pausable(configs)
         return grid, configs
+
+    def _check_pausable(self, configs: list[DictConfig]) -> None:
+        """Raise ConfigError where promotion-based ASHA could not pause and resume its trials."""
+        why = "pauses trials at rungs, which needs "
+        if not self.conf.checkpoint:
+            raise ConfigError("hydra.sweeper.asha.variant", "promotion", why + "hydra.sweeper.checkpoint=true")
+        if self.conf.max_concurrent is not None:  # Tune's cap counts a paused trial until it ends
+            raise ConfigError("hydra.sweeper.asha.variant", "promotion", why + "hydra.sweeper.max_concurrent=null "
+                              "(a paused trial counts against Tune's cap, so the study could stall)")
+        if any(plan_split(c).workers > 1 for c in configs):
+            raise ConfigError("hydra.sweeper.asha.variant", "promotion", why + "single-worker trials "
+                              "(a data-parallel trial's Ray Train run is not paused); use variant=stopping")
 
     def _check_settings(self) -> None:
         """Raise ConfigError for a sweeper setting that Ray or ASHA would reject only mid-study, or never."""
@@ -169,6 +188,7 @@ class ScalingSweeper(Sweeper):
                 raise ConfigError("hydra.sweeper.asha.reduction_factor", a.reduction_factor,
                                   "must be a finite number above 1")
             _choice("hydra.sweeper.asha.mode", a.mode, MODES)
+            _choice("hydra.sweeper.asha.variant", a.variant, ("stopping", "promotion"))
             _choice("hydra.sweeper.asha.metric", a.metric, ASHA_METRICS)
 
     def _check_size(self, n_trials: int) -> None:

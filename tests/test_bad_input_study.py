@@ -29,6 +29,13 @@ CASES = [
     ([*STUDY, "hydra.sweeper.asha.mode=up"], "hydra.sweeper.asha.mode='up'"),
     ([*STUDY, "hydra.sweeper.asha.metric=foo"], "hydra.sweeper.asha.metric='foo'"),
     ([*STUDY, "hydra.sweeper.asha.reduction_factor=nan"], "hydra.sweeper.asha.reduction_factor=nan"),
+    ([*STUDY, "hydra.sweeper.asha.variant=sync"], "hydra.sweeper.asha.variant='sync'"),
+    # promotion-based ASHA pauses trials: it needs checkpoints, no concurrency cap, single-worker trials
+    ([*STUDY, "hydra.sweeper.asha.variant=promotion", "hydra.sweeper.checkpoint=false"],
+     "hydra.sweeper.asha.variant='promotion': pauses trials at rungs, which needs hydra.sweeper.checkpoint=true"),
+    ([*STUDY, "hydra.sweeper.asha.variant=promotion", "hydra.sweeper.max_concurrent=1"],
+     "which needs hydra.sweeper.max_concurrent=null"),
+    ([*STUDY, "hydra.sweeper.asha.variant=promotion", "parallel.workers=2"], "which needs single-worker trials"),
     ([*STUDY, "hydra.sweeper.resources.cpu=nan"], "hydra.sweeper.resources.cpu=nan"),
     ([*STUDY, "hydra.sweeper.resources.gpu=nan"], "hydra.sweeper.resources.gpu=nan"),
     ([*STUDY, "hydra.sweeper.max_failures=-1"], "hydra.sweeper.max_failures=-1"),

@@ -1,0 +1,211 @@
+"""Promotion-based ASHA (scaling.asha_promotion): synthetic curves through a simulated Tune
+controller (its PAUSE, resume and stop, two slots), then a real study whose paused and resumed
+trials must record what the same trials record when nothing pauses them."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+
+from scaling.asha import StratifiedASHA
+from scaling.asha_promotion import PromotingASHA
+
+MULTIPLIERS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+FINAL = [0.9, 0.8, 0.7, 0.6, 0.65, 0.75, 0.85, 0.95]  # val/loss at the end; x1 is the best
+DT, MAX_T = 0.1, 1.0  # a report every 0.1 epoch; rungs 0.1, 0.3, 0.9 with grace 0.1 and factor 3
+
+
+def loss(batch_size: int, i: int, t: float) -> float:
+    """The same ranking at every epoch, except at batch 1024, where x4 leads from the start and
+    diverges at 0.5 epoch (the benchmark's pattern)."""
+    if batch_size == 1024 and MULTIPLIERS[i] == 4.0:
+        return math.nan if t >= 0.5 - 1e-9 else 0.5 + (1 - t)
+    return FINAL[i] + (1 - t)
+
+
+class Controller:
+    """What the scheduler sees of Tune's controller: the trials, and stopping one."""
+
+    def __init__(self, trials: list[Trial]):
+        self.trials = trials
+
+    def get_trials(self) -> list[Trial]:
+        return self.trials
+
+    def stop_trial(self, trial: Trial) -> None:
+        trial.set_status(Trial.TERMINATED)
+
+
+def make_trials(batch_sizes=(16, 1024)) -> list[Trial]:
+    return [Trial("fake", stub=True, trial_id=f"b{b}x{m}", config={"point": {"batch_size": b, "lr_multiplier": m}})
+            for b in batch_sizes for m in MULTIPLIERS]
+
+
+def scheduler(kind=PromotingASHA, **kw):
+    return kind(metric="val/loss", mode="min", max_t=MAX_T, grace_period=0.1, reduction_factor=3,
+                axes=["point.batch_size", "point.lr_multiplier"], **kw)
+
+
+def simulate(sched, trials: list[Trial], slots: int = 2, curve=loss, last=MAX_T) -> dict[str, float]:
+    """Run the trials as Tune would with `slots` workers, each ending (trial_status completed) at epoch
+    `last`; return the epochs each one trained."""
+    ctrl = Controller(trials)
+    for t in trials:
+        t.set_status(Trial.PENDING)
+        sched.on_trial_add(ctrl, t)
+    if hasattr(sched, "expect"):
+        sched.expect(sched.stratum_of(t.config) for t in trials)
+    trained = {t.trial_id: 0.0 for t in trials}
+    running: list[Trial] = []
+    for _ in range(10_000):
+        while len(running) < slots:
+            nxt = sched.choose_trial_to_run(ctrl)
+            if nxt is None:
+                break
+            nxt.set_status(Trial.RUNNING)
+            running.append(nxt)
+        if not running:
+            break
+        for trial in list(running):  # each running trial trains to its next evaluation
+            trained[trial.trial_id] = round(trained[trial.trial_id] + DT, 9)
+            t, p = trained[trial.trial_id], trial.config["point"]
+            value = curve(p["batch_size"], MULTIPLIERS.index(p["lr_multiplier"]), t)
+            status = "completed" if t >= last - 1e-9 else "running"
+            action = sched.on_trial_result(ctrl, trial, {"epoch": t, "val/loss": value, "step": round(t / DT),
+                                                         "trial_status": status})
+            assert not (status == "completed" and action == TrialScheduler.PAUSE), "paused on its last report"
+            if action != TrialScheduler.CONTINUE or status == "completed":
+                running.remove(trial)
+                trial.set_status(Trial.PAUSED if action == TrialScheduler.PAUSE else Trial.TERMINATED)
+                if trial.status == Trial.TERMINATED:  # Tune tells the scheduler of a running trial's end
+                    sched.on_trial_complete(ctrl, trial, {})
+    assert not running and {t.status for t in trials} == {Trial.TERMINATED}, "the study stalled"
+    return trained
+
+
+def test_each_rung_promotes_its_top_third_and_each_stratum_finishes_its_best():
+    sched = scheduler()
+    trained = simulate(sched, make_trials(batch_sizes=(16,)))
+    # 8 at 0.1 epoch: the top floor(8/3) = 2 go on; 2 at 0.3 earn nothing, so the stratum, once
+    # nothing else can run, resumes its best there, which runs its budget: x1, the best at the end
+    assert sorted(trained.values()) == pytest.approx([0.1] * 6 + [0.3, 1.0])
+    assert trained["b16x1.0"] == pytest.approx(1.0) and trained["b16x2.0"] == pytest.approx(0.3)
+    assert sum(trained.values()) / (8 * MAX_T) == pytest.approx(1.9 / 8)
+    assert sched.pruned_trial_ids == {f"b16x{m}" for m in MULTIPLIERS if m != 1.0}
+    assert sched.completed[sched.stratum_of({"point": {"batch_size": 16}})] == 1
+    # every trial paused at 0.1 but the last one judged there (the order: rule first, then outwards)
+    assert all(a in ("continue", "pause", "resume", "stop") for a in (d.action for d in sched.decisions))
+
+
+def test_a_promoted_trial_that_diverges_gives_its_place_to_the_next():
+    sched = scheduler()
+    trained = simulate(sched, make_trials(batch_sizes=(1024,)))
+    # x4 leads at 0.1 and 0.3, is the one resumed past 0.3, and diverges at 0.5; the ranking then
+    # leaves it out, so x2 (third at 0.1) is resumed and x1 runs the budget: the grid's best
+    assert trained["b1024x4.0"] == pytest.approx(0.5) and "b1024x4.0" in sched.diverged_trial_ids
+    assert trained["b1024x1.0"] == pytest.approx(1.0)
+    assert trained["b1024x2.0"] == pytest.approx(0.3)
+    assert sum(trained.values()) / (8 * MAX_T) == pytest.approx(2.3 / 8)
+    assert "b1024x4.0" not in sched.pruned_trial_ids  # diverged, not pruned
+
+
+def test_it_trains_fewer_samples_than_stopping_asha_where_the_best_lr_is_not_the_rules():
+    """The rule's LR starts first and x4 is the best: in stopping-based ASHA each newcomer that beats
+    the trials before it goes on, so the LRs between them train longer; promotion-based ASHA waits
+    for a third of the rung before it promotes anything."""
+    final = [0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.65, 0.75]
+    curve = lambda b, i, t: final[i] + (1 - t)  # noqa: E731
+    promo, stop = scheduler(), scheduler(StratifiedASHA)
+    by_promo, by_stop = simulate(promo, make_trials(), curve=curve), simulate(stop, make_trials(), curve=curve)
+    # per stratum: 8 x 0.1; x2 (top 1 of the first 3 at 0.1), then x4 and x8 (top 2 of 6, then 7) to
+    # 0.3; x4 (top 1 of those 3) to the end. Asynchrony costs x2's 0.2 over synchronous halving.
+    assert sum(by_promo.values()) == pytest.approx(2 * (0.8 + 3 * 0.2 + 0.7))
+    assert sum(by_stop.values()) >= 2 * sum(by_promo.values())
+    for b in (16, 1024):  # the best trial of each stratum ran its whole budget under both
+        assert by_promo[f"b{b}x4.0"] == pytest.approx(MAX_T) and by_stop[f"b{b}x4.0"] == pytest.approx(MAX_T)
+
+
+def test_a_resumed_study_does_not_run_again_what_its_finished_trials_decided():
+    """The finished x1 (seeded from MLflow) already ran the budget: the stratum ends after its rung 0.1
+    trials, with the best of them paused and then stopped, not run to the end a second time."""
+    sched = scheduler()
+    history = [(round(k * DT, 9), FINAL[3] + 1 - k * DT) for k in range(1, 11)]
+    assert sched.seed("resumed-3", {"point": {"batch_size": 16, "lr_multiplier": 1.0}}, history, finished=True) == 3
+    stratum = sched.stratum_of({"point": {"batch_size": 16}})
+    assert sched.completed[stratum] == 1 and {m for m, ids in sched.promoted[stratum].items() if ids} == {0.1, 0.3, 0.9}
+    trials = [t for t in make_trials(batch_sizes=(16,)) if t.config["point"]["lr_multiplier"] != 1.0]
+    trained = simulate(sched, trials)
+    # rung 0.1 holds 8 values (the seeded one among them): quota 2, one of them taken by x1 already
+    assert sorted(trained.values()) == pytest.approx([0.1] * 6 + [0.3])
+    assert trained["b16x2.0"] == pytest.approx(0.3)
+
+
+def test_a_budget_that_ends_at_a_rung_is_never_paused_there():
+    """A budget of whole steps can end past the last rung below max_t (batch 1024 of the benchmark ends
+    at 0.96 epoch, past the rung at 0.9): the report that ends the trial is judged there and recorded,
+    but the trial ends and counts as its stratum's finished one, so the rest are not resumed."""
+    sched = scheduler()
+    trained = simulate(sched, make_trials(batch_sizes=(16,)), last=0.9)
+    assert sorted(trained.values()) == pytest.approx([0.1] * 6 + [0.3, 0.9])
+    assert sched.completed[sched.stratum_of({"point": {"batch_size": 16}})] == 1
+
+
+def test_a_failed_trial_is_left_out_of_the_ranking():
+    sched = scheduler()
+    trials = make_trials(batch_sizes=(16,))
+    ctrl = Controller(trials)
+    for t in trials:
+        sched.on_trial_add(ctrl, t)
+    sched.expect(sched.stratum_of(t.config) for t in trials)
+    best = trials[3]
+    best.set_status(Trial.RUNNING)
+    assert sched.on_trial_result(ctrl, best, {"epoch": 0.1, "val/loss": 0.1, "step": 1}) == TrialScheduler.PAUSE
+    sched.on_trial_error(ctrl, best)
+    assert best.trial_id in sched.ended_badly and best.trial_id not in sched.waiting
+
+
+@pytest.mark.slow
+def test_a_real_study_pauses_and_resumes_trials_exactly(tmp_path):
+    """3 LRs at 2 batch sizes, rungs at 0.25 and 0.75 epoch. A trial paused at a rung and resumed from
+    its checkpoint records the val/loss curve the same trial records when no scheduler pauses it, bit
+    for bit; a trial left waiting records its curve up to the rung and ends `pruned`."""
+    from records import study_records
+    from test_study import TINY, run_cli
+
+    grid = ["-m", "batch_size=32,128", "lr_multiplier=0.5,1,2", *TINY,
+            "hydra.sweeper.asha.grace_period=0.25", "hydra.sweeper.asha.reduction_factor=3",
+            "hydra.sweeper.checkpoint_interval_s=3600"]  # checkpoints at the rungs only: pausing must force them
+    runs = {}
+    for name, extra in (("promotion", ["hydra.sweeper.asha.variant=promotion"]),
+                        ("grid", ["hydra.sweeper.asha.enabled=false"])):
+        proc = run_cli([*grid, *extra, f"hydra.sweeper.study_name={name}"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        client, studies, trials = study_records(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        study = next(s for s in studies if s.info.run_name == name)
+        mine = [t for t in trials if t.data.tags["mlflow.parentRunId"] == study.info.run_id]
+        runs[name] = (study, {(int(t.data.params["batch_size"]), float(t.data.params["lr_multiplier"])): t
+                              for t in mine})
+    history = lambda run: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss")]  # noqa: E731
+    study, promo = runs["promotion"]
+    grid_runs = runs["grid"][1]
+    assert len(promo) == 6 and all(t.info.status == "FINISHED" for t in promo.values())
+    statuses = {p: t.data.tags["trial.status"] for p, t in promo.items()}
+    assert set(statuses.values()) <= {"completed", "pruned", "diverged"}, statuses
+    resumed = 0
+    for (b, m), run in promo.items():
+        assert "trial.resumed_from_step" not in run.data.tags  # a resume from a pause is no failure's retry
+        mine, full = history(run), history(grid_runs[(b, m)])
+        if statuses[(b, m)] == "completed":
+            assert mine == full, (b, m)  # paused (or not) and resumed: the same curve, bit for bit
+            resumed += "asha.paused_at_steps" in run.data.tags
+        else:
+            assert mine == full[:len(mine)] and 0 < len(mine) < len(full), (b, m)
+    for b in (32, 128):  # each batch size finished one trial: the best at the second rung
+        assert sum(statuses[(b, m)] == "completed" for m in (0.5, 1, 2)) == 1
+    assert resumed >= 1  # at least one finished trial was paused on its way
+    # samples/trained counts what ran: each trial's samples at its last record
+    assert study.data.metrics["samples/trained"] == sum(t.data.metrics["samples"] for t in promo.values())
+    # per batch size: three at 0.25 epoch, one of them to the end
+    assert study.data.metrics["samples/trained"] < 0.6 * study.data.metrics["samples/full_grid"]
