@@ -118,10 +118,15 @@ class PromotingASHA(StratifiedASHA):
         return None
 
     def _quiet(self, stratum: Stratum, trials: Sequence[Trial], but: Optional[Trial] = None) -> bool:
-        """True when every trial of the stratum exists and none (but `but`) is pending or running."""
+        """True when every trial of the stratum exists and none (but `but`) is pending or running.
+
+        A trial told to pause counts as paused while Tune still saves it, so the trial to resume is
+        chosen (and staged) before the pausing one's worker is let go: Tune keeps a worker for reuse
+        only while a trial is staged, and a fresh one costs a process start (~3 s on 2 cores; one of
+        two benchmark runs took 5 s longer without this)."""
         if self._added[stratum] < self.expected[stratum]:
             return False
-        return not any(t is not but and t.status in (Trial.PENDING, Trial.RUNNING)
+        return not any(t is not but and t.status in (Trial.PENDING, Trial.RUNNING) and t.trial_id not in self.waiting
                        and self._strata.get(t.trial_id) == stratum for t in trials)
 
     # ------------------------------------------------------------------ decisions
@@ -179,8 +184,10 @@ class PromotingASHA(StratifiedASHA):
                     continue
                 best = self._best_waiting(stratum) if self.completed[stratum] == 0 else None
                 if best is not None:
-                    return self._resume(paused[best], stratum, self.waiting[best])
-                self._stop_waiting(tune_controller, stratum, paused)
+                    if best in paused:  # else it is still being saved: resumed once it is paused
+                        return self._resume(paused[best], stratum, self.waiting[best])
+                elif not any(self._strata.get(t) == stratum and t not in paused for t in self.waiting):
+                    self._stop_waiting(tune_controller, stratum, paused)
         if not any(t.status == Trial.PENDING for t in trials):
             return None  # FIFOScheduler's fallback would resume any paused trial: here only a promotion does
         return super().choose_trial_to_run(tune_controller)
