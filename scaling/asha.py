@@ -132,6 +132,8 @@ class _Seeded:
 class StratifiedASHA(FIFOScheduler):
     """Asynchronous successive halving with one set of rungs per stratum of the grid."""
 
+    pauses_at_rungs = False  # it stops or continues; scaling.asha_promotion pauses
+
     def __init__(
         self,
         metric: Optional[str] = None,

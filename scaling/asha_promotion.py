@@ -41,6 +41,8 @@ from scaling.asha import Decision, Stratum, StratifiedASHA
 class PromotingASHA(StratifiedASHA):
     """Asynchronous successive halving that pauses trials at rungs and promotes the best of each."""
 
+    pauses_at_rungs = True  # its trials must checkpoint at every rung
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.expected: Counter = Counter()  # stratum -> trials this Tune run will hold

@@ -61,9 +61,9 @@ def _scheduler(sweeper, grid: Grid, specs: dict[int, TrialSpec]):
     budget = max(float(s.config["epochs"]) for s in specs.values())
     kind = PromotingASHA if a.variant == "promotion" else StratifiedASHA
     return kind(metric=a.metric, mode=a.mode, time_attr="epoch", max_t=budget,
-                          grace_period=a.grace_period, reduction_factor=a.reduction_factor,
-                          group_by=[f"point.{_bare(k)}" for k in stratum_keys(grid.axis_names, a.group_by)],
-                          axes=[f"point.{_bare(k)}" for k in grid.axis_names], stratified=a.stratified)
+                grace_period=a.grace_period, reduction_factor=a.reduction_factor,
+                group_by=[f"point.{_bare(k)}" for k in stratum_keys(grid.axis_names, a.group_by)],
+                axes=[f"point.{_bare(k)}" for k in grid.axis_names], stratified=a.stratified)
 
 
 def _trial_resources(workers: dict[int, int], res) -> Any:
@@ -132,7 +132,7 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     checkpoints = _latest_checkpoints(storage) if state else {}
     _relog_from_checkpoints(recorder, checkpoints, specs)
     points = _points_to_run(sweeper, specs, recorder, scheduler, checkpoints)
-    if hasattr(scheduler, "expect"):  # Tune may create trials lazily: the scheduler must know how many come
+    if getattr(scheduler, "pauses_at_rungs", False):  # Tune may create trials lazily: say how many will come
         scheduler.expect(scheduler.stratum_of({"point": p}) for p in points)
     t0 = time.time()
     interrupted = False
@@ -225,7 +225,8 @@ def _tuner(sweeper, specs: dict[int, TrialSpec], workers: dict[int, int], schedu
                      "checkpoint": sweeper.conf.checkpoint,
                      "checkpoint_interval_s": sweeper.conf.checkpoint_interval_s,
                      "report_at": scheduler.rungs if scheduler is not None else [],
-                     "checkpoint_at_rungs": hasattr(scheduler, "expect")},  # a paused trial resumes from its rung
+                     # a paused trial resumes from the checkpoint at its rung
+                     "checkpoint_at_rungs": getattr(scheduler, "pauses_at_rungs", False)},
         tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
                                     max_concurrent_trials=_max_concurrent(sweeper, workers),
                                     trial_dirname_creator=lambda t: f"trial_{t.config['point']['index']:05d}"),
