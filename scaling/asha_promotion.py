@@ -47,7 +47,8 @@ class PromotingASHA(StratifiedASHA):
         super().__init__(*args, **kwargs)
         self.expected: Counter = Counter()  # stratum -> trials this Tune run will hold
         self._added: Counter = Counter()  # stratum -> trials Tune has created
-        self.promoted: dict[Stratum, dict[float, set[str]]] = defaultdict(lambda: defaultdict(set))
+        self.promoted: dict[tuple[Stratum, float], set[str]] = defaultdict(set)  # (stratum, rung) -> trial ids
+        self._seen: set[str] = set()  # trial ids Tune has added (a retry adds its trial again)
         self.completed: Counter = Counter()  # stratum -> trials that ended by themselves (their budget)
         self._done: set[str] = set()
         self.ended_badly: set[str] = set()  # diverged, oom or failed: never ranked again
@@ -62,6 +63,10 @@ class PromotingASHA(StratifiedASHA):
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         super().on_trial_add(tune_controller, trial)
+        if trial.trial_id in self._seen:  # Tune requeues a failed trial it retries: on_trial_error, then this
+            self.ended_badly.discard(trial.trial_id)
+            return
+        self._seen.add(trial.trial_id)
         self._added[self._bracket_of(trial)[0]] += 1
 
     def _finished(self, stratum: Stratum, trial_id: str) -> None:
@@ -72,10 +77,15 @@ class PromotingASHA(StratifiedASHA):
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: Dict) -> None:
         """A trial that ended by itself (its budget, or early stopping) counts as its stratum's finished one."""
         tid = trial.trial_id
+        self.waiting.pop(tid, None)
         if tid not in self.diverged_trial_ids and tid not in self.pruned_trial_ids and tid not in self.ended_badly:
             self._finished(self._bracket_of(trial)[0], tid)
 
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
+        self.waiting.pop(trial.trial_id, None)
+
     def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        """A failed trial: out of the ranking, unless Tune retries it (on_trial_add then takes it back)."""
         self.ended_badly.add(trial.trial_id)
         self.waiting.pop(trial.trial_id, None)
 
@@ -89,7 +99,7 @@ class PromotingASHA(StratifiedASHA):
         top = math.inf if finished and not bad else max(reached, default=-math.inf)
         for m in reached:
             if m < top:
-                self.promoted[stratum][m].add(trial_id)
+                self.promoted[stratum, m].add(trial_id)
         if bad:
             self.ended_badly.add(trial_id)
         elif finished:
@@ -107,7 +117,7 @@ class PromotingASHA(StratifiedASHA):
         quota = int(len(recorded) // self._rf)
         ranked = sorted((t for t, v in recorded.items() if math.isfinite(v) and t not in self.ended_badly),
                         key=lambda t: -recorded[t])
-        return [t for t in ranked[:quota] if t not in self.promoted[stratum][rung]]
+        return [t for t in ranked[:quota] if t not in self.promoted[stratum, rung]]
 
     def _best_waiting(self, stratum: Stratum, also: Optional[str] = None) -> Optional[str]:
         """Return the best trial waiting at the stratum's highest rung that has one (`also` counted
@@ -144,6 +154,10 @@ class PromotingASHA(StratifiedASHA):
         if len(self.decisions) == n:  # not judged at a rung: go on, or stop at the end of the budget
             if action == TrialScheduler.STOP or final:
                 self._finished(stratum, tid)
+                return action
+            unearned = self._unearned_rung(stratum, tid, result.get(self._time_attr))
+            if unearned is not None:  # a retry from a checkpoint below a rung it waits at: wait again
+                return self._pause(tid, unearned, result)
             return action
         judged = self.decisions.pop()  # the stopping rule's verdict, which does not apply here
         self.pruned_trial_ids.discard(tid)
@@ -154,7 +168,7 @@ class PromotingASHA(StratifiedASHA):
         rungs = self._rungs_of(stratum)
         for rung, recorded in rungs:  # a report past several rungs went past the lower ones
             if rung < judged.rung and tid in recorded:
-                self.promoted[stratum][rung].add(tid)
+                self.promoted[stratum, rung].add(tid)
         recorded = dict(rungs)[judged.rung]
         goes_on = tid in self._earned(stratum, judged.rung, recorded) or (
             self.completed[stratum] == 0 and self._quiet(stratum, tune_controller.get_trials(), but=trial)
@@ -162,12 +176,24 @@ class PromotingASHA(StratifiedASHA):
         self.decisions.append(Decision(tid, stratum, judged.rung, judged.time, judged.value,
                                        "continue" if goes_on else "pause"))
         if goes_on:
-            self.promoted[stratum][judged.rung].add(tid)
+            self.promoted[stratum, judged.rung].add(tid)
             return TrialScheduler.CONTINUE
-        self.waiting[tid] = judged.rung
+        return self._pause(tid, judged.rung, result)
+
+    def _pause(self, tid: str, rung: float, result: Dict) -> str:
+        self.waiting[tid] = rung
         self.paused_steps[tid].add(int(result.get("step", -1)))
         self.n_pauses += 1
         return TrialScheduler.PAUSE
+
+    def _unearned_rung(self, stratum: Stratum, tid: str, t: Any) -> Optional[float]:
+        """Return the lowest rung at or below `t` that holds the trial's value but never promoted it."""
+        if t is None:
+            return None
+        for rung, recorded in reversed(self._rungs_of(stratum)):  # ascending
+            if rung <= t and tid in recorded and tid not in self.promoted[stratum, rung]:
+                return rung
+        return None
 
     def choose_trial_to_run(self, tune_controller: Any) -> Optional[Trial]:
         """Return a paused trial that earned its next rung (highest rung first), else, in a stratum
@@ -181,6 +207,7 @@ class PromotingASHA(StratifiedASHA):
                               if t in paused and self.waiting[t] == rung]
                     if earned:
                         return self._resume(paused[earned[0]], stratum, rung)
+            saving = {t.trial_id for t in trials if t.status == Trial.RUNNING and t.trial_id in self.waiting}
             for stratum in list(self._brackets):
                 if not any(self._strata.get(t) == stratum for t in paused) or not self._quiet(stratum, trials):
                     continue
@@ -188,14 +215,14 @@ class PromotingASHA(StratifiedASHA):
                 if best is not None:
                     if best in paused:  # else it is still being saved: resumed once it is paused
                         return self._resume(paused[best], stratum, self.waiting[best])
-                elif not any(self._strata.get(t) == stratum and t not in paused for t in self.waiting):
+                elif not any(self._strata.get(t) == stratum for t in saving):
                     self._stop_waiting(tune_controller, stratum, paused)
         if not any(t.status == Trial.PENDING for t in trials):
             return None  # FIFOScheduler's fallback would resume any paused trial: here only a promotion does
         return super().choose_trial_to_run(tune_controller)
 
     def _resume(self, trial: Trial, stratum: Stratum, rung: float) -> Trial:
-        self.promoted[stratum][rung].add(trial.trial_id)
+        self.promoted[stratum, rung].add(trial.trial_id)
         del self.waiting[trial.trial_id]
         self.decisions.append(Decision(trial.trial_id, stratum, rung, None, math.nan, "resume"))
         return trial

@@ -79,8 +79,6 @@ class TuneReporter(Reporter):
         self._saved_at = self._reported_at = time.monotonic()
         self.total_steps = info.get("total_steps")
         self.resumed_from = info.get("resumed_from_step")
-        if self.resumed_from and info.get("steps_per_epoch"):  # rungs passed before the checkpoint were judged then
-            self._crosses_rung(self.resumed_from / info["steps_per_epoch"] * (1 + 1e-9))
         self.derived = json.dumps({k: v for k, v in info.items() if k != "resumed_from_step"})
 
     def _once(self) -> dict[str, str]:
@@ -258,7 +256,8 @@ def _callback_class():
                 derived = json.loads(result["derived"])
                 self.recorder.trial_params(i, {f"derived.{k}": str(v) for k, v in derived.items()})
             step = result.get("resumed_from_step")
-            if step and self._unpaused(trial, step):  # promotion-based ASHA paused it there: say so, once a pause
+            retry = trial.num_failures > 0 and i not in self.resumed  # Tune restarted it after a failure
+            if step and not retry and self._unpaused(trial, step):  # promotion-based ASHA paused it there
                 if self.unpaused.get(i) != step:
                     self.unpaused[i] = step
                     steps = sorted(self.scheduler.paused_steps[trial.trial_id])

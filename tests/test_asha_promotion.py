@@ -134,7 +134,7 @@ def test_a_resumed_study_does_not_run_again_what_its_finished_trials_decided():
     history = [(round(k * DT, 9), FINAL[3] + 1 - k * DT) for k in range(1, 11)]
     assert sched.seed("resumed-3", {"point": {"batch_size": 16, "lr_multiplier": 1.0}}, history, finished=True) == 3
     stratum = sched.stratum_of({"point": {"batch_size": 16}})
-    assert sched.completed[stratum] == 1 and {m for m, ids in sched.promoted[stratum].items() if ids} == {0.1, 0.3, 0.9}
+    assert sched.completed[stratum] == 1 and {m for (st, m), ids in sched.promoted.items() if st == stratum and ids} == {0.1, 0.3, 0.9}
     trials = [t for t in make_trials(batch_sizes=(16,)) if t.config["point"]["lr_multiplier"] != 1.0]
     trained = simulate(sched, trials)
     # rung 0.1 holds 8 values (the seeded one among them): quota 2, one of them taken by x1 already
@@ -164,6 +164,30 @@ def test_a_failed_trial_is_left_out_of_the_ranking():
     assert sched.on_trial_result(ctrl, best, {"epoch": 0.1, "val/loss": 0.1, "step": 1}) == TrialScheduler.PAUSE
     sched.on_trial_error(ctrl, best)
     assert best.trial_id in sched.ended_badly and best.trial_id not in sched.waiting
+
+
+def test_a_retried_trial_keeps_its_place_and_waits_again_at_a_rung_it_had_not_earned():
+    """Tune retries a failed trial by calling on_trial_error, then on_trial_add again. The retry stays
+    in the ranking and is counted once; restarted from a checkpoint below the rung it waited at, it is
+    paused there again instead of running on unjudged."""
+    sched = scheduler()
+    trials = make_trials(batch_sizes=(16,))
+    ctrl = Controller(trials)
+    for t in trials:
+        sched.on_trial_add(ctrl, t)
+    sched.expect(sched.stratum_of(t.config) for t in trials)
+    x1, stratum = trials[3], sched.stratum_of(trials[3].config)
+    for t in trials:
+        t.set_status(Trial.PENDING)
+    x1.set_status(Trial.RUNNING)
+    assert sched.on_trial_result(ctrl, x1, {"epoch": 0.1, "val/loss": 1.0, "step": 1}) == TrialScheduler.PAUSE
+    sched.on_trial_error(ctrl, x1)  # its worker died while Tune saved it ...
+    sched.on_trial_add(ctrl, x1)  # ... and Tune retries it
+    assert x1.trial_id not in sched.ended_badly and sched._added[stratum] == 8
+    # the retry restarts from its start (no checkpoint yet) and crosses 0.1 again: recorded there already
+    assert sched.on_trial_result(ctrl, x1, {"epoch": 0.05, "val/loss": 1.1, "step": 1}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(ctrl, x1, {"epoch": 0.15, "val/loss": 0.9, "step": 2}) == TrialScheduler.PAUSE
+    assert sched.waiting[x1.trial_id] == 0.1
 
 
 @pytest.mark.slow
