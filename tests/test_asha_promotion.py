@@ -152,13 +152,19 @@ def test_a_budget_that_ends_at_a_rung_is_never_paused_there():
     assert sched.completed[sched.stratum_of({"point": {"batch_size": 16}})] == 1
 
 
-def test_a_failed_trial_is_left_out_of_the_ranking():
-    sched = scheduler()
-    trials = make_trials(batch_sizes=(16,))
+def added(batch_sizes=(16,)):
+    """Return a scheduler with the trials of `batch_sizes` added (all PENDING), the trials and a controller."""
+    sched, trials = scheduler(), make_trials(batch_sizes=batch_sizes)
     ctrl = Controller(trials)
     for t in trials:
+        t.set_status(Trial.PENDING)
         sched.on_trial_add(ctrl, t)
     sched.expect(sched.stratum_of(t.config) for t in trials)
+    return sched, trials, ctrl
+
+
+def test_a_failed_trial_is_left_out_of_the_ranking():
+    sched, trials, ctrl = added()
     best = trials[3]
     best.set_status(Trial.RUNNING)
     assert sched.on_trial_result(ctrl, best, {"epoch": 0.1, "val/loss": 0.1, "step": 1}) == TrialScheduler.PAUSE
@@ -170,15 +176,8 @@ def test_a_retried_trial_keeps_its_place_and_waits_again_at_a_rung_it_had_not_ea
     """Tune retries a failed trial by calling on_trial_error, then on_trial_add again. The retry stays
     in the ranking and is counted once; restarted from a checkpoint below the rung it waited at, it is
     paused there again instead of running on unjudged."""
-    sched = scheduler()
-    trials = make_trials(batch_sizes=(16,))
-    ctrl = Controller(trials)
-    for t in trials:
-        sched.on_trial_add(ctrl, t)
-    sched.expect(sched.stratum_of(t.config) for t in trials)
+    sched, trials, ctrl = added()
     x1, stratum = trials[3], sched.stratum_of(trials[3].config)
-    for t in trials:
-        t.set_status(Trial.PENDING)
     x1.set_status(Trial.RUNNING)
     assert sched.on_trial_result(ctrl, x1, {"epoch": 0.1, "val/loss": 1.0, "step": 1}) == TrialScheduler.PAUSE
     sched.on_trial_error(ctrl, x1)  # its worker died while Tune saved it ...
