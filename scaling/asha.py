@@ -247,6 +247,13 @@ class StratifiedASHA(FIFOScheduler):
         if t >= self._max_t:
             return TrialScheduler.STOP  # full budget spent: done, not pruned
         rung, action = self._judge(bracket, trial, t, self._metric_op * raw)
+        return self._decide(tune_controller, trial, result, stratum, rung, t, value, action)
+
+    def _decide(self, tune_controller: Any, trial: Trial, result: Dict, stratum: Stratum, rung: Optional[float],
+                t: float, value: float, action: str) -> str:
+        """Return the verdict on a result that recorded the trial at `rung` (None: it crossed no new
+        rung), given the bracket's `action`, logging a rung judgement. Here: the bracket's (stopping-based
+        ASHA); scaling.asha_promotion decides otherwise."""
         if rung is not None:
             stop = action == TrialScheduler.STOP
             if stop:

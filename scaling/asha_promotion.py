@@ -51,7 +51,7 @@ class PromotingASHA(StratifiedASHA):
         self._seen: set[str] = set()  # trial ids Tune has added (a retry adds its trial again)
         self.completed: Counter = Counter()  # stratum -> trials that ended by themselves (their budget)
         self._done: set[str] = set()
-        self.ended_badly: set[str] = set()  # diverged, oom or failed: never ranked again
+        self.ended_badly: set[str] = set()  # failed, or bad in an earlier attempt (seeded): never ranked again
         self.waiting: dict[str, float] = {}  # paused trial id -> the rung it waits at
         self.paused_steps: dict[str, set[int]] = defaultdict(set)  # trial id -> steps it was paused at
         self.n_pauses = 0
@@ -78,7 +78,7 @@ class PromotingASHA(StratifiedASHA):
         """A trial that ended by itself (its budget, or early stopping) counts as its stratum's finished one."""
         tid = trial.trial_id
         self.waiting.pop(tid, None)
-        if tid not in self.diverged_trial_ids and tid not in self.pruned_trial_ids and tid not in self.ended_badly:
+        if not self._out(tid) and tid not in self.pruned_trial_ids:
             self._finished(self._bracket_of(trial)[0], tid)
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
@@ -107,6 +107,10 @@ class PromotingASHA(StratifiedASHA):
         return n
 
     # ------------------------------------------------------------------ ranking
+    def _out(self, trial_id: str) -> bool:
+        """True for a trial that diverged or failed: never ranked again."""
+        return trial_id in self.diverged_trial_ids or trial_id in self.ended_badly
+
     def _rungs_of(self, stratum: Stratum) -> list[tuple[float, dict]]:
         """Return the stratum's rungs, highest first, as (rung, {trial id: signed value})."""
         return self._brackets[stratum]._rungs if stratum in self._brackets else []
@@ -115,7 +119,7 @@ class PromotingASHA(StratifiedASHA):
         """Return the trials in the top floor(n / rf) at `rung` not promoted from it yet, best first
         (the trials that ended badly are left out of the ranking, so their places pass on)."""
         quota = int(len(recorded) // self._rf)
-        ranked = sorted((t for t, v in recorded.items() if math.isfinite(v) and t not in self.ended_badly),
+        ranked = sorted((t for t, v in recorded.items() if math.isfinite(v) and not self._out(t)),
                         key=lambda t: -recorded[t])
         return [t for t in ranked[:quota] if t not in self.promoted[stratum, rung]]
 
@@ -124,7 +128,7 @@ class PromotingASHA(StratifiedASHA):
         as waiting), or None."""
         for rung, recorded in self._rungs_of(stratum):
             waiting = [t for t in recorded if (self.waiting.get(t) == rung or t == also)
-                       and t not in self.ended_badly and math.isfinite(recorded[t])]
+                       and not self._out(t) and math.isfinite(recorded[t])]
             if waiting:
                 return max(waiting, key=lambda t: recorded[t])
         return None
@@ -143,42 +147,39 @@ class PromotingASHA(StratifiedASHA):
 
     # ------------------------------------------------------------------ decisions
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: Dict) -> str:
-        """Return STOP, CONTINUE or PAUSE for one result; a judged trial goes on only if it earned it."""
-        tid, n = trial.trial_id, len(self.decisions)
+        """Return STOP, CONTINUE or PAUSE for one result (see _decide); a trial stopped by its budget or
+        its last report counts as its stratum's finished one."""
         action = super().on_trial_result(tune_controller, trial, result)
-        stratum = self._strata[tid]
-        if tid in self.diverged_trial_ids:
-            self.ended_badly.add(tid)
-            return action
-        final = result.get("trial_status", "running") != "running"  # its last report: it ends whatever is said
-        if len(self.decisions) == n:  # not judged at a rung: go on, or stop at the end of the budget
-            if action == TrialScheduler.STOP or final:
+        if action == TrialScheduler.STOP and trial.trial_id not in self.diverged_trial_ids:
+            self._finished(self._strata[trial.trial_id], trial.trial_id)
+        return action
+
+    def _decide(self, tune_controller: Any, trial: Trial, result: Dict, stratum: Stratum, rung: Optional[float],
+                t: float, value: float, action: str) -> str:
+        """A trial judged at a rung goes on only if it earned it (or closes its stratum), else waits there."""
+        tid = trial.trial_id
+        if result.get("trial_status", "running") != "running":  # its last report: it ends whatever is said
+            if rung is None:
                 self._finished(stratum, tid)
                 return action
-            unearned = self._unearned_rung(stratum, tid, result.get(self._time_attr))
-            if unearned is not None:  # a retry from a checkpoint below a rung it waits at: wait again
-                return self._pause(tid, unearned, result)
-            return action
-        judged = self.decisions.pop()  # the stopping rule's verdict, which does not apply here
-        self.pruned_trial_ids.discard(tid)
-        if final:  # judged on the report that ends it (a budget of whole steps can end past the last rung)
-            self.decisions.append(Decision(tid, stratum, judged.rung, judged.time, judged.value, "continue"))
-            self._finished(stratum, tid)
+            # judged on the report that ends it (a budget of whole steps can end past the last rung)
+            self.decisions.append(Decision(tid, stratum, rung, t, value, "continue"))
             return TrialScheduler.STOP
+        if rung is None:  # a retry from a checkpoint below a rung it waits at waits there again
+            unearned = self._unearned_rung(stratum, tid, t)
+            return action if unearned is None else self._pause(tid, unearned, result)
         rungs = self._rungs_of(stratum)
-        for rung, recorded in rungs:  # a report past several rungs went past the lower ones
-            if rung < judged.rung and tid in recorded:
-                self.promoted[stratum, rung].add(tid)
-        recorded = dict(rungs)[judged.rung]
-        goes_on = tid in self._earned(stratum, judged.rung, recorded) or (
+        for lower, recorded in rungs:  # a report past several rungs went past the lower ones
+            if lower < rung and tid in recorded:
+                self.promoted[stratum, lower].add(tid)
+        goes_on = tid in self._earned(stratum, rung, dict(rungs)[rung]) or (
             self.completed[stratum] == 0 and self._quiet(stratum, tune_controller.get_trials(), but=trial)
             and self._best_waiting(stratum, also=tid) == tid)
-        self.decisions.append(Decision(tid, stratum, judged.rung, judged.time, judged.value,
-                                       "continue" if goes_on else "pause"))
+        self.decisions.append(Decision(tid, stratum, rung, t, value, "continue" if goes_on else "pause"))
         if goes_on:
-            self.promoted[stratum, judged.rung].add(tid)
+            self.promoted[stratum, rung].add(tid)
             return TrialScheduler.CONTINUE
-        return self._pause(tid, judged.rung, result)
+        return self._pause(tid, rung, result)
 
     def _pause(self, tid: str, rung: float, result: Dict) -> str:
         self.waiting[tid] = rung

@@ -318,8 +318,9 @@ def _callback_class():
             bests = " ".join(f"{b}:{v['best/val_loss']:.3f}" for b, v in sorted(best.items()))
             finished = sum(n for status, n in done.items() if status in TERMINAL)
             waiting = len(getattr(self.scheduler, "waiting", ()))  # paused at a rung (promotion-based ASHA)
-            print(f"[{time.time() - self.t0:6.0f}s] done {finished}/{len(self.specs)} "
-                  f"running {len(self.running) - waiting}{f' waiting {waiting}' if waiting else ''} pruned {done.get('pruned', 0)} diverged {done.get('diverged', 0)} "
+            running = f"running {len(self.running) - waiting}" + (f" waiting {waiting}" if waiting else "")
+            print(f"[{time.time() - self.t0:6.0f}s] done {finished}/{len(self.specs)} {running} "
+                  f"pruned {done.get('pruned', 0)} diverged {done.get('diverged', 0)} "
                   f"| best val/loss per batch size {bests}", flush=True)
 
     return StudyCallback
