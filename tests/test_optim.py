@@ -1,6 +1,9 @@
 """Optimizers: every preset builds with its config fields, trains a tiny batch, names are checked."""
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,7 +47,7 @@ def test_config_fields_reach_torch(name, cls, want):
     cfg = preset(name, momentum=0.8, nesterov=name == "sgd", weight_decay=1e-4, beta1=0.8, beta2=0.95,
                  eps=1e-6, alpha=0.9)
     opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], lr=0.02)
-    assert type(opt) is cls
+    assert type(opt).__mro__[1] is cls and type(opt).__name__ == cls.__name__  # torch's class, eager (below)
     group = opt.param_groups[0]
     assert group["lr"] == 0.02
     assert {k: group[k] for k in want} == want
@@ -64,6 +67,85 @@ def test_training_decreases_loss(name):
         loss.backward()
         opt.step()
     assert losses[-1] < losses[0]
+
+
+TORCH_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+                 "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop}
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_eager_optimizers_train_bit_for_bit_as_torchs_own(name):
+    """The same steps through torch's class and build_optimizer's eager subclass: identical parameters
+    and state, with a warmup schedule, step hooks, and a state_dict round trip mid-way."""
+    cfg = preset(name, momentum=0.8, nesterov=name == "sgd", weight_decay=1e-3)
+    cls = TORCH_CLASSES[name]
+    defaults = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))], 0.1).defaults
+    kwargs = {k: v for k, v in defaults.items() if k in inspect.signature(cls).parameters}
+    x, y = torch.randn(64, 40, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 10
+
+    def train(make):
+        torch.manual_seed(0)
+        model = build_model(OmegaConf.structured(ModelConfig(width=32, depth=2)), (40,), 10)
+        opt = make(model.parameters())
+        hook_calls = []
+        opt.register_step_post_hook(lambda o, args, kw: hook_calls.append(1))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 4))
+        for step in range(8):
+            if step == 4:  # what a resumed trial does: a new optimizer loads the saved state
+                saved = opt.state_dict()
+                opt = make(model.parameters())
+                opt.load_state_dict(saved)
+                opt.register_step_post_hook(lambda o, args, kw: hook_calls.append(1))
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 4),
+                                                          last_epoch=step - 1)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[step * 8:(step + 1) * 8]), y[step * 8:(step + 1) * 8]).backward()
+            opt.step()
+            sched.step()
+        assert len(hook_calls) == 8
+        return model, opt
+
+    ref_model, ref_opt = train(lambda p: cls(p, **kwargs))
+    model, opt = train(lambda p: build_optimizer(cfg, p, 0.1))
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    ref_state, state = ref_opt.state_dict(), opt.state_dict()
+    assert ref_state["param_groups"] == state["param_groups"]
+    for i, buffers in ref_state["state"].items():
+        for k, v in buffers.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(state["state"][i][k])), (i, k)
+
+
+def test_a_trial_never_imports_torch_dynamo():
+    """torch.optim's compiler decorators import torch._dynamo (~1 s of CPU) on first use; a trial
+    (optimizer, schedule, noise scale, clipping, checkpoint and resume) must not: it is every trial
+    worker's start-up."""
+    code = """
+import sys
+import torch
+from scaling.cli import compose
+from scaling.train import run_trial
+from scaling.reporters import Reporter
+
+class Keep(Reporter):
+    state = None
+    def report(self, metrics, checkpoint=None):
+        if checkpoint is not None and self.state is None:
+            self.state = checkpoint()
+
+for name in ("sgd", "adam", "adamw", "adagrad", "rmsprop"):
+    cfg = compose(["data.n_samples=600", "epochs=1", "eval_every=0.5", "batch_size=32", "model.width=16",
+                   "mlflow.enabled=false", "threads=1", f"optimizer={name}", "optimizer.grad_clip=1.0",
+                   "gns.enabled=true", "micro_batch_size=16", "schedule=cosine", "warmup.epochs=0.25"])
+    keep = Keep()
+    assert run_trial(cfg, keep).status == "completed"
+    assert keep.state is not None
+    assert run_trial(cfg, Reporter(), resume=keep.state).status == "completed"
+print("torch._dynamo imported:", "torch._dynamo" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch._dynamo imported: False" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_unknown_name_raises():
