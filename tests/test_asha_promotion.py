@@ -4,6 +4,8 @@ trials must record what the same trials record when nothing pauses them."""
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import pytest
 from ray.tune.experiment import Trial
@@ -189,46 +191,104 @@ def test_a_retried_trial_keeps_its_place_and_waits_again_at_a_rung_it_had_not_ea
     assert sched.waiting[x1.trial_id] == 0.1
 
 
-@pytest.mark.slow
-def test_a_real_study_pauses_and_resumes_trials_exactly(tmp_path):
-    """3 LRs at 2 batch sizes, rungs at 0.25 and 0.75 epoch. A trial paused at a rung and resumed from
-    its checkpoint records the val/loss curve the same trial records when no scheduler pauses it, bit
-    for bit; a trial left waiting records its curve up to the rung and ends `pruned`."""
-    from records import study_records
-    from test_study import TINY, run_cli
+GRID = ["-m", "batch_size=32,128", "lr_multiplier=0.5,1,2", "epochs=1", "eval_every=0.25", "data.n_samples=3000",
+        "model.width=32", "hydra.sweeper.report=false", "hydra.sweeper.asha.grace_period=0.25",
+        "hydra.sweeper.asha.reduction_factor=3",
+        "hydra.sweeper.checkpoint_interval_s=3600"]  # checkpoints at the rungs only: pausing must force them
+PROMOTION = ["hydra.sweeper.asha.variant=promotion"]
 
-    grid = ["-m", "batch_size=32,128", "lr_multiplier=0.5,1,2", *TINY,
-            "hydra.sweeper.asha.grace_period=0.25", "hydra.sweeper.asha.reduction_factor=3",
-            "hydra.sweeper.checkpoint_interval_s=3600"]  # checkpoints at the rungs only: pausing must force them
-    runs = {}
-    for name, extra in (("promotion", ["hydra.sweeper.asha.variant=promotion"]),
-                        ("grid", ["hydra.sweeper.asha.enabled=false"])):
-        proc = run_cli([*grid, *extra, f"hydra.sweeper.study_name={name}"], tmp_path)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        client, studies, trials = study_records(f"sqlite:///{tmp_path / 'mlflow.db'}")
-        study = next(s for s in studies if s.info.run_name == name)
-        mine = [t for t in trials if t.data.tags["mlflow.parentRunId"] == study.info.run_id]
-        runs[name] = (study, {(int(t.data.params["batch_size"]), float(t.data.params["lr_multiplier"])): t
-                              for t in mine})
-    history = lambda run: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss")]  # noqa: E731
-    study, promo = runs["promotion"]
-    grid_runs = runs["grid"][1]
+
+def trial_runs(cwd, name: str):
+    """Return (client, study run, {(batch size, lr multiplier): trial run}) of study `name` in cwd's store."""
+    from records import study_records
+
+    client, studies, trials = study_records(f"sqlite:///{cwd / 'mlflow.db'}")
+    study = next(s for s in studies if s.info.run_name == name)
+    mine = [t for t in trials if t.data.tags["mlflow.parentRunId"] == study.info.run_id]
+    return client, study, {(int(t.data.params["batch_size"]), float(t.data.params["lr_multiplier"])): t for t in mine}
+
+
+@pytest.fixture(scope="module")
+def full_grid(tmp_path_factory):
+    """The grid's val/loss curves when nothing pauses or stops a trial: {(batch size, lr x): [(step, value)]}."""
+    from test_study import run_cli
+
+    cwd = tmp_path_factory.mktemp("grid")
+    proc = run_cli([*GRID, "hydra.sweeper.asha.enabled=false", "hydra.sweeper.study_name=grid"], cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, _, runs = trial_runs(cwd, "grid")
+    return {p: history(client, run) for p, run in runs.items()}
+
+
+def history(client, run) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss")]
+
+
+def check_against_the_grid(client, study, promo: dict, full_grid: dict) -> dict:
+    """Each finished trial recorded the grid's curve bit for bit, each pruned one a proper prefix of
+    it (no point doubled or lost), each batch size finished one trial, and samples/trained counts
+    what ran. Return the statuses."""
     assert len(promo) == 6 and all(t.info.status == "FINISHED" for t in promo.values())
     statuses = {p: t.data.tags["trial.status"] for p, t in promo.items()}
     assert set(statuses.values()) <= {"completed", "pruned", "diverged"}, statuses
-    resumed = 0
-    for (b, m), run in promo.items():
-        assert "trial.resumed_from_step" not in run.data.tags  # a resume from a pause is no failure's retry
-        mine, full = history(run), history(grid_runs[(b, m)])
-        if statuses[(b, m)] == "completed":
-            assert mine == full, (b, m)  # paused (or not) and resumed: the same curve, bit for bit
-            resumed += "asha.paused_at_steps" in run.data.tags
+    for point, run in promo.items():
+        mine, full = history(client, run), full_grid[point]
+        if statuses[point] == "completed":
+            assert mine == full, point  # paused (or not) and resumed: the same curve, bit for bit
         else:
-            assert mine == full[:len(mine)] and 0 < len(mine) < len(full), (b, m)
+            assert mine == full[:len(mine)] and 0 < len(mine) < len(full), point
     for b in (32, 128):  # each batch size finished one trial: the best at the second rung
         assert sum(statuses[(b, m)] == "completed" for m in (0.5, 1, 2)) == 1
-    assert resumed >= 1  # at least one finished trial was paused on its way
-    # samples/trained counts what ran: each trial's samples at its last record
     assert study.data.metrics["samples/trained"] == sum(t.data.metrics["samples"] for t in promo.values())
+    return statuses
+
+
+@pytest.mark.slow
+def test_a_real_study_pauses_and_resumes_trials_exactly(tmp_path, full_grid):
+    """3 LRs at 2 batch sizes, rungs at 0.25 and 0.75 epoch. A trial paused at a rung and resumed from
+    its checkpoint records the val/loss curve the same trial records when no scheduler pauses it, bit
+    for bit; a trial left waiting records its curve up to the rung and ends `pruned`."""
+    from test_study import run_cli
+
+    proc = run_cli([*GRID, *PROMOTION, "hydra.sweeper.study_name=promotion"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, study, promo = trial_runs(tmp_path, "promotion")
+    statuses = check_against_the_grid(client, study, promo, full_grid)
+    for run in promo.values():
+        assert "trial.resumed_from_step" not in run.data.tags  # a resume from a pause is no failure's retry
+    resumed = sum("asha.paused_at_steps" in run.data.tags for p, run in promo.items() if statuses[p] == "completed")
+    assert resumed >= 1  # at least one finished trial was paused on its way
     # per batch size: three at 0.25 epoch, one of them to the end
     assert study.data.metrics["samples/trained"] < 0.6 * study.data.metrics["samples/full_grid"]
+
+
+@pytest.mark.slow
+def test_a_study_killed_while_trials_wait_at_a_rung_resumes_them_from_their_checkpoints(tmp_path, full_grid):
+    """The driver (and its Ray) is killed once a trial waits, paused, at a rung; the resumed study
+    restarts the waiting trials from their rung checkpoints and ends as the grid says it must."""
+    import re
+    import subprocess
+
+    from procs import BIN, stop_group
+    from test_study import run_cli
+
+    args = [*GRID, *PROMOTION, "hydra.sweeper.study_name=killed"]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "scaling-train"), *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.time() + 180
+            while not re.search(r"done \d/6 running \d+ waiting [1-9]", log.read_text()):
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+        finally:
+            stop_group(proc)  # the driver and the Ray processes it started, nothing else
+    resumed = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resuming study killed" in resumed.stdout
+    client, study, promo = trial_runs(tmp_path, "killed")
+    assert study.data.tags["trial.status"] == "completed"
+    check_against_the_grid(client, study, promo, full_grid)
+    # the kill found trials waiting with a checkpoint at their rung: the resume restarted them from it
+    assert any("trial.resumed_from_step" in run.data.tags for run in promo.values())
