@@ -46,9 +46,19 @@ def eager(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
         with torch.set_grad_enabled(self.defaults["differentiable"]):
             return raw_step(self, *args, **kwargs)
 
+    def __reduce__(self):  # pickled by its torch class: this subclass has no importable name
+        return _unpickle_eager, (cls, self.__getstate__())
+
     body = {name: inspect.unwrap(getattr(cls, name)) for name in _COMPILER_WRAPPED}
-    body.update(step=step, __module__=__name__, __qualname__=cls.__qualname__, __doc__=cls.__doc__)
+    body.update(step=step, __reduce__=__reduce__, __module__=__name__, __qualname__=cls.__qualname__,
+                __doc__=cls.__doc__)
     return type(cls.__name__, (cls,), body)
+
+
+def _unpickle_eager(cls: type[torch.optim.Optimizer], state: dict) -> torch.optim.Optimizer:
+    opt = eager(cls).__new__(eager(cls))
+    opt.__setstate__(state)
+    return opt
 
 
 def _sgd(cfg: Any, params: Params, lr: float) -> torch.optim.Optimizer:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,8 @@ def test_eager_optimizers_train_bit_for_bit_as_torchs_own(name):
     model, opt = train(lambda p: build_optimizer(cfg, p, 0.1))
     for a, b in zip(ref_model.parameters(), model.parameters()):
         assert torch.equal(a, b)
+    copied = pickle.loads(pickle.dumps(opt))  # as torch's own optimizers pickle
+    assert type(copied) is type(opt) and len(copied.state) == len(opt.state) > 0
     ref_state, state = ref_opt.state_dict(), opt.state_dict()
     assert ref_state["param_groups"] == state["param_groups"]
     for i, buffers in ref_state["state"].items():
