@@ -1,4 +1,5 @@
-"""Optimizers: every preset builds with its config fields, trains a tiny batch, names are checked."""
+"""Optimizers: every preset builds with its config fields, trains a tiny batch, names are checked;
+the eager subclasses do torch's arithmetic bit for bit and never import torch._dynamo."""
 from __future__ import annotations
 
 import inspect
@@ -77,7 +78,7 @@ TORCH_CLASSES = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torc
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_eager_optimizers_train_bit_for_bit_as_torchs_own(name):
     """The same steps through torch's class and build_optimizer's eager subclass: identical parameters
-    and state, with a warmup schedule, step hooks, and a state_dict round trip mid-way."""
+    and state, with a warmup schedule, step hooks and a state_dict round trip mid-way; the result pickles."""
     cfg = preset(name, momentum=0.8, nesterov=name == "sgd", weight_decay=1e-3)
     cls = TORCH_CLASSES[name]
     defaults = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))], 0.1).defaults
