@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import pytest
 from ray.tune.experiment import Trial
@@ -268,22 +267,29 @@ def test_a_study_killed_while_trials_wait_at_a_rung_resumes_them_from_their_chec
     restarts the waiting trials from their rung checkpoints and ends as the grid says it must."""
     import re
     import subprocess
+    import threading
 
     from procs import BIN, stop_group
     from test_study import run_cli
 
     args = [*GRID, *PROMOTION, "hydra.sweeper.study_name=killed"]
-    log = tmp_path / "killed.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "scaling-train"), *args], cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            deadline = time.time() + 180
-            while not re.search(r"done \d/6 running \d+ waiting [1-9]", log.read_text()):
-                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-                time.sleep(0.05)
-        finally:
-            stop_group(proc)  # the driver and the Ray processes it started, nothing else
+    proc = subprocess.Popen([str(BIN / "scaling-train"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    watchdog = threading.Timer(240, stop_group, (proc,))  # a study that hangs without printing
+    watchdog.start()
+    seen = []
+    try:  # the kill follows the line at once: trials may wait at a rung for only ~0.1 s on this grid
+        for line in proc.stdout:
+            seen.append(line)
+            if re.search(r"done \d/6 running \d+ waiting [1-9]", line):
+                break
+        else:
+            raise AssertionError("the study ended with no trial seen waiting:\n" + "".join(seen)[-3000:])
+    finally:
+        stop_group(proc)  # the driver and the Ray processes it started, nothing else
+        watchdog.cancel()
+        proc.stdout.close()
     resumed = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "resuming study killed" in resumed.stdout
