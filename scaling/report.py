@@ -117,8 +117,10 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
     from rich.table import Table
 
     s, a = result.study, result.analysis
+    out = file or sys.stdout
     width = shutil.get_terminal_size((160, 24)).columns
-    console = Console(file=file or sys.stdout, width=max(width, 100))
+    console = Console(file=out, width=max(width, 100))
+    tty = bool(getattr(out, "isatty", lambda: False)())
     counts = ", ".join(f"{k} {v}" for k, v in s.trials["status"].value_counts().items())
     console.print(f"[bold]Study {s.name}[/bold] (mlflow run {s.run_id}, {s.status}): {len(s.trials)} trials: {counts}")
     console.print(f"Target: {a.target} ({a.target.source})")
@@ -129,8 +131,8 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
     summary = a.summary()
     if "b_simple" in summary:
         heads.append("B_simple")
-    for h in heads:
-        table.add_column(h, justify="left" if h == "regime" else "right", no_wrap=True)
+    for h in heads:  # a cell too wide for a terminal folds onto a second line; no figure is cut to "…"
+        table.add_column(h, justify="left" if h == "regime" else "right", overflow="fold")
     for _, r in summary.iterrows():
         edge = f" ({r['edge']} edge)" if r["edge"] else ""
         row = [f"{r['batch_size']:g}", _num(r["lr_grid"]) + edge, _num(r["lr_refined"]), _num(r["best"], ".4f"),
@@ -139,6 +141,7 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
         if "b_simple" in summary:
             row.append(_num(r["b_simple"], ".3g"))
         table.add_row(*row)
+    _fit_width(console, table, tty)
     console.print(table)
 
     f = a.lr_fit
@@ -169,12 +172,26 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
             rules.add_column(col, justify="right")
         for _, r in a.rules.iterrows():
             rules.add_row(*[str(r[col]) if isinstance(r[col], str) else _num(r[col], ".4g", "diverged") for col in cols])
+        _fit_width(console, rules, tty)
         console.print(rules)
     console.print(f"[bold]Recommendation[/bold]: {a.verdict}")
     for note in a.notes:
         console.print(f"[yellow]note[/yellow]: {note}")
     where = f" (logged to the study run under {ARTIFACT_DIR}/)" if logged else ""
     console.print(f"Figures and tables: {result.out_dir}{where}")
+
+
+def _fit_width(console, table, tty: bool) -> None:
+    """Widen a console that writes to a file or a pipe to the table's full width.
+
+    There is no screen to fit there, but COLUMNS (often 80 in CI and under pytest) would still
+    squeeze the columns until cells fold; a terminal keeps its own width.
+    """
+    from rich.measure import Measurement
+
+    if not tty:
+        wide = console.options.update_width(10_000)
+        console.width = max(console.width, Measurement.get(console, wide, table).maximum)
 
 
 # ---------------------------------------------------------------- command line
