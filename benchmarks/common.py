@@ -37,6 +37,20 @@ class Row:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+# What each group costs, in walls of the 1-epoch benchmark study ("study walls"): (the least it
+# runs, what it runs when the budget allows). From the full run at 1a270e8, whose study took 22 s
+# on the slowest machine yet; every group there scaled with the study, so walls carry across days.
+# Context groups (rows without a target: ray, tune, twins) are reserved for at their least, so that
+# a short budget takes their extra pairs before a target row's.
+STUDY_WALLS = {
+    "throughput": (1.3, 1.3), "study": (5.6, 7.2), "ray": (1.2, 1.2), "tune": (1.75, 1.75),
+    "asha": (1.7, 1.7), "asha-resume": (1.4, 1.4), "twins": (3.8, 3.8), "mlflow": (3.6, 7.3),
+    "gns": (1.0, 1.0), "config-error": (0.15, 0.15), "help": (0.25, 0.25),
+}
+CONTEXT_GROUPS = ("ray", "tune", "twins")
+STUDY_WALL_S = 20.0  # until row 2 measures it
+
+
 @dataclass
 class Ctx:
     """What every benchmark group gets: the mode, a scratch folder and a cache shared between groups."""
@@ -48,6 +62,24 @@ class Ctx:
 
     def time_left(self) -> float:
         return self.deadline - time.perf_counter()
+
+    def study_wall_s(self) -> float:
+        """The 1-epoch benchmark study's wall on this machine today (row 2's first, or a guess)."""
+        studies = self.cache.get("full_grid_studies") or []
+        return studies[0]["wall_s"] if studies else STUDY_WALL_S
+
+    def reserve_after(self, group: str) -> float:
+        """Seconds the groups still to run after `group` need: target rows at their full repeats,
+        context rows at their least."""
+        plan = self.cache.get("groups", [])
+        later = plan[plan.index(group) + 1:] if group in plan else []
+        walls = sum(STUDY_WALLS.get(g, (0, 0))[0 if g in CONTEXT_GROUPS else 1] * (self.cache.get("asha_runs", 1)
+                                                                                if g == "asha" else 1) for g in later)
+        return walls * self.study_wall_s()
+
+    def fits(self, seconds: float, group: str) -> bool:
+        """Whether `seconds` more of `group` leave the later groups their reserve (always, in --quick)."""
+        return self.quick or self.time_left() - seconds >= self.reserve_after(group)
 
 
 def not_measurable(name: str, target: str, reason: str, detail: str = "") -> Row:
@@ -71,12 +103,20 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(statistics.median(vals), min(vals), max(vals), vals)
 
 
-def paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int, warmup: int = 0) -> list[tuple[Any, Any]]:
-    """Run a and b alternately, A B then B A (so drift cancels), after `warmup` discarded pairs."""
+def paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int, warmup: int = 0,
+           more: Optional[Callable[[float], bool]] = None, least: int = 1) -> list[tuple[Any, Any]]:
+    """Run a and b alternately, A B then B A (so drift cancels), after `warmup` discarded pairs.
+
+    With `more`, each pair after the first `least` runs only if more(seconds the last pair took)
+    says so (Ctx.fits: the pair still fits the budget)."""
     for _ in range(warmup):
         a(), b()
-    pairs = []
+    pairs: list[tuple[Any, Any]] = []
+    pair_s = 0.0
     for i in range(repeats):
+        if i >= least and more is not None and not more(pair_s):
+            break
+        t = time.perf_counter()
         if i % 2 == 0:
             x = a()
             y = b()
@@ -84,6 +124,7 @@ def paired(a: Callable[[], Any], b: Callable[[], Any], repeats: int, warmup: int
             y = b()
             x = a()
         pairs.append((x, y))
+        pair_s = time.perf_counter() - t
     return pairs
 
 

@@ -18,6 +18,7 @@ WALL_TARGET = 1.25  # row 2: (wall - allowance) / ideal
 # Rows 2d and 2e: the same grid at a second length, so that wall = fixed + slope x ideal can be solved
 # for both. At 1 epoch the ideal is ~4 s, so row 2's single ratio mostly measures the fixed part.
 LONG_EPOCHS = 4
+LONG_PAIR_WALLS = 4.0  # the long study and loop, in 1-epoch study walls (86 s against 22 s at 1a270e8)
 
 
 def study_wall(ctx: Ctx) -> list[Row]:
@@ -33,14 +34,14 @@ def study_wall(ctx: Ctx) -> list[Row]:
     t = time.perf_counter()
     pairs = paired(study, lambda: run_loop(ctx), 1)
     pair_s = time.perf_counter() - t
-    # The second pair (loop first, then study) only if the rest of the suite still fits the budget:
-    # the ASHA row costs about one study more, the in-process rows about 90 s.
-    reserve = pair_s + (pairs[0][0]["wall_s"] if "asha" in ctx.cache.get("groups", ()) else 0) + 90
-    skipped = not ctx.quick and ctx.time_left() < reserve
+    long_s = LONG_PAIR_WALLS * ctx.study_wall_s()
+    # The second pair (loop first, then study) only if the long pair and the later groups still fit
+    # the budget (Ctx.fits); --quick runs one pair.
+    skipped = not ctx.quick and not ctx.fits(pair_s + long_s, "study")
     if not ctx.quick and not skipped:
         loop, second = paired(lambda: run_loop(ctx), study, 1)[0]  # B then A this time
         pairs.append((second, loop))
-    split = _fixed_and_proportional(ctx, pairs, reserve=reserve)
+    split = _fixed_and_proportional(ctx, pairs, long_s)
     ratios = summarize([(s["wall_s"] - STARTUP_ALLOWANCE_S) / lp["ideal_s"] for s, lp in pairs])
     net = summarize([(s["wall_s"] - s["startup_s"]) / lp["ideal_s"] for s, lp in pairs])
     span = summarize([s["trials_span_s"] / lp["ideal_s"] for s, lp in pairs])
@@ -76,7 +77,7 @@ def study_wall(ctx: Ctx) -> list[Row]:
     return rows + split
 
 
-def _fixed_and_proportional(ctx: Ctx, pairs: list, reserve: float) -> list[Row]:
+def _fixed_and_proportional(ctx: Ctx, pairs: list, long_s: float) -> list[Row]:
     """Rows 2d and 2e: solve wall = fixed + slope x ideal from the grid at two lengths.
 
     Row 2's target is "<= 1.25x the ideal, plus <= 5 s fixed start-up": two conditions. One grid
@@ -86,7 +87,7 @@ def _fixed_and_proportional(ctx: Ctx, pairs: list, reserve: float) -> list[Row]:
     intercept (what it costs whatever the training: start-up, the workers' boots, the shutdown).
     """
     n2d, n2e = "2d. study wall per second of ideal (slope)", "2e. study wall's fixed part (intercept)"
-    if not ctx.quick and ctx.time_left() < reserve:
+    if not ctx.fits(long_s, "study"):
         why = "did not fit --budget"
         return [not_measurable(n2d, f"<= {WALL_TARGET:g}x", why), not_measurable(n2e, f"<= {STARTUP_ALLOWANCE_S:g} s", why)]
     long_study, long_loop = paired(lambda: run_study(ctx, asha=False, epochs=LONG_EPOCHS),
@@ -159,25 +160,35 @@ def tool_vs_bare_tune(ctx: Ctx) -> list[Row]:
     """Row 2f (context, no target): the study (MLflow off) against the same trials as a bare Ray Tune
     script (benchmarks.baretune): what the tool adds on top of Ray Tune and torch themselves."""
     name = f"2f. study wall / bare Ray Tune script ({len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials, MLflow off)"
-    pairs = paired(lambda: run_study(ctx, asha=False, mlflow=False), lambda: run_bare(ctx), 1 if ctx.quick else 2)
+    pairs = paired(lambda: run_study(ctx, asha=False, mlflow=False), lambda: run_bare(ctx), 1 if ctx.quick else 2,
+                   more=lambda s: ctx.fits(s, "tune"))
     c = _WallAndCpu.of(pairs)
     studies = ctx.cache.get("full_grid_studies") or []  # row 2's, recorded in MLflow
     same = ("not compared (row 2 did not run)" if not studies else
             "matches the study's" if all(_same_best(b["best_per_batch_size"], studies[0]["best_per_batch_size"])
                                          for _, b in pairs) else "DIFFERS from the study's")
     return [Row(name, f"{c.a_wall:.1f} s (study)", f"{c.b_wall:.1f} s (bare Tune)", c.wall.median, "-", None,
-                c.wall.spread, note=f"{c.cpu_note('study / bare')}; the bare script's best val loss per batch size {same}",
+                c.wall.spread, note=f"{c.cpu_note('study / bare')}; the bare script's best val loss per batch size {same}"
+                                    + _short(ctx, pairs, 2),
                 data={"ratios": c.wall.values, "cpu_ratios": c.cpu.values, "pairs": pairs})]
 
 
 def mlflow_overhead(ctx: Ctx) -> list[Row]:
     """Row 4: the same study with mlflow.enabled=true vs false (target <= 1.03x)."""
     name, target = "4. mlflow overhead (study wall, on / off)", "<= 1.03x"
-    # 4 pairs: a study's wall varies by +-10% from run to run here (two pairs measured 1.03-1.31)
+    # 4 pairs: a study's wall varies by +-10% from run to run here (two pairs measured 1.03-1.31);
+    # at least 2, the last two only if they fit the budget
     repeats = 1 if ctx.quick else 4
     pairs = paired(lambda: run_study(ctx, asha=False, mlflow=True), lambda: run_study(ctx, asha=False, mlflow=False),
-                   repeats)
+                   repeats, more=lambda s: ctx.fits(s, "mlflow"), least=2)
     c = _WallAndCpu.of(pairs)  # CPU: what MLflow costs whichever process spends it; the cores the trials fill pay
     return [Row(name, f"{c.a_wall:.1f} s (mlflow on)", f"{c.b_wall:.1f} s (mlflow off)", c.wall.median, target,
-                c.wall.median <= 1.03, c.wall.spread, note=c.cpu_note("on / off"),
+                c.wall.median <= 1.03, c.wall.spread, note=c.cpu_note("on / off") + _short(ctx, pairs, repeats),
                 data={"ratios": c.wall.values, "cpu_ratios": c.cpu.values, "pairs": pairs})]
+
+
+def _short(ctx: Ctx, pairs: list, wanted: int) -> str:
+    """The note's words when --budget cut a row's pairs short."""
+    if ctx.quick or len(pairs) >= wanted:
+        return ""
+    return f"; {len(pairs)} of {wanted} pairs: the rest did not fit --budget"

@@ -107,3 +107,35 @@ def test_bare_tune_script_refuses_a_missing_spec_in_one_line(args):
                        timeout=60)
     assert t.returncode == 1
     assert t.stderr.strip().startswith("error: SPEC=") and len(t.stderr.strip().splitlines()) == 1
+
+
+def test_paired_alternates_and_stops_where_the_budget_says():
+    from benchmarks.common import paired
+
+    calls, asked = [], []
+
+    def more(pair_s: float) -> bool:
+        asked.append(pair_s)
+        return len(calls) < 6
+
+    pairs = paired(lambda: calls.append("a") or "a", lambda: calls.append("b") or "b", 4, more=more, least=2)
+    assert pairs == [("a", "b")] * 3 and calls == list("abbaab")
+    assert len(asked) == 2 and all(s >= 0 for s in asked)  # asked before pairs 3 and 4, never before 1 and 2
+    assert len(paired(lambda: 1, lambda: 2, 3, more=lambda s: False)) == 1
+
+
+def test_budget_reserves_target_groups_in_full_and_context_groups_at_their_least(tmp_path):
+    import time
+
+    from benchmarks.common import STUDY_WALLS, Ctx
+
+    groups = ["study", "tune", "mlflow", "help"]  # tune is context; mlflow and help carry targets
+    ctx = Ctx(quick=False, tmp=tmp_path, cache={"groups": groups, "full_grid_studies": [{"wall_s": 10.0}]},
+              deadline=time.perf_counter() + 1000)
+    rest = (STUDY_WALLS["tune"][0] + STUDY_WALLS["mlflow"][1] + STUDY_WALLS["help"][1]) * 10.0
+    assert ctx.reserve_after("study") == pytest.approx(rest)
+    assert ctx.reserve_after("help") == 0
+    assert ctx.fits(1000 - rest - 5, "study") and not ctx.fits(1000 - rest + 5, "study")
+    assert not ctx.fits(1001, "help")
+    quick = Ctx(quick=True, tmp=tmp_path, cache={"groups": groups}, deadline=time.perf_counter())
+    assert quick.fits(1e6, "study")
