@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -171,9 +172,26 @@ def get_experiment_id(client, name: str, create: bool = True) -> Optional[str]:
     if not create:
         return None
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
     except Exception:  # another process created it first
         return client.get_experiment_by_name(name).experiment_id
+
+
+def artifact_location(uri: str, experiment: str) -> Optional[str]:
+    """Where a new experiment in the store at `uri` keeps its artifacts: for a SQLite store,
+    `mlruns/<experiment>` beside the database file; None (the store's own default) otherwise.
+
+    MLflow's default for a database store is `./mlruns` under the working directory of whichever
+    process created the store, so a study launched from another folder (a SLURM job, a notebook, a
+    test) would scatter its config artifacts away from its `mlflow.db`. Beside the database they
+    travel with it, and `mlflow ui` in that folder finds them either way (each experiment records
+    its own location). The name is kept to file-safe characters.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return str(db.resolve().parent / "mlruns" / safe)
 
 
 def import_mlflow(uri: str) -> None:

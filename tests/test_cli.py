@@ -58,6 +58,9 @@ def test_chdir_run_records_into_the_launch_folders_store(tmp_path, cli_tiny):
     assert (tmp_path / "mlflow.db").exists() and not list((tmp_path / "outputs").rglob("mlflow.db"))
     [r] = search(f"sqlite:///{tmp_path / 'mlflow.db'}", "chdir")
     assert r.info.status == "FINISHED" and f"at sqlite:///{tmp_path}/mlflow.db" in proc.stdout
+    # its artifacts lie beside that database too, not under the run folder the job ran in
+    assert (tmp_path / "mlruns" / "chdir" / r.info.run_id / "artifacts" / "config.yaml").is_file()
+    assert not list((tmp_path / "outputs").rglob("mlruns"))
 
 
 def test_train_end_to_end(tmp_path, cli_tiny, tracking_uri, compose_cfg):

@@ -223,3 +223,22 @@ def test_import_mlflow_creates_no_store(tmp_path):
 
     import_mlflow(f"sqlite:///{tmp_path}/mlflow.db")
     assert list(tmp_path.iterdir()) == [] and gc.isenabled()
+
+
+def test_a_new_experiment_keeps_its_artifacts_beside_the_sqlite_store(tmp_path, monkeypatch, compose_cfg):
+    """MLflow's default is ./mlruns of whatever folder the store was created from; the study's
+    config artifacts belong beside its database, whichever folder the driver runs in."""
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    rec = StudyRecorder(uri, "my study/v1", study_name="s")
+    rec.start({}, {})
+    rec.trial_started(0, compose_cfg("batch_size=32"))
+    rec.drain()
+    run_id = rec.trial_runs[0]
+    assert (tmp_path / "store" / "mlruns" / "my_study_v1" / run_id / "artifacts" / "config.yaml").is_file()
+    assert not (elsewhere / "mlruns").exists()
+    # an experiment that already exists keeps the location it was made with
+    again = StudyRecorder(uri, "my study/v1", study_name="s2")
+    assert again.exp_id == rec.exp_id
