@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 from scaling.analysis import DEFAULT_TRACKING_URI, Analysis, Study, StudyError, analyze, load_study
+from scaling.tables import console_for, print_table
 
 ARTIFACT_DIR = "report"
 
@@ -113,14 +113,10 @@ def _interval(lo: float, hi: float, n_batch: int, spec: str = ".3g") -> str:
 def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None, *, logged: bool = True,
                  file=None) -> None:
     """Print the report: per-batch-size table, LR law, critical batch size, rule gaps, recommendation, notes."""
-    from rich.console import Console
     from rich.table import Table
 
     s, a = result.study, result.analysis
-    out = file or sys.stdout
-    width = shutil.get_terminal_size((160, 24)).columns
-    console = Console(file=out, width=max(width, 100))
-    tty = bool(getattr(out, "isatty", lambda: False)())
+    console = console_for(file, min_width=100)
     counts = ", ".join(f"{k} {v}" for k, v in s.trials["status"].value_counts().items())
     console.print(f"[bold]Study {s.name}[/bold] (mlflow run {s.run_id}, {s.status}): {len(s.trials)} trials: {counts}")
     console.print(f"Target: {a.target} ({a.target.source})")
@@ -141,8 +137,7 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
         if "b_simple" in summary:
             row.append(_num(r["b_simple"], ".3g"))
         table.add_row(*row)
-    _fit_width(console, table, tty)
-    console.print(table)
+    print_table(console, table)
 
     f = a.lr_fit
     if f is not None:
@@ -169,29 +164,15 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
         rules = Table(title="Scaling rules: val/loss at lr_multiplier=1 vs the LR tuned per batch size")
         cols = [c for c in ("scaling.rule", "warmup.epochs", "batch_size", "loss_at_1", "tuned", "tuned_lr", "gap") if c in a.rules]
         for col in cols:
-            rules.add_column(col, justify="right")
+            rules.add_column(col, justify="right", overflow="fold")
         for _, r in a.rules.iterrows():
             rules.add_row(*[str(r[col]) if isinstance(r[col], str) else _num(r[col], ".4g", "diverged") for col in cols])
-        _fit_width(console, rules, tty)
-        console.print(rules)
+        print_table(console, rules)
     console.print(f"[bold]Recommendation[/bold]: {a.verdict}")
     for note in a.notes:
         console.print(f"[yellow]note[/yellow]: {note}")
     where = f" (logged to the study run under {ARTIFACT_DIR}/)" if logged else ""
     console.print(f"Figures and tables: {result.out_dir}{where}")
-
-
-def _fit_width(console, table, tty: bool) -> None:
-    """Widen a console that writes to a file or a pipe to the table's full width.
-
-    There is no screen to fit there, but COLUMNS (often 80 in CI and under pytest) would still
-    squeeze the columns until cells fold; a terminal keeps its own width.
-    """
-    from rich.measure import Measurement
-
-    if not tty:
-        wide = console.options.update_width(10_000)
-        console.width = max(console.width, Measurement.get(console, wide, table).maximum)
 
 
 # ---------------------------------------------------------------- command line

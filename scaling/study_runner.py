@@ -371,12 +371,13 @@ def _budget_samples(spec: TrialSpec, n_train: int) -> int:
 
 def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: int, trained: int) -> None:
     """Print per batch size: best LR, best validation loss and accuracy, peak memory; and the UI command."""
-    from rich.console import Console
     from rich.table import Table
+
+    from scaling.tables import console_for, print_table
 
     table = Table(title=f"study {recorder.study_name}: best trial per batch size")
     for col in ("batch size", "best lr (effective)", "lr×", "rule", "best val/loss", "val/acc", "peak MB", "status"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     for b in sorted(best):
         entry = best[b]
         m = recorder.last_metrics.get(entry["trial"], {})  # a resumed trial's come from its relogged history
@@ -384,8 +385,7 @@ def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: 
         table.add_row(str(b), f"{lr:.4g}", f"{entry['lr_multiplier']:g}", entry["rule"],
                       f"{entry['best/val_loss']:.4f}", f"{m.get('val/acc', math.nan):.3f}",
                       f"{m.get('mem/peak_mb', math.nan):.0f}", recorder.status.get(entry["trial"], "?"))
-    console = Console(file=sys.stdout)
-    console.print(table)
+    print_table(console_for(), table)
     oom = sorted({int(s.config["batch_size"]) for i, s in specs.items() if recorder.status.get(i) == "oom"})
     if oom:
         fit = sorted({int(s.config["batch_size"]) for i, s in specs.items()

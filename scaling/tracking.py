@@ -218,6 +218,11 @@ def make_client(uri: str):
 
         db = sqlite_path(uri)
         if db is None:
+            if uri.startswith(("http:", "https:")):
+                # Against a server, MLflow fetches the run again each time one ends, only to print two
+                # "View run/experiment at" lines: per trial, a request in the driver's writer and lines
+                # amid the progress. The study prints its run's UI command once; set it to false for them.
+                os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
             return MlflowClient(tracking_uri=uri)
         import fcntl
 

@@ -45,6 +45,7 @@ def test_study_records_to_the_server_and_the_report_reads_from_it(server, tmp_pa
                 f"mlflow.tracking_uri={server.url}"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not list(tmp_path.glob("*.db")) and not (tmp_path / "mlruns").exists(), "recorded locally, not on the server"
+    assert "View run" not in proc.stdout + proc.stderr, proc.stdout[-3000:]  # no two lines (and a GET) per run end
 
     client, studies, trials = study_records(server.url)
     assert len(studies) == 1 and len(trials) == 4

@@ -23,8 +23,9 @@ TINY = ["epochs=1", "eval_every=0.25", "data.n_samples=3000", "model.width=32",
 
 
 def run_cli(args, cwd, script="scaling-train", timeout=240, **kw):
-    """Run a console script in `cwd`; return the CompletedProcess (text)."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    """Run a console script in `cwd` with its output piped and COLUMNS=80, as CI and pytest often set
+    it; return the CompletedProcess (text)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1", "COLUMNS": "80"}
     return subprocess.run([str(BIN / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, **kw)
 
@@ -216,6 +217,8 @@ def test_study_with_mlflow_disabled_runs_and_records_nothing(tmp_path):
     for r in rows:  # the summary is built from the run itself: a real LR and loss, no MLflow lookups
         lr, loss = float(r.split("│")[2]), float(r.split("│")[5])
         assert lr > 0 and 0 < loss < 10
+        assert r.split("│")[8].strip() == "completed", r
+    assert "…" not in proc.stdout, proc.stdout[-3000:]  # piped, the summary takes its full width
 
 
 def test_the_study_driver_never_imports_torch(tmp_path):
