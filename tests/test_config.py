@@ -169,3 +169,21 @@ def test_warmup_starts_from_the_rules_lr_at_the_reference_batch(compose_cfg, rul
     assert warmup_start_lr(explicit) == pytest.approx(0.3 * min(1.0, (REF_B / batch_size) ** alpha), rel=1e-12)
     assert warmup_start_lr(explicit, ref_lr=1.0) == warmup_start_lr(explicit)
     assert warmup_start_lr(compose_cfg(*over, "lr=0.3", "warmup.start=zero")) == 0.0
+
+
+def test_hydras_repository_copies_share_the_config_store_and_compositions_stay_independent():
+    """Hydra deep-copies its config repository per composition (and per group `--help` lists); the
+    ConfigStore is shared by those copies instead of copied (scaling.config._share_config_store).
+    Sharing must not let one composition, or a caller editing what the store hands out, reach another."""
+    import copy
+
+    from hydra.core.config_store import ConfigStore
+
+    tuned = compose(["batch_size=64", "optimizer=adam"])
+    store = ConfigStore.instance()
+    assert copy.deepcopy(store) is store
+    store.load("trial_schema.yaml").node.batch_size = 12345  # the store hands out a copy: no effect
+    plain = compose([])
+    assert (tuned.batch_size, tuned.optimizer.name) == (64, "adam")
+    assert (plain.batch_size, plain.optimizer.name) == (128, "sgd")
+    assert store.load("trial_schema.yaml").node.batch_size != 12345
