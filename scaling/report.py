@@ -127,8 +127,8 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
     summary = a.summary()
     if "b_simple" in summary:
         heads.append("B_simple")
-    for h in heads:  # a cell too wide for a terminal folds onto a second line; no figure is cut to "…"
-        table.add_column(h, justify="left" if h == "regime" else "right", overflow="fold")
+    for h in heads:
+        table.add_column(h, justify="left" if h == "regime" else "right")
     for _, r in summary.iterrows():
         edge = f" ({r['edge']} edge)" if r["edge"] else ""
         row = [f"{r['batch_size']:g}", _num(r["lr_grid"]) + edge, _num(r["lr_refined"]), _num(r["best"], ".4f"),
@@ -164,7 +164,7 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
         rules = Table(title="Scaling rules: val/loss at lr_multiplier=1 vs the LR tuned per batch size")
         cols = [c for c in ("scaling.rule", "warmup.epochs", "batch_size", "loss_at_1", "tuned", "tuned_lr", "gap") if c in a.rules]
         for col in cols:
-            rules.add_column(col, justify="right", overflow="fold")
+            rules.add_column(col, justify="right")
         for _, r in a.rules.iterrows():
             rules.add_row(*[str(r[col]) if isinstance(r[col], str) else _num(r[col], ".4g", "diverged") for col in cols])
         print_table(console, rules)

@@ -377,7 +377,7 @@ def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: 
 
     table = Table(title=f"study {recorder.study_name}: best trial per batch size")
     for col in ("batch size", "best lr (effective)", "lr×", "rule", "best val/loss", "val/acc", "peak MB", "status"):
-        table.add_column(col, justify="right", overflow="fold")
+        table.add_column(col, justify="right")
     for b in sorted(best):
         entry = best[b]
         m = recorder.last_metrics.get(entry["trial"], {})  # a resumed trial's come from its relogged history

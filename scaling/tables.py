@@ -4,7 +4,7 @@ Rich sizes a console that is not a terminal from COLUMNS, else 80 columns, and c
 does not fit to "…". Study output mostly goes to files (sbatch's output, `| tee`, CI logs, a
 notebook's captured cell), where there is no screen to fit, so there a console takes the width
 its table measures. A terminal keeps its own width, and a cell too wide for it folds onto a second
-line (the columns are made with overflow="fold"), so no figure is cut short anywhere.
+line (print_table sets every column's overflow to "fold"), so no figure is cut short anywhere.
 """
 from __future__ import annotations
 
@@ -23,9 +23,12 @@ def console_for(file: Optional[TextIO] = None, min_width: int = 0):
 
 
 def print_table(console: Any, table: Any) -> None:
-    """Print `table`; a console that writes to a file or a pipe is first widened to the table's full width."""
+    """Print `table`, folding any cell too wide for a terminal; a console that writes to a file or a
+    pipe is first widened to the table's full width."""
     from rich.measure import Measurement
 
+    for column in table.columns:
+        column.overflow = "fold"
     if not getattr(console.file, "isatty", lambda: False)():
         wide = console.options.update_width(10_000)
         console.width = max(console.width, Measurement.get(console, wide, table).maximum)
