@@ -17,7 +17,7 @@ from scaling.config import ConfigError, effective_lr, epochs_to_steps
 from scaling.grid import Grid, stratum_keys
 from scaling.local_ray import check_cluster, stop_ray_aside
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
-from scaling.tracking import import_mlflow
+from scaling.tracking import import_mlflow, ui_hint
 from scaling.twins import find_twins, mirror_twins, whole_strata
 from scaling.validation import check_fits_data, plan_split
 
@@ -349,7 +349,11 @@ def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool, 
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(3)
     print_summary(recorder, specs, best, counts, wall, full, trained)
+    # the study run in the MLflow UI, last, so that it is what a user sees (the run holds the report too)
+    ui = ui_hint(recorder.uri, recorder.exp_id, recorder.run_id) if recorder.enabled else ""
     if interrupted:
+        if ui:
+            print(ui, flush=True)
         print("interrupted: run the same command with hydra.sweeper.resume=true to finish the study", flush=True)
         raise SystemExit(130)
     if sweeper.conf.report and recorder.enabled:
@@ -360,6 +364,8 @@ def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool, 
         except Exception as exc:  # noqa: BLE001 - the study is recorded; a failed report must not hide that
             print(f"error: the report failed ({type(exc).__name__}: {exc}); run scaling-report {recorder.run_id}",
                   file=sys.stderr, flush=True)
+    if ui:
+        print(ui, flush=True)
     return {"study_run_id": recorder.run_id, "counts": counts, "best": best}
 
 
@@ -395,6 +401,3 @@ def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: 
     frac = trained / max(full, 1)
     print(f"{sum(counts.values())} trials in {wall:.0f}s: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
           + f" | samples trained {trained:,} of the full grid's {full:,} ({frac:.0%})")
-    if recorder.enabled:
-        print(f"mlflow ui --backend-store-uri {recorder.uri} --host 127.0.0.1 --port 5000   "
-              f"# then open the study run {recorder.run_id}", flush=True)

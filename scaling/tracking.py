@@ -35,6 +35,24 @@ def sqlite_path(uri: str) -> Optional[Path]:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None  # no ~: MLflow keeps it
 
 
+# `mlflow ui` (an alias of `mlflow server`) starts, by default, 4 web workers, MLflow 3's job runner
+# and 7 huey consumers for its GenAI jobs, which a scaling study never submits: on 2 cores ~50 s of
+# CPU and ~3 GB of memory before it answers. One worker without jobs: ~8 s and ~0.5 GB (README).
+UI_COMMAND = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --host 127.0.0.1 --port 5000"
+
+
+def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
+    """Return the line that takes a user to run `run_id` in the MLflow UI.
+
+    A tracking server serves the UI itself, so its URL to the run; a local store needs `mlflow ui`
+    over it first (UI_COMMAND), then the same page on 127.0.0.1:5000.
+    """
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http:", "https:")):
+        return f"the study run in the MLflow UI: {uri.rstrip('/')}/{page}"
+    return f"{UI_COMMAND} --backend-store-uri {uri}   # then open http://127.0.0.1:5000/{page}"
+
+
 def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
     """Raise ConfigError unless the tracking store at `uri` can be reached (no mlflow import)."""
     scheme = uri.split(":", 1)[0] if ":" in uri else "file"

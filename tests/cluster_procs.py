@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -24,6 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
+
+from scaling.tracking import UI_COMMAND
 
 BIN = Path(sys.executable).parent
 ROOT_DIR = Path(__file__).resolve().parent.parent
@@ -349,21 +352,29 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
 
 class MlflowServer:
-    """`mlflow server` (or `mlflow ui`) on 127.0.0.1 with a SQLite store, started and stopped by pid."""
+    """`mlflow server` (or `mlflow ui`) on 127.0.0.1 with a SQLite store, started and stopped by pid.
+
+    Both run as the docs say: without MLflow 3's job runner, whose 7 huey consumers a study never
+    uses and which cost ~30 s of CPU at each start (README); `ui` is the command the study prints.
+    """
 
     def __init__(self, root: Path, command: str = "server", backend: Optional[str] = None,
-                 extra_args: tuple = (), env: Optional[dict] = None):
+                 extra_args: tuple = (), env: Optional[dict] = None, port: Optional[int] = None):
         self.root = Path(root)
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.backend = backend or f"sqlite:///{self.root / 'server.db'}"
-        args = [BIN / "mlflow", command, "--backend-store-uri", self.backend, "--host", "127.0.0.1",
-                "--port", str(self.port)]
+        words = shlex.split(UI_COMMAND)  # VAR=value ... mlflow ui --workers 1 --host H --port P
+        assignments = dict(w.split("=", 1) for w in words[:words.index("mlflow")])
+        options = words[words.index("mlflow") + 2:]
+        options[options.index("--port") + 1] = str(self.port)
+        args = [BIN / "mlflow", command, *options, "--backend-store-uri", self.backend]
         if command == "server":
             # artifacts go through the server (proxied): clients need no access to its disk
             self.artifacts = self.root / "artifacts"
-            args += ["--artifacts-destination", str(self.artifacts), "--workers", "1"]
-        self.group = Group([*args, *extra_args], self.root / f"mlflow-{command}-{self.port}.log", cwd=self.root, env=env)
+            args += ["--artifacts-destination", str(self.artifacts)]
+        log = self.root / f"mlflow-{command}-{self.port}-{time.time_ns()}.log"  # a restart keeps the old log
+        self.group = Group([*args, *extra_args], log, cwd=self.root, env={**assignments, **(env or {})})
         wait_until(self._healthy, 120, f"mlflow {command} at {self.url}", self.group.proc, self.group.log)
 
     def _healthy(self) -> bool:
@@ -378,3 +389,11 @@ class MlflowServer:
 
     def stop(self) -> None:
         self.group.stop(grace=5)
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group: the server is lost at once, mid-request if it is in one."""
+        try:
+            os.killpg(self.group.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.group.proc.wait(timeout=60)

@@ -3,21 +3,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_group(args, cwd, log: Path, env=None) -> subprocess.Popen:
@@ -48,20 +39,3 @@ def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float =
     raise AssertionError(f"timed out waiting for '{text}':\n{log.read_text()[-3000:]}")
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """Start `mlflow server` on 127.0.0.1:port with a SQLite store under `root`; wait until healthy."""
-    proc = start_group([BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                        "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1",
-                        "--port", str(port), "--workers", "1"], root, root / f"mlflow-{port}-{time.time():.0f}.log")
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            raise AssertionError("mlflow server exited at start")
-    stop_group(proc)
-    raise AssertionError("mlflow server did not become healthy")

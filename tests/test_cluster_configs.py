@@ -239,3 +239,17 @@ def test_documented_servers_bind_loopback():
         assert "--include-dashboard=false" in command or "--dashboard-host=127.0.0.1" in command, command
     assert any("--app-name basic-auth" in c for c in servers)
     assert any(re.search(r"ssh -N -L (\d+):127\.0\.0\.1:\1 ", c) for c in commands), "no SSH tunnel documented"
+
+
+def test_make_ui_runs_the_ui_command_that_a_study_prints():
+    """`make ui` serves the UI as the study's last line says: one worker, no job runner (README)."""
+    import shlex
+
+    from scaling.tracking import UI_COMMAND
+
+    dry = subprocess.run(["make", "-n", "ui"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    words = shlex.split(dry.replace("\\\n", " ").strip().splitlines()[-1])
+    printed = shlex.split(UI_COMMAND)
+    assert words[0] == printed[0] == "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false", words
+    assert Path(words[1]).name == printed[1] == "mlflow" and words[2:-2] == printed[2:], (words, printed)
+    assert words[-2:] == ["--backend-store-uri", "sqlite:///mlflow.db"], words

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -50,6 +51,12 @@ def test_study_records_to_the_server_and_the_report_reads_from_it(server, tmp_pa
     client, studies, trials = study_records(server.url)
     assert len(studies) == 1 and len(trials) == 4
     assert studies[0].data.tags["trial.status"] == "completed"
+    # the server serves the UI: the study ends with the run's page there, not an `mlflow ui` to start
+    page = f"{server.url}/#/experiments/{studies[0].info.experiment_id}/runs/{studies[0].info.run_id}"
+    assert proc.stdout.strip().splitlines()[-1] == f"the study run in the MLflow UI: {page}"
+    assert "mlflow ui" not in proc.stdout
+    with urllib.request.urlopen(page.split("#")[0], timeout=30) as r:  # the page the fragment routes in
+        assert r.status == 200 and b"<html" in r.read(4096).lower()
 
     # a teammate's machine: only the URL, nothing local
     elsewhere = tmp_path / "elsewhere"

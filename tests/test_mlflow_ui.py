@@ -1,5 +1,7 @@
 """The MLflow UI, as a user sees it: headless Chromium on `mlflow ui` over a finished study.
 
+- the study's last line is the `mlflow ui` command this module runs, and the page it names is the
+  study run's;
 - the study run is listed, and expanding its row shows its trial runs nested under it;
 - a trial's metric charts have samples seen on the step axis (and so does the REST API the
   page reads them from);
@@ -20,6 +22,8 @@ import pytest
 
 from cluster_procs import BIN, MlflowServer, is_loopback, listeners
 from records import study_records
+
+from scaling.tracking import UI_COMMAND
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +46,7 @@ def study(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client, studies, trials = study_records(f"sqlite:///{cwd / 'mlflow.db'}")
     assert len(studies) == 1 and len(trials) == 2
-    return cwd, studies[0].info.experiment_id, studies[0], trials
+    return cwd, studies[0].info.experiment_id, studies[0], trials, proc.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +107,23 @@ def test_ui_listens_on_loopback_only(ui):
     assert addresses and all(is_loopback(a) for a in addresses), addresses
 
 
+def test_the_page_the_study_prints_opens_its_run(ui, study, browser):
+    from selenium.webdriver.common.by import By
+
+    _, exp_id, study_run, _, hint = study
+    command, page = hint.split("   # then open ")
+    assert command == f"{UI_COMMAND} --backend-store-uri {ui.backend}"
+    local = "http://127.0.0.1:5000/"
+    assert page == f"{local}#/experiments/{exp_id}/runs/{study_run.info.run_id}"
+    browser.get(f"{ui.url}/{page.removeprefix(local)}")  # this module's server listens on another port
+    wait(browser, lambda d: all(w in d.find_element(By.TAG_NAME, "body").text for w in ("ui-study", study_run.info.run_id)))
+    shot(browser, "mlflow-ui-study-run.png")
+
+
 def test_study_row_expands_to_its_trial_runs(ui, study, browser):
     from selenium.webdriver.common.by import By
 
-    _, exp_id, study_run, trials = study
+    _, exp_id, study_run, trials, _ = study
     sid = study_run.info.run_id
     browser.get(f"{ui.url}/#/experiments/{exp_id}/runs")
     row = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, f"div[role=row][row-id='{sid}']"))
@@ -124,7 +141,7 @@ def test_study_row_expands_to_its_trial_runs(ui, study, browser):
 def test_trial_metric_charts_use_samples_as_step(ui, study, browser):
     from selenium.webdriver.common.by import By
 
-    _, exp_id, _, trials = study
+    _, exp_id, _, trials, _ = study
     trial = next(t for t in trials if t.data.params["batch_size"] == "64")
     rid = trial.info.run_id
     browser.get(f"{ui.url}/#/experiments/{exp_id}/runs/{rid}/model-metrics")
@@ -147,7 +164,7 @@ def test_trial_metric_charts_use_samples_as_step(ui, study, browser):
 def test_study_run_has_the_report_figures(ui, study, browser):
     from selenium.webdriver.common.by import By
 
-    _, exp_id, study_run, _ = study
+    _, exp_id, study_run, _, _ = study
     browser.get(f"{ui.url}/#/experiments/{exp_id}/runs/{study_run.info.run_id}/artifacts")
     folder = wait(browser, lambda d: next((e for e in d.find_elements(By.XPATH, "//*[text()='report']")), None))
     folder.click()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from procs import BIN, free_port, start_group, start_mlflow_server, stop_group, wait_for_text
+from cluster_procs import MlflowServer
+from procs import BIN, start_group, stop_group, wait_for_text
 from records import study_records
 
 pytestmark = pytest.mark.slow
@@ -30,19 +31,18 @@ def run_study(args, cwd: Path, log_name="study.log", timeout=300):
 
 
 def test_mlflow_server_lost_mid_study_loses_nothing(tmp_path):
-    port = free_port()
-    server = start_mlflow_server(tmp_path, port)
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path)
+    uri = server.url
     args = ["-m", "batch_size=32,128", "lr_multiplier=0.5,1", "hydra.sweeper.asha.enabled=false",
             "hydra.sweeper.max_concurrent=1", f"mlflow.tracking_uri={uri}", *SMALL]
     study = start_group([BIN / "scaling-train", *args], tmp_path, tmp_path / "study.log",
                         env={"SCALING_MLFLOW_WAIT_S": "180"})
     try:
         wait_for_text(tmp_path / "study.log", "done 1/4", study)
-        stop_group(server)  # the tracking server goes away mid-study ...
+        server.kill()  # the tracking server goes away mid-study ...
         wait_for_text(tmp_path / "study.log", "MLflow unreachable", study, timeout=120)
         time.sleep(3)
-        server = start_mlflow_server(tmp_path, port)  # ... and comes back on the same store
+        server = MlflowServer(tmp_path, port=server.port)  # ... and comes back on the same store
         assert study.wait(timeout=300) == 0, (tmp_path / "study.log").read_text()[-3000:]
         client, studies, trials = study_records(uri)
         assert len(studies) == 1 and studies[0].data.tags["trial.status"] == "completed"
@@ -57,7 +57,7 @@ def test_mlflow_server_lost_mid_study_loses_nothing(tmp_path):
     finally:
         if study.poll() is None:
             stop_group(study)
-        stop_group(server)  # whichever server is current; stopping a stopped one is a no-op
+        server.kill()  # whichever server is current; killing a stopped one is a no-op
 
 
 def _history(client, run_id: str, key: str = "val/loss") -> list[tuple[int, float]]:

@@ -15,6 +15,8 @@ import pytest
 from procs import stop_group, wait_for_text
 from records import client_for, study_records
 
+from scaling.tracking import UI_COMMAND
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
@@ -54,7 +56,9 @@ def test_study_records_one_parent_and_a_child_per_trial(small_study):
     assert study.data.tags["trial.status"] == "completed"
     assert study.data.metrics["trials/total"] == 8
     assert '"batch_size": ["32", "256"]' in study.data.params["grid"]
-    assert study.info.run_id in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+    # the last line opens the study run: `mlflow ui` over this store (as tests/test_mlflow_ui.py runs it), then its page
+    page = f"http://127.0.0.1:5000/#/experiments/{study.info.experiment_id}/runs/{study.info.run_id}"
+    assert proc.stdout.strip().splitlines()[-1] == f"{UI_COMMAND} --backend-store-uri sqlite:///mlflow.db   # then open {page}"
     names = {t.info.run_name for t in trials}
     assert "bs=32 lr×0.01 linear s0" in names
 
