@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from scaling.config import ConfigError, register_configs
+from scaling.config import ConfigError, redact_url, register_configs
 from scaling.validation import plan_split, validate
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -114,7 +114,7 @@ def end_line(result: Any, run_id: Optional[str], cfg: Any) -> str:
     if result.reason:
         parts.append(f"({result.reason})")
     if run_id:
-        parts.append(f"| mlflow run {run_id} in '{cfg.mlflow.experiment}' at {cfg.mlflow.tracking_uri}")
+        parts.append(f"| mlflow run {run_id} in '{cfg.mlflow.experiment}' at {redact_url(cfg.mlflow.tracking_uri)}")
     return " ".join(parts)
 
 

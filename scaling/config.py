@@ -9,6 +9,7 @@ This module imports neither torch, ray nor mlflow: `scaling-study batch_size=-1`
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -33,12 +34,28 @@ REPORTED_METRICS = (
 )
 
 
+# scheme://user:password@host -> scheme://user:***@host, in a URL or in any text holding one (a Hydra
+# override escapes the colons: http\://user\:password@host). RFC 3986 user info holds no '/', so a path
+# with an '@' after host:port is left alone.
+_PASSWORD = re.compile(r"(://[^/@\s:]+:)[^\s/]*@")
+
+
+def redact_url(value: Any) -> Any:
+    """Return `value` with the password of any URL in it replaced by '***' (a non-string unchanged).
+
+    A tracking URI may carry credentials (postgresql://alice:secret@db/mlflow, http://alice:secret@host);
+    the tool prints it and records it in every run, and neither may show the password.
+    """
+    return _PASSWORD.sub(r"\1***@", value) if isinstance(value, str) else value
+
+
 class ConfigError(ValueError):
-    """A config value a user can fix; its message is one line naming the key and the value."""
+    """A config value a user can fix; its message is one line naming the key and the value (a URL's
+    password hidden)."""
 
     def __init__(self, key: str, value: Any, problem: str):
         self.key, self.value, self.problem = key, value, problem
-        super().__init__(f"{key}={value!r}: {problem}")
+        super().__init__(f"{key}={redact_url(value)!r}: {problem}")
 
     def __reduce__(self):  # copy and pickle (Ray ships a trial's or a rank's error to the driver)
         return type(self), (self.key, self.value, self.problem)

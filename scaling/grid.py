@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, redact_url
 
 # Axes that do not define a stratum: ASHA compares trials that differ only in these.
 LR_AXES = ("lr_multiplier", "lr", "seed")
@@ -34,7 +34,8 @@ class Grid:
 
     def describe(self) -> dict[str, Any]:
         """Return a JSON-able summary of the grid."""
-        return {"axes": self.axes, "sampled": self.sampled, "fixed": self.fixed, "n_trials": len(self.points)}
+        return {"axes": self.axes, "sampled": self.sampled, "fixed": [redact_url(f) for f in self.fixed],
+                "n_trials": len(self.points)}
 
 
 def draw(override: Any, rng: random.Random) -> str:

@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from typing import Any, Optional, Sequence
 
-from scaling.config import ConfigError
+from scaling.config import ConfigError, redact_url
 from scaling.validation import at_batch_size, check_batch_fits, validate
 
 CURVE_METRICS = {"lr": "lrs", "lr_find/loss": "losses", "lr_find/loss_smoothed": "smoothed"}
@@ -97,7 +97,7 @@ def _task(cfg: Any) -> None:
     if client is not None:
         for run_id in runs if alpha is not None else []:
             client.set_tag(run_id, "lr_find.alpha", f"{alpha:.4g}")
-        print(f"recorded in '{cfg.mlflow.experiment}' at {cfg.mlflow.tracking_uri} (tag lr_find.group={group})",
+        print(f"recorded in '{cfg.mlflow.experiment}' at {redact_url(cfg.mlflow.tracking_uri)} (tag lr_find.group={group})",
               flush=True)
 
 
@@ -126,11 +126,11 @@ def fit_line(batch_sizes: Sequence[int], lrs: Sequence[float], suggestion: str) 
 
 def record(cfg: Any, result: Any, client: Any, exp_id: str, group: str) -> str:
     """Return the id of a new MLflow run holding one range test: config + suggestions, curve, plot."""
-    from scaling.tracking import KIND_TAG, flatten, log_params, provenance_tags, resolved_container
+    from scaling.tracking import KIND_TAG, flatten, log_params, provenance_tags, recorded_config
 
     tags = {KIND_TAG: "lr_find", "lr_find.group": group, **provenance_tags()}
     run_id = client.create_run(exp_id, run_name=f"lr_find bs={result.batch_size}", tags=tags).info.run_id
-    params = {k: "null" if v is None else str(v) for k, v in flatten(resolved_container(cfg)).items()}
+    params = {k: "null" if v is None else str(v) for k, v in flatten(recorded_config(cfg)).items()}
     params["batch_size"] = str(result.batch_size)
     params.update({k: "null" if v is None else str(v) for k, v in result.params().items()})
     log_params(client, run_id, params)

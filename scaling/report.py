@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from scaling.analysis import DEFAULT_TRACKING_URI, Analysis, Study, StudyError, analyze, load_study
+from scaling.config import redact_url
 from scaling.tables import console_for, print_table
 
 ARTIFACT_DIR = "report"
@@ -215,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         try:
             check_tracking_uri(args.tracking_uri)
         except ConfigError as exc:
-            print(f"error: --tracking-uri {args.tracking_uri}: {exc.problem}", file=sys.stderr)
+            print(f"error: --tracking-uri {redact_url(args.tracking_uri)}: {exc.problem}", file=sys.stderr)
             raise SystemExit(1) from None
     try:
         result = report_study(args.tracking_uri, args.study, experiment=args.experiment,

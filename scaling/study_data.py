@@ -13,6 +13,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from scaling.config import redact_url
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # conf/config.yaml mlflow.tracking_uri (a test checks they agree)
 LR = "lr.effective"
 
@@ -136,7 +138,7 @@ def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
     if db is not None and (not db.is_file() or db.stat().st_size == 0):  # reading must not create a store
         raise StudyError(f"no MLflow store at {uri} (pass --tracking-uri, or run from the study's folder)")
     client = make_client(uri)
-    run = _find_study_run(client, study, uri, experiment, KIND_TAG)
+    run = _find_study_run(client, study, redact_url(uri), experiment, KIND_TAG)  # the uri is for messages
     runs, token = [], None
     while True:  # every trial of the study, all pages
         page = client.search_runs([run.info.experiment_id], f"tags.{STUDY_TAG} = '{run.info.run_id}'",

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from scaling.tracking import (KIND_TAG, LAST_TRIAL_PARAM, STATUS_TAG, STUDY_TAG, get_experiment_id, log_batch,
-                              log_params, make_client, metric_list, provenance_tags, trial_params, trial_run_name)
+                              log_params, make_client, metric_list, provenance_tags, recorded_config, trial_params,
+                              trial_run_name)
 
 TRIAL_INDEX_TAG = "scaling.trial_index"
 TERMINAL = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
@@ -330,7 +331,7 @@ class StudyRecorder:
         # A retry after the store failed (or the driver died) between creating the run and filling it
         # lands here again; MLflow accepts a param logged twice with the same value. The config
         # artifact goes first and LAST_TRIAL_PARAM last, so a run holding that param is complete.
-        self.client.log_text(self.trial_runs[index], OmegaConf.to_yaml(cfg), "config.yaml")
+        self.client.log_text(self.trial_runs[index], OmegaConf.to_yaml(recorded_config(cfg)), "config.yaml")
         batch.params.update(trial_params(cfg))
         batch.completes = True
 

@@ -13,12 +13,13 @@ import re
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from scaling.config import ConfigError, effective_lr, lr_exponent
+from scaling.config import ConfigError, effective_lr, lr_exponent, redact_url
 from scaling.reporters import Reporter
 
 STATUS_TAG = "trial.status"
@@ -47,7 +48,7 @@ def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
     A tracking server serves the UI itself, so its URL to the run; a local store needs `mlflow ui`
     over it first (UI_COMMAND), then the same page on 127.0.0.1:5000.
     """
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    page, uri = f"#/experiments/{experiment_id}/runs/{run_id}", redact_url(uri)
     if uri.startswith(("http:", "https:")):
         return f"the study run in the MLflow UI: {uri.rstrip('/')}/{page}"
     return f"{UI_COMMAND} --backend-store-uri {uri}   # then open http://127.0.0.1:5000/{page}"
@@ -57,8 +58,11 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
     """Raise ConfigError unless the tracking store at `uri` can be reached (no mlflow import)."""
     scheme = uri.split(":", 1)[0] if ":" in uri else "file"
     if scheme in ("http", "https"):
+        # /health needs no login, and urllib cannot take a user and password in the URL (MLflow's client can)
+        parts = urllib.parse.urlsplit(uri)
+        health = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            with urllib.request.urlopen(health, timeout=timeout_s) as r:
                 if r.status != 200:
                     raise ConfigError("mlflow.tracking_uri", uri, f"server answered HTTP {r.status}")
         except (urllib.error.URLError, OSError) as exc:
@@ -123,12 +127,20 @@ def resolved_container(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+def recorded_config(cfg: Any) -> dict:
+    """Return the resolved config as runs record it (params, config.yaml): the tracking URI's password hidden."""
+    out = resolved_container(cfg)
+    if isinstance(out.get("mlflow"), dict) and "tracking_uri" in out["mlflow"]:
+        out["mlflow"] = {**out["mlflow"], "tracking_uri": redact_url(out["mlflow"]["tracking_uri"])}
+    return out
+
+
 LAST_TRIAL_PARAM = "lr.rule_bypassed"
 
 
 def trial_params(cfg: Any, ref_lr: Optional[float] = None) -> dict[str, str]:
     """Return every resolved config value plus the derived LR values, as MLflow params."""
-    params = {k: "null" if v is None else str(v) for k, v in flatten(resolved_container(cfg)).items()}
+    params = {k: "null" if v is None else str(v) for k, v in flatten(recorded_config(cfg)).items()}
     params["lr.effective"] = repr(effective_lr(cfg, ref_lr))
     params["lr.base"] = repr(float(ref_lr if ref_lr is not None else cfg.scaling.ref_lr)) \
         if cfg.scaling.ref_lr != "auto" or ref_lr is not None else "auto"
@@ -345,7 +357,7 @@ class MlflowTrialReporter(Reporter):
         log_params(self.client, self.run_id, params)
         from omegaconf import OmegaConf
 
-        self.client.log_text(self.run_id, OmegaConf.to_yaml(resolved_container(self.cfg)), "config.yaml")
+        self.client.log_text(self.run_id, OmegaConf.to_yaml(recorded_config(self.cfg)), "config.yaml")
 
     def report(self, metrics: dict[str, float], checkpoint=None) -> None:
         log_metrics(self.client, self.run_id, metrics, step=int(metrics["samples"]))

@@ -187,3 +187,22 @@ def test_hydras_repository_copies_share_the_config_store_and_compositions_stay_i
     assert (tuned.batch_size, tuned.optimizer.name) == (64, "adam")
     assert (plain.batch_size, plain.optimizer.name) == (128, "sgd")
     assert store.load("trial_schema.yaml").node.batch_size != 12345
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://alice:s3cret@db.example:5432/mlflow", "postgresql://alice:***@db.example:5432/mlflow"),
+    ("http://alice:p@ss@127.0.0.1:5000", "http://alice:***@127.0.0.1:5000"),  # an '@' in the password
+    ("mysql+pymysql://u:p%40ss@h/d", "mysql+pymysql://u:***@h/d"),
+    ("http://u:p@[::1]:99/x", "http://u:***@[::1]:99/x"),
+    ("postgresql://bob@db/x", "postgresql://bob@db/x"),  # a user, no password
+    ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    ("file:///runs@2026/mlruns", "file:///runs@2026/mlruns"),
+    ("http://host:5000/runs@2026", "http://host:5000/runs@2026"),  # an '@' in the path, after the port
+    ("mlflow.tracking_uri=http\\://u\\:pw@h\\:5000", "mlflow.tracking_uri=http\\://u\\:***@h\\:5000"),  # a Hydra override
+])
+def test_a_urls_password_is_hidden_where_the_tool_prints_or_records_it(url, shown):
+    from scaling.config import ConfigError, redact_url
+
+    assert redact_url(url) == shown
+    message = str(ConfigError("mlflow.tracking_uri", url, "tracking server unreachable"))
+    assert message == f"mlflow.tracking_uri={shown!r}: tracking server unreachable"

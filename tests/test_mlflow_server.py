@@ -6,9 +6,11 @@ its process group.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -92,5 +94,25 @@ def test_basic_auth_server_refuses_anonymous_writes_and_records_with_credentials
                               env={**os.environ, **creds, "PYTHONUNBUFFERED": "1"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert f"at {server.url}" in proc.stdout
+
+        # the credentials in the URI instead: they work, and the password is nowhere the tool writes
+        secret = server.url.replace("http://", f"http://admin:{password}@")
+        study = run([BIN / "scaling-train", "-m", "batch_size=32,64", *TINY, "hydra.sweeper.report=false",
+                     f"mlflow.tracking_uri={secret}"], tmp_path)
+        assert study.returncode == 0, study.stdout[-3000:] + study.stderr[-3000:]
+        hidden = server.url.replace("http://", "http://admin:***@")
+        assert f"the study run in the MLflow UI: {hidden}/#/experiments/" in study.stdout
+        client, studies, runs = study_records(secret)  # runs: the trial above as well
+        assert len(studies) == 1
+        trials = [t for t in runs if t.data.tags.get("mlflow.parentRunId") == studies[0].info.run_id]
+        assert len(trials) == 2
+        for t in trials:
+            assert t.data.params["mlflow.tracking_uri"] == hidden
+            config = client.download_artifacts(t.info.run_id, "config.yaml", str(tmp_path / t.info.run_id[:8]))
+            assert hidden in Path(config).read_text()
+        for r in [*studies, *runs]:
+            recorded = json.dumps([r.data.params, r.data.tags])
+            assert password not in recorded, recorded[:3000]
+        assert password not in study.stdout + study.stderr
     finally:
         server.stop()
