@@ -96,7 +96,7 @@ def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str
     except ConfigError:
         raise
     except Exception as exc:  # a crash is recorded as `error`, then re-raised for the caller
-        result = TrialResult("error", reason=f"{type(exc).__name__}: {exc}")
+        result = TrialResult("error", reason=redact_url(f"{type(exc).__name__}: {exc}"))
         reporter.finish(result)
         raise
     return result, (mlflow_reporter.run_id if mlflow_reporter else None)

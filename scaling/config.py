@@ -55,7 +55,7 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, value: Any, problem: str):
         self.key, self.value, self.problem = key, value, problem
-        super().__init__(f"{key}={redact_url(value)!r}: {problem}")
+        super().__init__(redact_url(f"{key}={value!r}: {problem}"))  # a problem may quote the URL too
 
     def __reduce__(self):  # copy and pickle (Ray ships a trial's or a rank's error to the driver)
         return type(self), (self.key, self.value, self.problem)

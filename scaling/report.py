@@ -216,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         try:
             check_tracking_uri(args.tracking_uri)
         except ConfigError as exc:
-            print(f"error: --tracking-uri {redact_url(args.tracking_uri)}: {exc.problem}", file=sys.stderr)
+            print(redact_url(f"error: --tracking-uri {args.tracking_uri}: {exc.problem}"), file=sys.stderr)
             raise SystemExit(1) from None
     try:
         result = report_study(args.tracking_uri, args.study, experiment=args.experiment,
@@ -224,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except Exception as exc:  # noqa: BLE001 - one line, unless HYDRA_FULL_ERROR=1 asks for the traceback
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        line = (str(exc).strip().splitlines() or [""])[0]
+        line = redact_url((str(exc).strip().splitlines() or [""])[0])  # MLflow's errors quote the URL
         print(f"error: {type(exc).__name__}: {line}", file=sys.stderr)
         raise SystemExit(1)
     if result.error:

@@ -37,6 +37,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from scaling.config import redact_url
 from scaling.tracking import (KIND_TAG, LAST_TRIAL_PARAM, STATUS_TAG, STUDY_TAG, get_experiment_id, log_batch,
                               log_params, make_client, metric_list, provenance_tags, recorded_config, trial_params,
                               trial_run_name)
@@ -246,7 +247,7 @@ class StudyRecorder:
     def _failed(self, exc: Exception) -> None:
         self._retry_at = time.time() + self.retry_s
         if not self._warned:
-            print(f"warning: MLflow unreachable ({str(exc).splitlines()[0][:200]}); "
+            print(f"warning: MLflow unreachable ({redact_url(str(exc).splitlines()[0])[:200]}); "
                   f"queueing results and retrying every {self.retry_s:g}s", file=sys.stderr, flush=True)
             self._warned = True
 

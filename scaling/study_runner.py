@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from scaling.config import ConfigError, effective_lr, epochs_to_steps
+from scaling.config import ConfigError, effective_lr, epochs_to_steps, redact_url
 from scaling.grid import Grid, stratum_keys
 from scaling.local_ray import check_cluster, stop_ray_aside
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
@@ -362,7 +362,7 @@ def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool, 
 
             report_study(recorder.uri, recorder.run_id)
         except Exception as exc:  # noqa: BLE001 - the study is recorded; a failed report must not hide that
-            print(f"error: the report failed ({type(exc).__name__}: {exc}); run scaling-report {recorder.run_id}",
+            print(redact_url(f"error: the report failed ({type(exc).__name__}: {exc}); run scaling-report {recorder.run_id}"),
                   file=sys.stderr, flush=True)
     if ui:
         print(ui, flush=True)

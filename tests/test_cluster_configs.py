@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -247,8 +248,10 @@ def test_make_ui_runs_the_ui_command_that_a_study_prints():
 
     from scaling.tracking import UI_COMMAND
 
-    dry = subprocess.run(["make", "-n", "ui"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    words = shlex.split(dry.replace("\\\n", " ").strip().splitlines()[-1])
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # not as make's child
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "ui"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    words = shlex.split(next(line for line in dry.replace("\\\n", " ").splitlines() if " ui " in line))
     printed = shlex.split(UI_COMMAND)
     assert words[0] == printed[0] == "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false", words
     assert Path(words[1]).name == printed[1] == "mlflow" and words[2:-2] == printed[2:], (words, printed)
