@@ -349,23 +349,19 @@ def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool, 
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(3)
     print_summary(recorder, specs, best, counts, wall, full, trained)
-    # the study run in the MLflow UI, last, so that it is what a user sees (the run holds the report too)
-    ui = ui_hint(recorder.uri, recorder.exp_id, recorder.run_id) if recorder.enabled else ""
-    if interrupted:
-        if ui:
-            print(ui, flush=True)
-        print("interrupted: run the same command with hydra.sweeper.resume=true to finish the study", flush=True)
-        raise SystemExit(130)
-    if sweeper.conf.report and recorder.enabled:
+    if sweeper.conf.report and recorder.enabled and not interrupted:
         try:
             from scaling.report import report_study
 
             report_study(recorder.uri, recorder.run_id)
         except Exception as exc:  # noqa: BLE001 - the study is recorded; a failed report must not hide that
-            print(redact_url(f"error: the report failed ({type(exc).__name__}: {exc}); run scaling-report {recorder.run_id}"),
-                  file=sys.stderr, flush=True)
-    if ui:
-        print(ui, flush=True)
+            error = f"error: the report failed ({type(exc).__name__}: {exc}); run scaling-report {recorder.run_id}"
+            print(redact_url(error), file=sys.stderr, flush=True)
+    if recorder.enabled:  # the study run in the MLflow UI, after its report, so that it is what a user sees
+        print(ui_hint(recorder.uri, recorder.exp_id, recorder.run_id), flush=True)
+    if interrupted:
+        print("interrupted: run the same command with hydra.sweeper.resume=true to finish the study", flush=True)
+        raise SystemExit(130)
     return {"study_run_id": recorder.run_id, "counts": counts, "best": best}
 
 

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import os
 import re
+import shlex
 import subprocess
 import time
 import urllib.error
@@ -42,13 +43,23 @@ def sqlite_path(uri: str) -> Optional[Path]:
 UI_COMMAND = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --host 127.0.0.1 --port 5000"
 
 
+def ui_command(backend_store_uri: str, port: int = 5000) -> tuple[dict[str, str], list[str]]:
+    """Return UI_COMMAND over `backend_store_uri` on `port`, as (its environment, its argv)."""
+    words = shlex.split(UI_COMMAND)
+    cut = words.index("mlflow")
+    argv = [*words[cut:], "--backend-store-uri", backend_store_uri]
+    argv[argv.index("--port") + 1] = str(port)
+    return dict(w.split("=", 1) for w in words[:cut]), argv
+
+
 def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
     """Return the line that takes a user to run `run_id` in the MLflow UI.
 
     A tracking server serves the UI itself, so its URL to the run; a local store needs `mlflow ui`
     over it first (UI_COMMAND), then the same page on 127.0.0.1:5000.
     """
-    page, uri = f"#/experiments/{experiment_id}/runs/{run_id}", redact_url(uri)
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    uri = redact_url(uri)
     if uri.startswith(("http:", "https:")):
         return f"the study run in the MLflow UI: {uri.rstrip('/')}/{page}"
     return f"{UI_COMMAND} --backend-store-uri {uri}   # then open http://127.0.0.1:5000/{page}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import socket
@@ -26,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-from scaling.tracking import UI_COMMAND
+from scaling.tracking import ui_command
 
 BIN = Path(sys.executable).parent
 ROOT_DIR = Path(__file__).resolve().parent.parent
@@ -364,11 +363,8 @@ class MlflowServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.backend = backend or f"sqlite:///{self.root / 'server.db'}"
-        words = shlex.split(UI_COMMAND)  # VAR=value ... mlflow ui --workers 1 --host H --port P
-        assignments = dict(w.split("=", 1) for w in words[:words.index("mlflow")])
-        options = words[words.index("mlflow") + 2:]
-        options[options.index("--port") + 1] = str(self.port)
-        args = [BIN / "mlflow", command, *options, "--backend-store-uri", self.backend]
+        assignments, args = ui_command(self.backend, self.port)  # mlflow ui --workers 1 ... --backend-store-uri B
+        args[:2] = [BIN / "mlflow", command]
         if command == "server":
             # artifacts go through the server (proxied): clients need no access to its disk
             self.artifacts = self.root / "artifacts"
