@@ -12,7 +12,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import asha, gpu, startup, study, throughput, twins
+from benchmarks import asha, gpu, mlflow_ui, startup, study, throughput, twins
 from benchmarks.common import REPO, Ctx, Row, cpu_share, load_average, log, machine
 
 # Run (and table) order follows the row numbers.
@@ -25,6 +25,7 @@ GROUPS = {
     "asha-resume": asha.asha_resumed,
     "twins": twins.twins_once,
     "mlflow": study.mlflow_overhead,
+    "mlflow-ui": mlflow_ui.ui_start,
     "gns": throughput.gns_overhead,
     "config-error": startup.config_error,
     "help": startup.help_time,

@@ -46,8 +46,9 @@ STUDY_WALLS = {
     "throughput": (1.3, 1.3), "study": (5.6, 7.2), "ray": (1.2, 1.2), "tune": (1.75, 1.75),
     "asha": (1.7, 1.7), "asha-resume": (1.4, 1.4), "twins": (3.8, 3.8), "mlflow": (3.6, 7.3),
     "gns": (1.0, 1.0), "config-error": (0.15, 0.15), "help": (0.25, 0.25),
+    "mlflow-ui": (3.0, 3.0),  # one pair, ~55 s on 2 cores (2026-11-23; a study wall was ~19 s that day)
 }
-CONTEXT_GROUPS = ("ray", "tune", "twins")
+CONTEXT_GROUPS = ("ray", "tune", "twins", "mlflow-ui")
 STUDY_WALL_S = 20.0  # until row 2 measures it
 
 
