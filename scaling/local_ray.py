@@ -3,6 +3,7 @@ it joins, started in the background while the driver prepares the rest (start_ra
 against the study's resources (check_cluster); and how the driver stops it at the end."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -186,3 +187,41 @@ def stop_ray_aside() -> Any:
     t = threading.Thread(target=ray.shutdown, name="ray-stop", daemon=True)
     t.start()
     return t
+
+
+# Ray Tune's own logger callbacks for other tools, known to its usage tags by class name
+INTEGRATION_CALLBACKS = ("WandbLoggerCallback", "MLflowLoggerCallback", "CometLoggerCallback", "AimLoggerCallback")
+
+
+def count_callbacks_by_name() -> None:
+    """Let Ray Tune tag its callbacks' use without importing MLflow, W&B, Comet and Aim.
+
+    `tune.run` tags which callbacks a run uses (`ray.air._internal.usage.tag_callbacks`, whether
+    usage stats are on or off), and to learn four class names it imports Tune's integration
+    modules, and with them MLflow itself wherever it is installed: ~0.95 s of CPU in the driver
+    between `Tuner.fit` and the first trial of a study with `mlflow.enabled=false` (a recorded
+    study has imported MLflow by then, while Ray started). This counts by the same names, so the
+    tag is the same (tests/test_local_ray.py compares the two).
+    """
+    from ray.air._internal import usage
+
+    if getattr(usage._count_callbacks, "by_name", False):
+        return
+
+    def _count_callbacks(callbacks):
+        from ray.tune import Callback
+        from ray.tune.logger import LoggerCallback
+        from ray.tune.utils.callback import DEFAULT_CALLBACK_CLASSES
+
+        names = {*INTEGRATION_CALLBACKS, *(c.__name__ for c in DEFAULT_CALLBACK_CLASSES)}
+        counts: dict[str, int] = collections.defaultdict(int)
+        for callback in callbacks or []:
+            if not isinstance(callback, Callback):  # Tune rejects it later
+                continue
+            name = type(callback).__name__
+            counts[name if name in names else
+                   "CustomLoggerCallback" if isinstance(callback, LoggerCallback) else "CustomCallback"] += 1
+        return counts
+
+    _count_callbacks.by_name = True
+    usage._count_callbacks = _count_callbacks

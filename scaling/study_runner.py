@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from scaling.config import ConfigError, effective_lr, epochs_to_steps, redact_url
 from scaling.grid import Grid, stratum_keys
-from scaling.local_ray import check_cluster, stop_ray_aside
+from scaling.local_ray import check_cluster, count_callbacks_by_name, stop_ray_aside
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
 from scaling.tracking import import_mlflow, ui_hint
 from scaling.twins import find_twins, mirror_twins, whole_strata
@@ -215,6 +215,7 @@ def _tuner(sweeper, specs: dict[int, TrialSpec], workers: dict[int, int], schedu
     """
     from ray import tune
 
+    count_callbacks_by_name()  # else Tune imports MLflow here, in every study (scaling.local_ray)
     res = sweeper.conf.resources
     configs_by_index = {i: s.config for i, s in specs.items()}
     run = tune.with_resources(tune.with_parameters(trainable, configs=configs_by_index), _trial_resources(workers, res))

@@ -55,3 +55,27 @@ def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch):
         assert worker != os.getpid() and psutil.pid_exists(worker)
     finally:
         ray.shutdown()
+
+
+def test_tune_tags_its_callbacks_as_before_without_importing_other_tools(monkeypatch):
+    """count_callbacks_by_name: Tune's usage tag for a run's callbacks, counted by class name, equals
+    what Tune's own count (which imports MLflow, W&B, Comet and Aim's integrations) gives."""
+    from ray.air._internal import usage
+    from ray.tune import Callback
+    from ray.tune.logger import CSVLoggerCallback, LoggerCallback
+
+    from scaling.local_ray import count_callbacks_by_name
+
+    class MLflowLoggerCallback(LoggerCallback):  # a name Tune counts as its own integration
+        pass
+
+    class Mine(Callback):
+        pass
+
+    callbacks = [Mine(), Callback(), CSVLoggerCallback(), LoggerCallback(), MLflowLoggerCallback(), "not one"]
+    tunes = usage._count_callbacks
+    monkeypatch.setattr(usage, "_count_callbacks", tunes)  # restored after the test
+    count_callbacks_by_name()
+    assert usage._count_callbacks is not tunes
+    assert dict(usage._count_callbacks(callbacks)) == dict(tunes(callbacks)) == {
+        "CustomCallback": 2, "CSVLoggerCallback": 1, "CustomLoggerCallback": 1, "MLflowLoggerCallback": 1}
