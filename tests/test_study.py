@@ -225,33 +225,30 @@ def test_study_with_mlflow_disabled_runs_and_records_nothing(tmp_path):
     assert "…" not in proc.stdout, proc.stdout[-3000:]  # piped, the summary takes its full width
 
 
-def test_the_study_driver_never_imports_torch(tmp_path):
-    """Only trials need torch: in the driver its import costs ~1.2 s of CPU on the study's critical
-    path (start-up, benchmark row 2b), taken from the trials' cores. Report included."""
+def _study_driver_imports(tmp_path, args: list[str], modules: tuple[str, ...]):
+    """Run a 2-trial study in a driver process of its own; return it and which of `modules` it
+    had imported when it exited."""
     code = ("import atexit, sys\n"
-            "atexit.register(lambda: print('torch in driver:', 'torch' in sys.modules, flush=True))\n"
-            f"sys.argv = ['scaling-train', '-m', 'batch_size=32,256', 'lr_multiplier=1', {', '.join(map(repr, TINY[:-1]))}]\n"
-            "from scaling.cli import train_entry\n"
-            "train_entry()\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 trials in" in proc.stdout and (tmp_path / "mlflow.db").exists()
-    assert "torch in driver: False" in proc.stdout, proc.stdout[-2000:]
-
-
-
-def test_a_study_without_mlflow_never_imports_it(tmp_path):
-    """With mlflow.enabled=false the driver imports no MLflow: Ray Tune's usage tags used to import
-    it at Tuner.fit, on the way to the first trial (~0.95 s of CPU; scaling.local_ray)."""
-    code = ("import atexit, sys\n"
-            "atexit.register(lambda: print('mlflow in driver:', 'mlflow' in sys.modules, flush=True))\n"
-            f"sys.argv = ['scaling-train', '-m', 'batch_size=32,256', 'lr_multiplier=1', 'mlflow.enabled=false', "
-            f"{', '.join(map(repr, TINY))}]\n"
+            f"atexit.register(lambda: print('imported:', [m for m in {modules!r} if m in sys.modules], flush=True))\n"
+            f"sys.argv = ['scaling-train', '-m', 'batch_size=32,256', 'lr_multiplier=1', *{args!r}]\n"
             "from scaling.cli import train_entry\n"
             "train_entry()\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 trials in" in proc.stdout and "completed 2" in proc.stdout, proc.stdout[-2000:]
-    assert "mlflow in driver: False" in proc.stdout, proc.stdout[-2000:]
+    return proc, re.search(r"^imported: (.*)$", proc.stdout, re.M).group(1)
+
+
+def test_the_study_driver_never_imports_torch(tmp_path):
+    """Only trials need torch: in the driver its import costs ~1.2 s of CPU on the study's critical
+    path (start-up, benchmark row 2b), taken from the trials' cores. Report included."""
+    proc, imported = _study_driver_imports(tmp_path, TINY[:-1], ("torch", "mlflow"))
+    assert (tmp_path / "mlflow.db").exists() and imported == "['mlflow']", proc.stdout[-2000:]
+
+
+def test_a_study_without_mlflow_never_imports_it(tmp_path):
+    """With mlflow.enabled=false the driver imports no MLflow: Ray Tune's usage tags used to import
+    it at Tuner.fit, on the way to the first trial (~0.95 s of CPU; scaling.local_ray)."""
+    proc, imported = _study_driver_imports(tmp_path, ["mlflow.enabled=false", *TINY], ("torch", "mlflow"))
+    assert not (tmp_path / "mlflow.db").exists() and imported == "[]", proc.stdout[-2000:]
