@@ -47,8 +47,9 @@ STUDY_WALLS = {
     "asha": (1.7, 1.7), "asha-resume": (1.4, 1.4), "twins": (3.8, 3.8), "mlflow": (3.6, 7.3),
     "gns": (1.0, 1.0), "config-error": (0.15, 0.15), "help": (0.25, 0.25),
     "mlflow-ui": (3.0, 3.0),  # one pair, ~55 s on 2 cores (2026-11-23; a study wall was ~19 s that day)
+    "mlflow-long": (7.7, 7.7),  # two pairs of 4-epoch studies (~1.9 walls each; opt-in, see __main__.OPT_IN)
 }
-CONTEXT_GROUPS = ("ray", "tune", "twins", "mlflow-ui")
+CONTEXT_GROUPS = ("ray", "tune", "twins", "mlflow-ui", "mlflow-long")
 STUDY_WALL_S = 20.0  # until row 2 measures it
 
 

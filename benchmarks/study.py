@@ -183,8 +183,31 @@ def mlflow_overhead(ctx: Ctx) -> list[Row]:
                    repeats, more=lambda s: ctx.fits(s, "mlflow"), least=2)
     c = _WallAndCpu.of(pairs)  # CPU: what MLflow costs whichever process spends it; the cores the trials fill pay
     return [Row(name, f"{c.a_wall:.1f} s (mlflow on)", f"{c.b_wall:.1f} s (mlflow off)", c.wall.median, target,
-                c.wall.median <= 1.03, c.wall.spread, note=c.cpu_note("on / off") + _short(ctx, pairs, repeats),
+                c.wall.median <= 1.03, c.wall.spread, note=c.cpu_note("on / off") + _costs(pairs) + _short(ctx, pairs, repeats),
                 data={"ratios": c.wall.values, "cpu_ratios": c.cpu.values, "pairs": pairs})]
+
+
+def mlflow_overhead_long(ctx: Ctx) -> list[Row]:
+    """Row 4c (context; opt-in, `--only mlflow-long`, ~2 min): row 4 on the grid at LONG_EPOCHS epochs.
+
+    MLflow's cost is mostly fixed (its import and the store's opening) and per trial (its run, config
+    and one batch of values), not per second of training, so its share of a study falls as the trials
+    get longer; row 4's 1-epoch trials (~0.3 s of training each) are its worst case. On / off seconds
+    at both lengths tell the fixed and per-trial part from a part that grows with training."""
+    name = f"4c. mlflow overhead at {LONG_EPOCHS} epochs (study wall, on / off)"
+    pairs = paired(lambda: run_study(ctx, asha=False, mlflow=True, epochs=LONG_EPOCHS),
+                   lambda: run_study(ctx, asha=False, mlflow=False, epochs=LONG_EPOCHS), 1 if ctx.quick else 2)
+    c = _WallAndCpu.of(pairs)
+    return [Row(name, f"{c.a_wall:.1f} s (mlflow on)", f"{c.b_wall:.1f} s (mlflow off)", c.wall.median, "-", None,
+                c.wall.spread, note=c.cpu_note("on / off") + _costs(pairs),
+                data={"epochs": LONG_EPOCHS, "ratios": c.wall.values, "cpu_ratios": c.cpu.values, "pairs": pairs})]
+
+
+def _costs(pairs: list) -> str:
+    """The note's words for what the A side costs beyond the B side, in seconds."""
+    wall = statistics.median(a["wall_s"] - b["wall_s"] for a, b in pairs)
+    cpu = statistics.median(a["machine_cpu_s"] - b["machine_cpu_s"] for a, b in pairs)
+    return f"; on - off: {wall:.1f} s of wall, {cpu:.1f} s of CPU (median over pairs)"
 
 
 def _short(ctx: Ctx, pairs: list, wanted: int) -> str:

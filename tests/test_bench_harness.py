@@ -139,3 +139,13 @@ def test_budget_reserves_target_groups_in_full_and_context_groups_at_their_least
     assert not ctx.fits(1001, "help")
     quick = Ctx(quick=True, tmp=tmp_path, cache={"groups": groups}, deadline=time.perf_counter())
     assert quick.fits(1e6, "study")
+
+
+def test_a_full_run_leaves_out_the_opt_in_groups_and_runs_them_when_named():
+    from benchmarks.__main__ import GROUPS, OPT_IN, selected
+
+    assert "mlflow-long" in OPT_IN
+    assert selected([]) == [g for g in GROUPS if g not in OPT_IN] and "mlflow" in selected([])
+    assert selected(["mlflow-long,study", "mlflow"]) == ["study", "mlflow", "mlflow-long"]  # run order
+    with pytest.raises(ValueError, match="unknown benchmark nope"):
+        selected(["nope"])
