@@ -1,6 +1,7 @@
 """The Ray a study runs on: a local head started by the driver (bound to 127.0.0.1), or a cluster
 it joins, started in the background while the driver prepares the rest (start_ray) and checked
-against the study's resources (check_cluster); and how the driver stops it at the end."""
+against the study's resources (check_cluster); how the driver stops it at the end; and Ray Tune's
+callback usage tag, counted without importing MLflow (count_callbacks_by_name)."""
 from __future__ import annotations
 
 import collections

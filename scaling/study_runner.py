@@ -215,7 +215,7 @@ def _tuner(sweeper, specs: dict[int, TrialSpec], workers: dict[int, int], schedu
     """
     from ray import tune
 
-    count_callbacks_by_name()  # else Tune imports MLflow here, in every study (scaling.local_ray)
+    count_callbacks_by_name()  # else Tune imports MLflow here, even for a study that records nothing
     res = sweeper.conf.resources
     configs_by_index = {i: s.config for i, s in specs.items()}
     run = tune.with_resources(tune.with_parameters(trainable, configs=configs_by_index), _trial_resources(workers, res))
