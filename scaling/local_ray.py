@@ -202,19 +202,21 @@ def count_callbacks_by_name() -> None:
     modules, and with them MLflow itself wherever it is installed: ~0.95 s of CPU in the driver
     between `Tuner.fit` and the first trial of a study with `mlflow.enabled=false` (a recorded
     study has imported MLflow by then, while Ray started). This counts by the same names, so the
-    tag is the same (tests/test_local_ray.py compares the two).
+    tag is the same (tests/test_local_ray.py compares the two). A Ray without these internals (the
+    project allows ray>=2.9) keeps its own count.
     """
-    from ray.air._internal import usage
-
-    if getattr(usage._count_callbacks, "by_name", False):
-        return
-
-    def _count_callbacks(callbacks):
+    try:
+        from ray.air._internal import usage
         from ray.tune import Callback
         from ray.tune.logger import LoggerCallback
         from ray.tune.utils.callback import DEFAULT_CALLBACK_CLASSES
+    except ImportError:
+        return
+    if not callable(getattr(usage, "_count_callbacks", None)) or getattr(usage._count_callbacks, "by_name", False):
+        return
+    names = {*INTEGRATION_CALLBACKS, *(c.__name__ for c in DEFAULT_CALLBACK_CLASSES)}
 
-        names = {*INTEGRATION_CALLBACKS, *(c.__name__ for c in DEFAULT_CALLBACK_CLASSES)}
+    def _count_callbacks(callbacks):
         counts: dict[str, int] = collections.defaultdict(int)
         for callback in callbacks or []:
             if not isinstance(callback, Callback):  # Tune rejects it later
