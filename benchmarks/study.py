@@ -175,16 +175,11 @@ def tool_vs_bare_tune(ctx: Ctx) -> list[Row]:
 
 def mlflow_overhead(ctx: Ctx) -> list[Row]:
     """Row 4: the same study with mlflow.enabled=true vs false (target <= 1.03x)."""
-    name, target = "4. mlflow overhead (study wall, on / off)", "<= 1.03x"
     # 4 pairs: a study's wall varies by +-10% from run to run here (two pairs measured 1.03-1.31);
     # at least 2, the last two only if they fit the budget
     repeats = 1 if ctx.quick else 4
-    pairs = paired(lambda: run_study(ctx, asha=False, mlflow=True), lambda: run_study(ctx, asha=False, mlflow=False),
-                   repeats, more=lambda s: ctx.fits(s, "mlflow"), least=2)
-    c = _WallAndCpu.of(pairs)  # CPU: what MLflow costs whichever process spends it; the cores the trials fill pay
-    return [Row(name, f"{c.a_wall:.1f} s (mlflow on)", f"{c.b_wall:.1f} s (mlflow off)", c.wall.median, target,
-                c.wall.median <= 1.03, c.wall.spread, note=c.cpu_note("on / off") + _costs(pairs) + _short(ctx, pairs, repeats),
-                data={"ratios": c.wall.values, "cpu_ratios": c.cpu.values, "pairs": pairs})]
+    return [_mlflow_on_off(ctx, "4. mlflow overhead (study wall, on / off)", EPOCHS, repeats, limit=1.03,
+                           more=lambda s: ctx.fits(s, "mlflow"), least=2)]
 
 
 def mlflow_overhead_long(ctx: Ctx) -> list[Row]:
@@ -194,20 +189,24 @@ def mlflow_overhead_long(ctx: Ctx) -> list[Row]:
     and one batch of values), not per second of training, so its share of a study falls as the trials
     get longer; row 4's 1-epoch trials (~0.3 s of training each) are its worst case. On / off seconds
     at both lengths tell the fixed and per-trial part from a part that grows with training."""
-    name = f"4c. mlflow overhead at {LONG_EPOCHS} epochs (study wall, on / off)"
-    pairs = paired(lambda: run_study(ctx, asha=False, mlflow=True, epochs=LONG_EPOCHS),
-                   lambda: run_study(ctx, asha=False, mlflow=False, epochs=LONG_EPOCHS), 1 if ctx.quick else 2)
-    c = _WallAndCpu.of(pairs)
-    return [Row(name, f"{c.a_wall:.1f} s (mlflow on)", f"{c.b_wall:.1f} s (mlflow off)", c.wall.median, "-", None,
-                c.wall.spread, note=c.cpu_note("on / off") + _costs(pairs),
-                data={"epochs": LONG_EPOCHS, "ratios": c.wall.values, "cpu_ratios": c.cpu.values, "pairs": pairs})]
+    return [_mlflow_on_off(ctx, f"4c. mlflow overhead at {LONG_EPOCHS} epochs (study wall, on / off)", LONG_EPOCHS,
+                           1 if ctx.quick else 2)]
 
 
-def _costs(pairs: list) -> str:
-    """The note's words for what the A side costs beyond the B side, in seconds."""
+def _mlflow_on_off(ctx: Ctx, name: str, epochs: int, repeats: int, limit: Optional[float] = None, **more) -> Row:
+    """The study at `epochs` with MLflow on and off, alternating (`more`: paired's budget arguments), as a
+    row (the target: wall on / off <= `limit`, if any); its note gives what MLflow costs in seconds."""
+    pairs = paired(lambda: run_study(ctx, asha=False, mlflow=True, epochs=epochs),
+                   lambda: run_study(ctx, asha=False, mlflow=False, epochs=epochs), repeats, **more)
+    c = _WallAndCpu.of(pairs)  # CPU: what MLflow costs whichever process spends it; the cores the trials fill pay
     wall = statistics.median(a["wall_s"] - b["wall_s"] for a, b in pairs)
     cpu = statistics.median(a["machine_cpu_s"] - b["machine_cpu_s"] for a, b in pairs)
-    return f"; on - off: {wall:.1f} s of wall, {cpu:.1f} s of CPU (median over pairs)"
+    note = (f"{c.cpu_note('on / off')}; on - off: {wall:.1f} s of wall, {cpu:.1f} s of CPU (median over pairs)"
+            + _short(ctx, pairs, repeats))
+    return Row(name, f"{c.a_wall:.1f} s (mlflow on)", f"{c.b_wall:.1f} s (mlflow off)", c.wall.median,
+               "-" if limit is None else f"<= {limit:g}x", None if limit is None else c.wall.median <= limit,
+               c.wall.spread, note=note,
+               data={"epochs": epochs, "ratios": c.wall.values, "cpu_ratios": c.cpu.values, "pairs": pairs})
 
 
 def _short(ctx: Ctx, pairs: list, wanted: int) -> str:

@@ -126,13 +126,13 @@ def fit_line(batch_sizes: Sequence[int], lrs: Sequence[float], suggestion: str) 
 
 def record(cfg: Any, result: Any, client: Any, exp_id: str, group: str) -> str:
     """Return the id of a new MLflow run holding one range test: config + suggestions, curve, plot."""
-    from scaling.tracking import KIND_TAG, flatten, log_params, provenance_tags, recorded_config
+    from scaling.tracking import KIND_TAG, config_params, log_params, param_values, provenance_tags
 
     tags = {KIND_TAG: "lr_find", "lr_find.group": group, **provenance_tags()}
     run_id = client.create_run(exp_id, run_name=f"lr_find bs={result.batch_size}", tags=tags).info.run_id
-    params = {k: "null" if v is None else str(v) for k, v in flatten(recorded_config(cfg)).items()}
+    params = config_params(cfg)
     params["batch_size"] = str(result.batch_size)
-    params.update({k: "null" if v is None else str(v) for k, v in result.params().items()})
+    params.update(param_values(result.params()))
     log_params(client, run_id, params)
     log_range_test(client, run_id, result)
     client.set_terminated(run_id, status="FINISHED")

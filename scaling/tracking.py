@@ -10,7 +10,6 @@ import contextlib
 import gc
 import os
 import re
-import shlex
 import subprocess
 import time
 import urllib.error
@@ -40,16 +39,15 @@ def sqlite_path(uri: str) -> Optional[Path]:
 # `mlflow ui` (an alias of `mlflow server`) starts, by default, 4 web workers, MLflow 3's job runner
 # and 7 huey consumers for its GenAI jobs, which a scaling study never submits: on 2 cores ~50 s of
 # CPU and ~3 GB of memory before it answers. One worker without jobs: ~8 s and ~0.5 GB (README).
-UI_COMMAND = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --host 127.0.0.1 --port 5000"
+UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+UI_ARGV = ["mlflow", "ui", "--workers", "1", "--host", "127.0.0.1"]
+# as a shell line, on port 5000 without its store: what `make ui` runs, and the study prints
+UI_COMMAND = " ".join([*(f"{k}={v}" for k, v in UI_ENV.items()), *UI_ARGV, "--port", "5000"])
 
 
 def ui_command(backend_store_uri: str, port: int = 5000) -> tuple[dict[str, str], list[str]]:
-    """Return UI_COMMAND over `backend_store_uri` on `port`, as (its environment, its argv)."""
-    words = shlex.split(UI_COMMAND)
-    cut = words.index("mlflow")
-    argv = [*words[cut:], "--backend-store-uri", backend_store_uri]
-    argv[argv.index("--port") + 1] = str(port)
-    return dict(w.split("=", 1) for w in words[:cut]), argv
+    """Return the UI's command over `backend_store_uri` on `port`, as (its environment, its argv)."""
+    return dict(UI_ENV), [*UI_ARGV, "--port", str(port), "--backend-store-uri", backend_store_uri]
 
 
 def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
@@ -149,9 +147,19 @@ def recorded_config(cfg: Any) -> dict:
 LAST_TRIAL_PARAM = "lr.rule_bypassed"
 
 
+def param_values(values: dict[str, Any]) -> dict[str, str]:
+    """Return flat values as MLflow params (None as "null")."""
+    return {k: "null" if v is None else str(v) for k, v in values.items()}
+
+
+def config_params(cfg: Any) -> dict[str, str]:
+    """Return every resolved config value as an MLflow param, as runs record them (recorded_config)."""
+    return param_values(flatten(recorded_config(cfg)))
+
+
 def trial_params(cfg: Any, ref_lr: Optional[float] = None) -> dict[str, str]:
     """Return every resolved config value plus the derived LR values, as MLflow params."""
-    params = {k: "null" if v is None else str(v) for k, v in flatten(recorded_config(cfg)).items()}
+    params = config_params(cfg)
     params["lr.effective"] = repr(effective_lr(cfg, ref_lr))
     params["lr.base"] = repr(float(ref_lr if ref_lr is not None else cfg.scaling.ref_lr)) \
         if cfg.scaling.ref_lr != "auto" or ref_lr is not None else "auto"
