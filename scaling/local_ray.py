@@ -42,7 +42,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional
         # trial actors carry one (env_vars, ray/tune/execution/class_cache.py), so Ray never hands
         # them those workers and boots their own: the prestarted pair only took ~0.7 s of CPU
         # from the start-up (the benchmark study, 4 alternating pairs by a scratch script: launch to
-        # first trial 5.19 s against 5.56 s; README, Benchmarks).
+        # first trial 5.19 s against 5.56 s; benchmarks/README.md).
         system_config = {"prestart_worker_first_driver": False}
         with _lean_head():
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
