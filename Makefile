@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 
-.PHONY: install study train test test-fast bench report ui clean
+.PHONY: install study train test test-fast bench bench-ab report ui clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)
+
+# The benchmark study at BASE (default HEAD) against this tree, alternating: a change's before/after ratio.
+bench-ab: $(STAMP)
+	$(BIN)/python -m benchmarks.ab --base $(or $(BASE),HEAD) $(ARGS)
 
 report: $(STAMP)
 	$(BIN)/scaling-report $(ARGS)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import asha, gpu, mlflow_ui, startup, study, throughput, twins
-from benchmarks.common import REPO, Ctx, Row, cpu_share, load_average, log, machine
+from benchmarks.common import REPO, Ctx, Row, cpu_share, load_average, log, machine, table
 
 # Run (and table) order follows the row numbers.
 GROUPS = {
@@ -36,24 +35,6 @@ GROUPS = {
 # Context groups that run only when named (--only): row 4c's two 4-epoch pairs (~2 min) would not
 # leave a full run its 10 minutes.
 OPT_IN = ("mlflow-long",)
-COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "pass/fail")
-
-
-def cells(row: Row) -> tuple[str, ...]:
-    ratio = "-" if row.ratio is None or not math.isfinite(row.ratio) else f"{row.ratio:.2f}"
-    if row.spread and ratio != "-":
-        ratio += f" [{row.spread}]"
-    verdict = {True: "PASS", False: "FAIL", None: "n/a"}[row.passed]
-    return row.name, row.measured, row.baseline, ratio, row.target, verdict
-
-
-def table(rows: list[Row]) -> str:
-    body = [COLUMNS] + [cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in body) for i in range(len(COLUMNS))]
-    fmt = lambda line: " | ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(body[0]), "-+-".join("-" * w for w in widths)] + [fmt(line) for line in body[1:]])
-
-
 def selected(only: list[str]) -> list[str]:
     """Return the groups to run, in run order (Ctx.reserve_after reads what is still to come): those
     named in `only` (each item may comma-separate several), or every group but the opt-in ones."""

@@ -5,6 +5,7 @@ B A, ...), so machine load shared by both cancels; we report the median ratio an
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -82,6 +83,26 @@ class Ctx:
     def fits(self, seconds: float, group: str) -> bool:
         """Whether `seconds` more of `group` leave the later groups their reserve (always, in --quick)."""
         return self.quick or self.time_left() - seconds >= self.reserve_after(group)
+
+
+COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "pass/fail")
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    """The row's cells in the table: the ratio with its spread, the verdict as PASS, FAIL or n/a."""
+    ratio = "-" if row.ratio is None or not math.isfinite(row.ratio) else f"{row.ratio:.2f}"
+    if row.spread and ratio != "-":
+        ratio += f" [{row.spread}]"
+    verdict = {True: "PASS", False: "FAIL", None: "n/a"}[row.passed]
+    return row.name, row.measured, row.baseline, ratio, row.target, verdict
+
+
+def table(rows: list[Row]) -> str:
+    """Return the rows as a plain-text table, one line a row."""
+    body = [COLUMNS] + [cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in body) for i in range(len(COLUMNS))]
+    fmt = lambda line: " | ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(body[0]), "-+-".join("-" * w for w in widths)] + [fmt(line) for line in body[1:]])
 
 
 def not_measurable(name: str, target: str, reason: str, detail: str = "") -> Row:

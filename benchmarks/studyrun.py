@@ -13,7 +13,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from benchmarks.common import REPO, Ctx, log, run_timed, script
 
@@ -60,16 +60,17 @@ def study_argv(ctx: Ctx, name: str, *, asha: bool, mlflow: bool = True, extra: S
 
 
 def run_study(ctx: Ctx, *, asha: bool, mlflow: bool = True, extra: Sequence[str] = (),
-              epochs: int = EPOCHS) -> dict[str, Any]:
-    """Run the benchmark study as a subprocess; return wall time, start-up and what MLflow recorded."""
+              epochs: int = EPOCHS, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Run the benchmark study as a subprocess (`env`: variables to set in it); return wall time, start-up
+    and what MLflow recorded."""
     n = ctx.cache["n_studies"] = ctx.cache.get("n_studies", 0) + 1
     name = f"bench-{'asha' if asha else 'grid'}-{n}-{int(time.time())}"
     cwd = ctx.tmp / name
     cwd.mkdir(parents=True)
     argv = study_argv(ctx, name, asha=asha, mlflow=mlflow, extra=extra, epochs=epochs)
     log(f"study {name}: {len(BATCH_SIZES) * len(LR_MULTIPLIERS)} trials of {epochs} epoch(s), asha={asha}, "
-        f"mlflow={mlflow}")
-    t = run_timed(argv, cwd=cwd, timeout=400, marks={"study_line": r"^study \S+: \d+ trials"})
+        f"mlflow={mlflow}" + "".join(f", {k}={v}" for k, v in (env or {}).items()))
+    t = run_timed(argv, cwd=cwd, env=env, timeout=400, marks={"study_line": r"^study \S+: \d+ trials"})
     if t.rc != 0:
         raise RuntimeError(f"study exited {t.rc}:\n{t.output[-3000:]}")
     out: dict[str, Any] = {"name": name, "wall_s": t.wall_s, "to_study_line_s": t.marks.get("study_line"),
