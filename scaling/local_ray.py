@@ -13,6 +13,14 @@ from concurrent.futures import Future
 from typing import Any, Optional
 
 
+# The raylet connects to its own object store, which a thread of its own is still starting, and retries
+# after raylet_client_connect_timeout_milliseconds: 1 s by default, so a local head lost that race
+# in ~1 start in 4 here and ray.init took a whole second longer (the raylet's log: 1.001 s between the
+# store's start and the ObjectManager's server, against ~2 ms; a study's "study" line at 4.2-4.3 s
+# instead of 3.1-3.4 s). Retrying every 50 ms, as often within the same 10 s, costs nothing.
+CONNECT_RETRY = {"raylet_client_connect_timeout_milliseconds": 50, "raylet_client_num_connect_attempts": 200}
+
+
 def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float]) -> None:
     """Start a local Ray bound to 127.0.0.1 (or join `address`), quiet, without the dashboard."""
     import ray
@@ -43,8 +51,8 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional
         # them those workers and boots their own: the prestarted pair only took ~0.7 s of CPU
         # from the start-up (the benchmark study, 4 alternating pairs by a scratch script: launch to
         # first trial 5.19 s against 5.56 s; benchmarks/README.md).
-        system_config = {"prestart_worker_first_driver": False}
-        with _lean_head():
+        system_config = {"prestart_worker_first_driver": False, **CONNECT_RETRY}
+        with _lean_head(), _prompt_node_wait():
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
                      _system_config=system_config, **kwargs)
 
@@ -85,6 +93,55 @@ def _lean_head():
         yield
     finally:
         node.Node.start_api_server, parameter.RayParams.__init__ = start_api_server, params_init
+
+
+@contextlib.contextmanager
+def _prompt_node_wait(poll_s: float = 0.02, timeout_s: float = 30.0):
+    """Let a local ray.init see its raylet register within `poll_s`, not on a whole second.
+
+    ray.init starts the raylet, sleeps 0.1 s and asks the GCS for the new node
+    (`services.get_node`); until the raylet has registered, Ray's C++ side of that call sleeps a
+    hard-coded 1 s between tries (GlobalStateAccessor::GetNode). The raylet registers ~0.1-0.5 s
+    after it starts here, so every local start waited ~0.5-0.9 s for nothing, and ~2 s when the
+    registration came late. This polls the GCS's node table first, then makes Ray's own call, which
+    then finds the node at once; on a timeout Ray's call waits and fails as it would have. Where
+    Ray's internals differ, Ray waits as usual.
+    """
+    import time
+
+    from ray._private import services, state
+
+    get_node, options = getattr(services, "get_node", None), getattr(services, "_get_gcs_client_options", None)
+    if get_node is None or options is None or not hasattr(state.GlobalState, "node_table"):
+        yield
+        return
+
+    def get_node_promptly(gcs_address, node_id):
+        table = state.GlobalState()
+        table._initialize_global_state(options(gcs_address))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                seen = node_registered(table.node_table(), node_id)
+            except Exception:  # noqa: BLE001 - the GCS not answering: Ray's own call says why
+                break
+            if seen is not False:  # registered, or a table this cannot read: Ray's own call decides
+                break
+            time.sleep(poll_s)
+        return get_node(gcs_address, node_id)
+
+    services.get_node = get_node_promptly
+    try:
+        yield
+    finally:
+        services.get_node = get_node
+
+
+def node_registered(rows: list, node_id: str) -> Optional[bool]:
+    """Whether the GCS node table `rows` holds `node_id` alive; None where the rows lack the fields."""
+    if any(not isinstance(r, dict) or "NodeID" not in r or "Alive" not in r for r in rows):
+        return None
+    return any(r["NodeID"] == node_id and r["Alive"] for r in rows)
 
 
 def _probe_address(address) -> None:

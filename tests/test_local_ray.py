@@ -2,6 +2,8 @@
 processes a study uses."""
 from __future__ import annotations
 
+import base64
+import json
 import os
 import time
 
@@ -27,9 +29,12 @@ def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch):
     import ray
     from ray._private import node, parameter, ray_constants
 
-    from scaling.local_ray import init_ray
+    from ray._private import services
+
+    from scaling.local_ray import CONNECT_RETRY, init_ray
 
     start_api_server, params_init = node.Node.start_api_server, parameter.RayParams.__init__
+    get_node = services.get_node
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     # init_ray sets these for the driver process; restored after the test for the tests that follow
     for key in ("RAY_AIR_NEW_OUTPUT", "RAY_DEDUP_LOGS", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS",
@@ -47,6 +52,14 @@ def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch):
         assert not [c for c in procs if any(u in c for u in unused)], procs
         # the functions patched for the start are Ray's own again
         assert (node.Node.start_api_server, parameter.RayParams.__init__) == (start_api_server, params_init)
+        assert services.get_node is get_node
+        # the cluster's config (the GCS hands it to the raylet) retries the object store's socket promptly
+        gcs = next(p for p in psutil.Process().children(recursive=True) if "gcs_server" in p.name())
+        config = json.loads(base64.b64decode(next(a for a in gcs.cmdline() if a.startswith("--config_list="))
+                                             .split("=", 1)[1]))
+        assert {k: config.get(k) for k in CONNECT_RETRY} == CONNECT_RETRY
+        assert CONNECT_RETRY["raylet_client_connect_timeout_milliseconds"] * \
+            CONNECT_RETRY["raylet_client_num_connect_attempts"] >= 10_000  # Ray's own 10 x 1 s budget, kept
         # and a worker still starts on demand
         def pid() -> int:  # defined here: pickled by value
             return os.getpid()
@@ -79,3 +92,14 @@ def test_tune_tags_its_callbacks_as_before_without_importing_other_tools(monkeyp
     assert usage._count_callbacks is not tunes
     assert dict(usage._count_callbacks(callbacks)) == dict(tunes(callbacks)) == {
         "CustomCallback": 2, "CSVLoggerCallback": 1, "CustomLoggerCallback": 1, "MLflowLoggerCallback": 1}
+
+
+def test_the_prompt_node_wait_reads_the_node_table_and_leaves_what_it_cannot_read_to_ray():
+    from scaling.local_ray import node_registered
+
+    alive = {"NodeID": "ab12", "Alive": True, "NodeManagerAddress": "127.0.0.1"}
+    assert node_registered([], "ab12") is False  # the raylet has not registered yet
+    assert node_registered([{**alive, "NodeID": "cd34"}], "ab12") is False
+    assert node_registered([{**alive, "Alive": False}], "ab12") is False  # registered, then died
+    assert node_registered([{**alive, "NodeID": "cd34"}, alive], "ab12") is True
+    assert node_registered([{"node_id": "ab12", "state": "ALIVE"}], "ab12") is None  # another Ray's fields
