@@ -1,6 +1,6 @@
 """Before and after: the benchmark study at a base commit against this tree, side by side.
 
-    python -m benchmarks.ab [--base REV] [--pairs 4] [--mlflow on|off] [--asha] [--epochs 1]
+    python -m benchmarks.ab [--base REV] [--pairs 8] [--mlflow on|off] [--asha] [--epochs 1]
     make bench-ab BASE=REV ARGS="--pairs 6"
 
 Separate `make bench` runs cannot resolve a second of a ~14 s study on a shared machine (see
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default="HEAD", metavar="REV",
                    help="the commit to compare this tree with (any git revision; default HEAD: what the uncommitted "
                         "change does)")
-    p.add_argument("--pairs", type=int, default=4, help="alternating pairs of studies (default 4, ~30 s each)")
+    p.add_argument("--pairs", type=int, default=8,
+                   help="alternating pairs of studies (default 8, ~30 s each: 4 cannot tell a few percent)")
     p.add_argument("--mlflow", choices=("on", "off"), default="on", help="record the studies in MLflow (default on)")
     p.add_argument("--asha", action="store_true", help="the ASHA study instead of the full grid")
     p.add_argument("--epochs", type=int, default=1, help="epochs per trial (default 1)")
