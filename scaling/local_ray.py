@@ -96,7 +96,7 @@ def _lean_head():
 
 
 @contextlib.contextmanager
-def _prompt_node_wait(poll_s: float = 0.02, timeout_s: float = 30.0):
+def _prompt_node_wait(poll_s: float = 0.02, timeout_s: float = 10.0):
     """Let a local ray.init see its raylet register within `poll_s`, not on a whole second.
 
     ray.init starts the raylet, sleeps 0.1 s and asks the GCS for the new node
@@ -104,8 +104,9 @@ def _prompt_node_wait(poll_s: float = 0.02, timeout_s: float = 30.0):
     hard-coded 1 s between tries (GlobalStateAccessor::GetNode). The raylet registers ~0.1-0.5 s
     after it starts here, so every local start waited ~0.5-0.9 s for nothing, and ~2 s when the
     registration came late. This polls the GCS's node table first, then makes Ray's own call, which
-    then finds the node at once; on a timeout Ray's call waits and fails as it would have. Where
-    Ray's internals differ, Ray waits as usual.
+    then finds the node at once. After `timeout_s` (a raylet that is slow to start, or one that died)
+    it hands over to Ray's call, which waits on or fails as it would have, so a failed start takes at
+    most `timeout_s` longer to say so. Where Ray's internals differ, Ray waits as usual.
     """
     import time
 
@@ -120,14 +121,17 @@ def _prompt_node_wait(poll_s: float = 0.02, timeout_s: float = 30.0):
         table = state.GlobalState()
         table._initialize_global_state(options(gcs_address))
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                seen = node_registered(table.node_table(), node_id)
-            except Exception:  # noqa: BLE001 - the GCS not answering: Ray's own call says why
-                break
-            if seen is not False:  # registered, or a table this cannot read: Ray's own call decides
-                break
-            time.sleep(poll_s)
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    seen = node_registered(table.node_table(), node_id)
+                except Exception:  # noqa: BLE001 - the GCS not answering: Ray's own call says why
+                    break
+                if seen is not False:  # registered, or a table this cannot read: Ray's own call decides
+                    break
+                time.sleep(poll_s)
+        finally:
+            getattr(table, "disconnect", lambda: None)()  # its GCS client, not Ray's
         return get_node(gcs_address, node_id)
 
     services.get_node = get_node_promptly
