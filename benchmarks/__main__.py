@@ -35,6 +35,8 @@ GROUPS = {
 # Context groups that run only when named (--only): row 4c's two 4-epoch pairs (~2 min) would not
 # leave a full run its 10 minutes.
 OPT_IN = ("mlflow-long",)
+
+
 def selected(only: list[str]) -> list[str]:
     """Return the groups to run, in run order (Ctx.reserve_after reads what is still to come): those
     named in `only` (each item may comma-separate several), or every group but the opt-in ones."""

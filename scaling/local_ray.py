@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 # The raylet connects to its own object store, which a thread of its own is still starting, and retries
 # after raylet_client_connect_timeout_milliseconds: 1 s by default, so a local head lost that race
-# in ~1 start in 4 here and ray.init took a whole second longer (the raylet's log: 1.001 s between the
+# in ~1 start in 5 here (5 of 26) and ray.init took a whole second longer (the raylet's log: 1.001 s between the
 # store's start and the ObjectManager's server, against ~2 ms; a study's "study" line at 4.2-4.3 s
 # instead of 3.1-3.4 s). Retrying every 50 ms, as often within the same 10 s, costs nothing.
 CONNECT_RETRY = {"raylet_client_connect_timeout_milliseconds": 50, "raylet_client_num_connect_attempts": 200}
@@ -113,7 +113,8 @@ def _prompt_node_wait(poll_s: float = 0.02, timeout_s: float = 10.0):
     from ray._private import services, state
 
     get_node, options = getattr(services, "get_node", None), getattr(services, "_get_gcs_client_options", None)
-    if get_node is None or options is None or not hasattr(state.GlobalState, "node_table"):
+    table_api = all(hasattr(state.GlobalState, m) for m in ("node_table", "disconnect"))
+    if get_node is None or options is None or not table_api:
         yield
         return
 
@@ -131,7 +132,7 @@ def _prompt_node_wait(poll_s: float = 0.02, timeout_s: float = 10.0):
                     break
                 time.sleep(poll_s)
         finally:
-            getattr(table, "disconnect", lambda: None)()  # its GCS client, not Ray's
+            table.disconnect()  # its own GCS client, not Ray's
         return get_node(gcs_address, node_id)
 
     services.get_node = get_node_promptly

@@ -27,9 +27,7 @@ def _ray_processes(raylet_pid: int) -> list[str]:
 
 def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch):
     import ray
-    from ray._private import node, parameter, ray_constants
-
-    from ray._private import services
+    from ray._private import node, parameter, ray_constants, services
 
     from scaling.local_ray import CONNECT_RETRY, init_ray
 
