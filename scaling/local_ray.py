@@ -22,7 +22,8 @@ CONNECT_RETRY = {"raylet_client_connect_timeout_milliseconds": 50, "raylet_clien
 
 
 def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float]) -> None:
-    """Start a local Ray bound to 127.0.0.1 (or join `address`), quiet, without the dashboard."""
+    """Start a local Ray bound to 127.0.0.1 (address null or `local`) or join `address`, quiet, without
+    the dashboard."""
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -36,7 +37,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional
         return
     kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                                   configure_logging=True)
-    if address:
+    if address and address != "local":  # `local` is Ray's word for a new local head: the branch below
         ray.init(address=address, **kwargs)
     else:
         # A local study listens on loopback only: Ray otherwise swaps 127.0.0.1 for the routable

@@ -54,8 +54,9 @@ class AshaConf:
 @dataclass
 class RayConf:
     address: Optional[str] = None
-    """null: start Ray locally; `auto` or host:port joins an existing cluster."""
+    """null (or `local`): start Ray locally, on 127.0.0.1; `auto` or host:port joins an existing cluster."""
     num_cpus: Optional[int] = None
+    """The local Ray's CPUs (null: the machine's); a cluster has its own, so it is refused with address."""
     num_gpus: Optional[float] = None
 
 
@@ -180,6 +181,7 @@ class ScalingSweeper(Sweeper):
         if not c.checkpoint_interval_s >= 0:
             raise ConfigError("hydra.sweeper.checkpoint_interval_s", c.checkpoint_interval_s,
                               "must be 0 (every evaluation) or more seconds")
+        self._check_ray()
         if c.study_name is not None:
             safe_name("hydra.sweeper.study_name", c.study_name)
         if a.enabled:
@@ -190,6 +192,20 @@ class ScalingSweeper(Sweeper):
             _choice("hydra.sweeper.asha.mode", a.mode, MODES)
             _choice("hydra.sweeper.asha.variant", a.variant, ("stopping", "promotion"))
             _choice("hydra.sweeper.asha.metric", a.metric, ASHA_METRICS)
+
+    def _check_ray(self) -> None:
+        """Raise ConfigError for a local Ray's size that Ray would refuse, or one given with a cluster's
+        address (ray.init refuses both together, after the driver has prepared the study)."""
+        r = self.conf.ray
+        if r.num_cpus is not None:
+            _positive("hydra.sweeper.ray.num_cpus", r.num_cpus, integer=True)
+        if r.num_gpus is not None:
+            _positive("hydra.sweeper.ray.num_gpus", r.num_gpus, allow_zero=True)
+        if r.address not in (None, "local"):
+            for key, value in (("num_cpus", r.num_cpus), ("num_gpus", r.num_gpus)):
+                if value is not None:
+                    raise ConfigError(f"hydra.sweeper.ray.{key}", value, "sizes a local Ray only; the cluster at "
+                                      f"hydra.sweeper.ray.address={r.address} has its own")
 
     def _check_size(self, n_trials: int) -> None:
         """Raise ConfigError for a grid larger than max_trials that was not confirmed, before it is built."""

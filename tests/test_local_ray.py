@@ -3,6 +3,7 @@ processes a study uses."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import time
@@ -11,6 +12,12 @@ import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
+
+
+def _loopback(ip: str) -> bool:
+    """Whether a listening address is loopback (127.0.0.1, or its IPv4-mapped form ::ffff:127.0.0.1)."""
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def _ray_processes(raylet_pid: int) -> list[str]:
@@ -25,7 +32,8 @@ def _ray_processes(raylet_pid: int) -> list[str]:
     return found
 
 
-def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch):
+@pytest.mark.parametrize("address", [None, "local"])  # `local`, Ray's own word for a new head, is the same head
+def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch, address):
     import ray
     from ray._private import node, parameter, ray_constants, services
 
@@ -39,9 +47,12 @@ def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch):
                 "RAY_ENABLE_UV_RUN_RUNTIME_ENV", "TUNE_GLOBAL_CHECKPOINT_S", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
-    init_ray(None, 1, 0)
+    init_ray(address, 1, 0)
     try:
         assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+        gcs = next(p for p in psutil.Process().children(recursive=True) if "gcs_server" in p.name())
+        listening = {c.laddr.ip for c in gcs.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening and all(_loopback(ip) for ip in listening), listening  # not "::" or "0.0.0.0"
         raylet = next(p for p in psutil.Process().children(recursive=True) if "raylet" in p.name())
         time.sleep(1.5)  # Ray's prestarted workers appear ~0.3 s after the driver connects
         procs = _ray_processes(raylet.pid)
@@ -52,7 +63,6 @@ def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch):
         assert (node.Node.start_api_server, parameter.RayParams.__init__) == (start_api_server, params_init)
         assert services.get_node is get_node
         # the cluster's config (the GCS hands it to the raylet) retries the object store's socket promptly
-        gcs = next(p for p in psutil.Process().children(recursive=True) if "gcs_server" in p.name())
         config = json.loads(base64.b64decode(next(a for a in gcs.cmdline() if a.startswith("--config_list="))
                                              .split("=", 1)[1]))
         assert {k: config.get(k) for k in CONNECT_RETRY} == CONNECT_RETRY
