@@ -82,7 +82,7 @@ def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str
         mlflow_reporter = MlflowTrialReporter(cfg, parent_run_id=parent_run_id, ref_lr=ref_lr, extra_tags=tags)
         reporters.append(mlflow_reporter)
     if progress:
-        from scaling.tracking import trial_run_name
+        from scaling.recorded import trial_run_name
 
         reporters.append(ProgressReporter(cfg.epochs, desc=trial_run_name(cfg)))
     reporter = MultiReporter(*reporters)

@@ -126,7 +126,8 @@ def fit_line(batch_sizes: Sequence[int], lrs: Sequence[float], suggestion: str) 
 
 def record(cfg: Any, result: Any, client: Any, exp_id: str, group: str) -> str:
     """Return the id of a new MLflow run holding one range test: config + suggestions, curve, plot."""
-    from scaling.tracking import KIND_TAG, config_params, log_params, param_values, provenance_tags
+    from scaling.recorded import config_params, param_values
+    from scaling.tracking import KIND_TAG, log_params, provenance_tags
 
     tags = {KIND_TAG: "lr_find", "lr_find.group": group, **provenance_tags()}
     run_id = client.create_run(exp_id, run_name=f"lr_find bs={result.batch_size}", tags=tags).info.run_id

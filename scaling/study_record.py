@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from scaling.config import redact_url
-from scaling.tracking import (KIND_TAG, LAST_TRIAL_PARAM, STATUS_TAG, STUDY_TAG, get_experiment_id, log_batch,
-                              log_params, make_client, metric_list, provenance_tags, recorded_config, trial_params,
-                              trial_run_name)
+from scaling.recorded import LAST_TRIAL_PARAM, config_yaml, recorded_config, trial_params, trial_run_name
+from scaling.tracking import (KIND_TAG, STATUS_TAG, STUDY_TAG, get_experiment_id, log_batch, log_params, make_client,
+                              metric_list, provenance_tags)
 
 TRIAL_INDEX_TAG = "scaling.trial_index"
 TERMINAL = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
@@ -321,9 +321,7 @@ class StudyRecorder:
         if index in self._ready:
             self.client.set_terminated(self.trial_runs[index], status="RUNNING")
             return
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.create(intent["config"])
+        cfg = intent["config"]  # the trial's plain resolved config: no DictConfig needed (scaling.recorded)
         if index not in self.trial_runs:
             tags = {KIND_TAG: "trial", STATUS_TAG: "running", "mlflow.parentRunId": self.run_id,
                     STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **intent["tags"]}
@@ -332,7 +330,7 @@ class StudyRecorder:
         # A retry after the store failed (or the driver died) between creating the run and filling it
         # lands here again; MLflow accepts a param logged twice with the same value. The config
         # artifact goes first and LAST_TRIAL_PARAM last, so a run holding that param is complete.
-        self.client.log_text(self.trial_runs[index], OmegaConf.to_yaml(recorded_config(cfg)), "config.yaml")
+        self.client.log_text(self.trial_runs[index], config_yaml(recorded_config(cfg)), "config.yaml")
         batch.params.update(trial_params(cfg))
         batch.completes = True
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from scaling.config import ConfigError, effective_lr, epochs_to_steps, redact_url
 from scaling.grid import Grid, stratum_keys
 from scaling.local_ray import check_cluster, count_callbacks_by_name, stop_ray_aside
+from scaling.recorded import as_attributes
 from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
 from scaling.tracking import import_mlflow, ui_hint
 from scaling.twins import find_twins, mirror_twins, whole_strata
@@ -384,7 +385,7 @@ def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: 
     for b in sorted(best):
         entry = best[b]
         m = recorder.last_metrics.get(entry["trial"], {})  # a resumed trial's come from its relogged history
-        lr = effective_lr(OmegaConf.create(specs[entry["trial"]].config))
+        lr = effective_lr(as_attributes(specs[entry["trial"]].config))
         table.add_row(str(b), f"{lr:.4g}", f"{entry['lr_multiplier']:g}", entry["rule"],
                       f"{entry['best/val_loss']:.4f}", f"{m.get('val/acc', math.nan):.3f}",
                       f"{m.get('mem/peak_mb', math.nan):.0f}", recorder.status.get(entry["trial"], "?"))

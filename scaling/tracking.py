@@ -19,7 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from scaling.config import ConfigError, effective_lr, lr_exponent, redact_url
+from scaling.config import ConfigError, redact_url
+from scaling.recorded import config_yaml, recorded_config, trial_params, trial_run_name
 from scaling.reporters import Reporter
 
 STATUS_TAG = "trial.status"
@@ -115,68 +116,6 @@ def check_writable(key: str, value: str, folder: Path) -> None:
             pass
     except OSError as exc:
         raise ConfigError(key, value, f"folder {folder} is not writable ({exc.strerror or exc})") from None
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    """Return a nested mapping as {"a.b": value} (lists kept as their string form)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def resolved_container(cfg: Any) -> dict:
-    """Return the config as a plain resolved dict (accepts DictConfig or dict)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def recorded_config(cfg: Any) -> dict:
-    """Return the resolved config as runs record it (params, config.yaml): the tracking URI's password hidden."""
-    out = resolved_container(cfg)
-    if isinstance(out.get("mlflow"), dict) and "tracking_uri" in out["mlflow"]:
-        out["mlflow"] = {**out["mlflow"], "tracking_uri": redact_url(out["mlflow"]["tracking_uri"])}
-    return out
-
-
-LAST_TRIAL_PARAM = "lr.rule_bypassed"
-
-
-def param_values(values: dict[str, Any]) -> dict[str, str]:
-    """Return flat values as MLflow params (None as "null")."""
-    return {k: "null" if v is None else str(v) for k, v in values.items()}
-
-
-def config_params(cfg: Any) -> dict[str, str]:
-    """Return every resolved config value as an MLflow param, as runs record them (recorded_config)."""
-    return param_values(flatten(recorded_config(cfg)))
-
-
-def trial_params(cfg: Any, ref_lr: Optional[float] = None) -> dict[str, str]:
-    """Return every resolved config value plus the derived LR values, as MLflow params."""
-    params = config_params(cfg)
-    params["lr.effective"] = repr(effective_lr(cfg, ref_lr))
-    params["lr.base"] = repr(float(ref_lr if ref_lr is not None else cfg.scaling.ref_lr)) \
-        if cfg.scaling.ref_lr != "auto" or ref_lr is not None else "auto"
-    params["lr.rule_exponent"] = repr(lr_exponent(cfg.scaling.rule))
-    params[LAST_TRIAL_PARAM] = str(cfg.lr is not None)  # last: log_params writes in order, so its presence
-    return params                                        # marks a trial run whose params all landed
-
-
-def trial_run_name(cfg: Any) -> str:
-    """Return a readable run name, e.g. `bs=128 lr×2 sqrt warmup=2 s0`."""
-    lr = f"lr={cfg.lr:g}" if cfg.lr is not None else f"lr×{cfg.lr_multiplier:g} {cfg.scaling.rule}"
-    parts = [f"bs={cfg.batch_size}", lr]
-    if cfg.micro_batch_size and cfg.micro_batch_size != cfg.batch_size:
-        parts.append(f"mb={cfg.micro_batch_size}")
-    if cfg.warmup.epochs:
-        parts.append(f"warmup={cfg.warmup.epochs:g}")
-    return " ".join(parts + [f"s{cfg.seed}"])
 
 
 def provenance_tags() -> dict[str, str]:
@@ -374,9 +313,7 @@ class MlflowTrialReporter(Reporter):
         params = trial_params(self.cfg, self.ref_lr)
         params.update({f"derived.{k}": str(v) for k, v in info.items()})
         log_params(self.client, self.run_id, params)
-        from omegaconf import OmegaConf
-
-        self.client.log_text(self.run_id, OmegaConf.to_yaml(recorded_config(self.cfg)), "config.yaml")
+        self.client.log_text(self.run_id, config_yaml(recorded_config(self.cfg)), "config.yaml")
 
     def report(self, metrics: dict[str, float], checkpoint=None) -> None:
         log_metrics(self.client, self.run_id, metrics, step=int(metrics["samples"]))

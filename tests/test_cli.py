@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling.tracking import flatten, resolved_container
+from scaling.recorded import flatten, resolved_container
 
 SCRIPT = Path(sys.executable).parent / "scaling-train"
 pytestmark = pytest.mark.slow

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import time
 
+from scaling.recorded import LAST_TRIAL_PARAM, trial_params
 from scaling.study_record import TRIAL_INDEX_TAG, StudyRecorder
-from scaling.tracking import KIND_TAG, LAST_TRIAL_PARAM, STUDY_TAG, log_batch, metric_list, trial_params
+from scaling.tracking import KIND_TAG, STUDY_TAG, log_batch, metric_list
 
 
 def test_resume_fills_a_trial_run_the_driver_died_creating(tracking_uri, compose_cfg):
