@@ -32,6 +32,10 @@ REPORTED_METRICS = (
     "train/loss", "val/loss", "val/acc", "lr", "samples", "step", "epoch",
     "time/elapsed_s", "time/samples_per_s", "mem/peak_mb", "mem/eval_peak_mb", "gns/b_simple",
 )
+# The way each of them gets better; lr, samples, step, epoch and gns/b_simple have none. A target or
+# an ASHA judged the other way round runs, and its numbers are wrong (scaling.validation refuses it).
+METRIC_DIRECTIONS = {"train/loss": "min", "val/loss": "min", "val/acc": "max", "time/elapsed_s": "min",
+                     "time/samples_per_s": "max", "mem/peak_mb": "min", "mem/eval_peak_mb": "min"}
 
 
 # scheme://user:password@host -> scheme://user:***@host, in a URL or in any text holding one (a Hydra

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scaling.config import MODES, REPORTED_METRICS, ConfigError
 from scaling.grid import Grid, build_grid, grid_size, is_value_key, merge_values
-from scaling.validation import _choice, _positive, plan_split, validate
+from scaling.validation import _choice, _direction, _positive, plan_split, validate
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,7 @@ class ScalingSweeper(Sweeper):
             _choice("hydra.sweeper.asha.mode", a.mode, MODES)
             _choice("hydra.sweeper.asha.variant", a.variant, ("stopping", "promotion"))
             _choice("hydra.sweeper.asha.metric", a.metric, ASHA_METRICS)
+            _direction("hydra.sweeper.asha.mode", a.mode, "hydra.sweeper.asha.metric", a.metric)
 
     def _check_ray(self) -> None:
         """Raise ConfigError for a local Ray's size that Ray would refuse, or one given with a cluster's

@@ -15,9 +15,9 @@ import os
 from typing import Any, Optional
 
 from scaling.config import (ACTIVATIONS, BACKENDS, DATASETS, DEVICES, INITS, LR_FIND_MIN_ITERS, LR_FIND_MODES,
-                            LR_FIND_SUGGESTIONS, MODELS, MODES, OPTIMIZERS, PRECISIONS, REPORTED_METRICS,
-                            RULE_EXPONENTS, SCHEDULES, WARMUP_STARTS, ConfigError, Split, TrialConfig,
-                            epochs_to_steps)
+                            LR_FIND_SUGGESTIONS, METRIC_DIRECTIONS, MODELS, MODES, OPTIMIZERS, PRECISIONS,
+                            REPORTED_METRICS, RULE_EXPONENTS, SCHEDULES, WARMUP_STARTS, ConfigError, Split,
+                            TrialConfig, epochs_to_steps)
 
 
 MAX_SEED = 2**32 - 1
@@ -42,6 +42,14 @@ def _seed(key: str, value: Any) -> None:
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(key, value, f"unknown; choose one of {', '.join(choices)}")
+
+
+def _direction(key: str, mode: str, metric_key: str, metric: str) -> None:
+    """Refuse a mode that judges `metric` against the way it gets better (a lower val/acc, a higher loss)."""
+    better = METRIC_DIRECTIONS.get(metric)
+    if better is not None and mode in MODES and mode != better:
+        raise ConfigError(key, mode, f"judges {metric_key}={metric} the wrong way round ({metric} is better "
+                          f"{'higher' if better == 'max' else 'lower'}): use {key}={better}")
 
 
 def _fraction(key: str, value: float, *, open_low: bool = False) -> None:
@@ -109,6 +117,7 @@ def validate(cfg: Any) -> None:
 
     _choice("target.metric", cfg.target.metric, REPORTED_METRICS)
     _choice("target.mode", cfg.target.mode, MODES)
+    _direction("target.mode", cfg.target.mode, "target.metric", cfg.target.metric)
     if not isinstance(cfg.target.value, (int, float)) or not math.isfinite(cfg.target.value):
         raise ConfigError("target.value", cfg.target.value, "must be a finite number")
     if cfg.target.metric == "gns/b_simple" or (cfg.target.metric.startswith("gns/") and not cfg.gns.enabled):

@@ -48,6 +48,8 @@ CASES = [
     ("scaling-train", ["data=digits", "batch_size=4096"], "batch_size=4096"),
     ("scaling-train", ["-m", "data=digits", "batch_size=32,4096", "epochs=0.5"], "batch_size=4096"),
     ("scaling-train", ["target.value=inf"], "target.value=inf"),
+    # reached at the first evaluation (val/loss >= 0.5): mode defaults to max, for val/acc
+    ("scaling-train", ["target.metric=val/loss", "target.value=0.5"], "target.mode='max': judges target.metric=val/loss"),
     ("scaling-train", ["lr=0.1", "scaling.ref_lr=auto"], "lr=0.1"),
     ("scaling-train", ["mlflow.tracking_uri=sqlite:///"], "mlflow.tracking_uri='sqlite:///'"),  # in memory: lost
     ("scaling-train", ["mlflow.tracking_uri=sqlite:////tmp"], "mlflow.tracking_uri='sqlite:////tmp'"),  # a folder

@@ -28,6 +28,8 @@ CASES = [
     ([*STUDY, "hydra.sweeper.asha.grace_period=-1"], "hydra.sweeper.asha.grace_period=-1.0"),
     ([*STUDY, "hydra.sweeper.asha.mode=up"], "hydra.sweeper.asha.mode='up'"),
     ([*STUDY, "hydra.sweeper.asha.metric=foo"], "hydra.sweeper.asha.metric='foo'"),
+    # ASHA would keep the least accurate trials: mode defaults to min, for val/loss
+    ([*STUDY, "hydra.sweeper.asha.metric=val/acc"], "hydra.sweeper.asha.mode='min': judges hydra.sweeper.asha.metric=val/acc"),
     ([*STUDY, "hydra.sweeper.asha.reduction_factor=nan"], "hydra.sweeper.asha.reduction_factor=nan"),
     ([*STUDY, "hydra.sweeper.asha.variant=sync"], "hydra.sweeper.asha.variant='sync'"),
     # promotion-based ASHA pauses trials: it needs checkpoints, no concurrency cap, single-worker trials
