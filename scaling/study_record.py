@@ -39,8 +39,8 @@ from typing import Any, Optional, Sequence
 
 from scaling.config import redact_url
 from scaling.recorded import LAST_TRIAL_PARAM, config_yaml, recorded_config, trial_params, trial_run_name
-from scaling.tracking import (KIND_TAG, STATUS_TAG, STUDY_TAG, get_experiment_id, log_batch, log_params, make_client,
-                              metric_list, provenance_tags)
+from scaling.tracking import (KIND_TAG, STATUS_TAG, STUDY_TAG, check_store_exists, check_study_run, get_experiment_id,
+                              log_batch, log_params, make_client, metric_list, provenance_tags)
 
 TRIAL_INDEX_TAG = "scaling.trial_index"
 TERMINAL = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
@@ -52,7 +52,11 @@ class StudyRecorder:
     def __init__(self, tracking_uri: str, experiment: str, *, study_name: str, run_id: Optional[str] = None,
                  enabled: bool = True):
         self.uri, self.experiment, self.study_name, self.enabled = tracking_uri, experiment, study_name, enabled
+        if enabled and run_id is not None:
+            check_store_exists(tracking_uri, run_id)  # before opening it would create an empty one
         self.client = make_client(tracking_uri) if enabled else None
+        if enabled and run_id is not None:
+            check_study_run(self.client, tracking_uri, experiment, run_id)  # before the experiment is looked up or made
         self.exp_id = get_experiment_id(self.client, experiment) if enabled else None
         self.run_id = run_id
         self.trial_runs: dict[int, str] = {}  # trial index -> run id

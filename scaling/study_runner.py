@@ -117,6 +117,10 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     storage = _storage(sweeper, name)
     state_path = storage / STATE_FILE
     state = json.loads(state_path.read_text()) if sweeper.conf.resume and state_path.exists() else {}
+    if sweeper.conf.resume and not state:
+        print(f"note: hydra.sweeper.resume=true found no earlier run of study {name} in {storage.parent}, so it "
+              "starts afresh (a study's name comes from its preset and overrides; hydra.sweeper.study_name "
+              "fixes it)", flush=True)
     recorder = _open_record(sweeper, grid, configs[0], specs, workers, name, storage, state, ray_started)
     scheduler = _scheduler(sweeper, grid, specs)
     twins = {} if sweeper.conf.run_twins else find_twins({i: s.config for i, s in specs.items()})

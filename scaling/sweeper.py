@@ -86,7 +86,7 @@ class ScalingSweeperConf:
     study_name: Optional[str] = None
     """Names the study (MLflow study run, Ray experiment); null: derived from the grid."""
     storage_path: Optional[str] = None
-    """Ray Tune's storage (checkpoints, experiment state); null: <sweep dir>/../.studies."""
+    """Ray Tune's storage (checkpoints, experiment state); null: .studies in the folder the study starts from."""
     resume: bool = False
     """Finish the unfinished trials of the last run of this study."""
     checkpoint: bool = True
@@ -274,12 +274,17 @@ class ScalingSweeper(Sweeper):
         check_writable("hydra.sweeper.storage_path", str(self.storage_root()), self.storage_root())
 
     def study_name(self, grid: Grid) -> str:
-        """Return the study's name: the configured one, or preset name + a hash of the grid."""
+        """Return the study's name: the configured one, or the preset's name + a hash of the grid's points,
+        whatever the order of the fixed overrides (a resume typed in another order finds its study)."""
         if self.conf.study_name:
             return self.conf.study_name
-        digest = hashlib.sha1(json.dumps(grid.points, sort_keys=True).encode()).hexdigest()[:8]
         preset = OmegaConf.select(self.config, "hydra.runtime.choices.experiment", default=None) or "study"
-        return safe_name("experiment", str(preset).replace("/", "-")) + "-" + digest
+        prefix = safe_name("experiment", str(preset).replace("/", "-"))
+        name, ordered = f"{prefix}-{_digest(canonical_points(grid.points))}", f"{prefix}-{_digest(grid.points)}"
+        root = self.storage_root()
+        if self.conf.resume and not (root / name).exists() and (root / ordered).exists():
+            return ordered  # a study named before 2026-11-24, when the overrides' order changed the hash
+        return name
 
     # --------------------------------------------------------------- running
     def sweep(self, arguments: List[str]) -> Any:
@@ -314,6 +319,21 @@ class ScalingSweeper(Sweeper):
         from scaling.study_runner import run_study
 
         return run_study(self, grid, configs, ray_started)
+
+
+def canonical_points(points: list[list[str]]) -> list[list[str]]:
+    """Return the grid's points, each point's overrides in key order (a key given twice: its last value,
+    as Hydra applies them). The points keep their order: a trial's index in it is its identity in the
+    study's record and checkpoints, so a grid whose points come in another order is another study."""
+    def canonical(point: list[str]) -> list[str]:
+        last = {override.split("=", 1)[0]: override for override in point}
+        return sorted(last.values())
+
+    return [canonical(p) for p in points]
+
+
+def _digest(points: list[list[str]]) -> str:
+    return hashlib.sha1(json.dumps(points, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _confirmed(n_trials: int) -> bool:

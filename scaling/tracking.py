@@ -148,6 +148,38 @@ def check_experiment(uri: str, name: str) -> None:
     get_experiment_id(make_client(uri), name, create=False)
 
 
+def check_store_exists(uri: str, run_id: str) -> None:
+    """Refuse to resume study run `run_id` from a SQLite store that no longer exists (opening it would
+    create an empty one)."""
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise ConfigError("hydra.sweeper.resume", True, f"the study's MLflow run {run_id} was recorded in "
+                          f"{redact_url(uri)}, which no longer exists; resume with mlflow.tracking_uri where "
+                          "the study was recorded, or start it afresh without resume")
+
+
+def check_study_run(client, uri: str, experiment: str, run_id: str) -> None:
+    """Refuse to resume study run `run_id` where the store lacks it, it was deleted, or it lies in another
+    experiment than `experiment` (its trials would be searched for there, none found, all run again)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ConfigError("hydra.sweeper.resume", True, f"the study's MLflow run {run_id} is not in "
+                          f"{redact_url(uri)}; resume with mlflow.tracking_uri where the study was recorded, "
+                          "or start it afresh without resume") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError("hydra.sweeper.resume", True, f"the study's MLflow run {run_id} was deleted; restore it "
+                          "(mlflow runs restore --run-id) or start the study afresh without resume")
+    recorded_in = client.get_experiment(run.info.experiment_id).name
+    if recorded_in != experiment:
+        raise ConfigError("mlflow.experiment", experiment, f"the study's MLflow run {run_id} is in experiment "
+                          f"{recorded_in!r}: resume with mlflow.experiment={recorded_in}")
+
+
 def get_experiment_id(client, name: str, create: bool = True) -> Optional[str]:
     """Return the experiment id for `name`, creating it (race-safe) when missing, or None when
     missing and not `create`; raise ConfigError if it is deleted."""

@@ -7,6 +7,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from scaling.config import ConfigError
 from scaling.grid import build_grid, stratum_keys
+from scaling.sweeper import _digest
 
 
 def parse(*args):
@@ -101,3 +102,28 @@ def test_a_bad_value_in_a_shared_composition_names_the_point():
         sweeper.plan(["batch_sise=32,64"])
     with pytest.raises(ConfigError, match="lr_multiplier=abc"):
         sweeper.plan(["batch_size=32", "lr_multiplier=1,abc"])
+
+
+def test_the_study_name_is_the_grid_whatever_the_order_of_its_fixed_overrides(tmp_path):
+    """A resume finds its study by name: the same points typed in another order are the same study; points
+    in another order are not (a trial's index is its identity in the record and the checkpoints)."""
+    def name(*args: str, resume: bool = False) -> str:
+        sweeper = _planning_sweeper(f"hydra.sweeper.storage_path={tmp_path}", f"hydra.sweeper.resume={resume}")
+        return sweeper.study_name(sweeper.plan(list(args))[0])
+
+    first = name("batch_size=32,64", "lr_multiplier=1,2", "model.width=32", "epochs=1")
+    assert first == name("epochs=1", "batch_size=32,64", "model.width=32", "lr_multiplier=1,2")
+    assert first == name("batch_size=32,64", "epochs=1", "lr_multiplier=1,2", "model.width=32")
+    assert first != name("batch_size=32,64", "lr_multiplier=2,1", "epochs=1", "model.width=32")  # other indices
+    assert first != name("lr_multiplier=1,2", "batch_size=32,64", "model.width=32", "epochs=1")
+    assert first == name("batch_size=32,64", "lr_multiplier=1,2", "model.width=64", "model.width=32", "epochs=1")
+    assert first != name("batch_size=32,64", "lr_multiplier=1,2", "model.width=32", "model.width=64", "epochs=1")
+    assert first != name("batch_size=32,64", "lr_multiplier=1,2", "model.width=32", "epochs=2")
+    # a study started before the name ignored the order resumes under its old name
+    sweeper = _planning_sweeper(f"hydra.sweeper.storage_path={tmp_path}", "hydra.sweeper.resume=true")
+    grid = sweeper.plan(["epochs=1", "batch_size=32,64"])[0]
+    old = f"study-{_digest(grid.points)}"
+    assert old != first and sweeper.study_name(grid) != old
+    (tmp_path / old).mkdir()
+    assert sweeper.study_name(grid) == old
+    assert name("epochs=1", "batch_size=32,64") != old, "without resume, the name is the new one"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,33 @@ def test_bare_multirun_sweeps_only_the_given_axes(tmp_path):
     assert len(trials) == 2
     assert {t.data.params["lr_multiplier"] for t in trials} == {"1.0"}
     assert {t.data.params["scaling.rule"] for t in trials} == {"linear"}
+
+
+def test_resume_finds_its_study_in_any_order_and_refuses_a_store_without_it(small_study, tmp_path):
+    """A resume finds the study by its name (its points, whatever the order of the fixed overrides), then
+    reopens its MLflow run: in another experiment, or in a store that lost it, the resume would find none
+    of its trials and run them all again under a run it cannot reopen. One line, and nothing made."""
+    work = tmp_path / "copy"
+    shutil.copytree(small_study[0], work)  # the finished study: its store and its state in .studies
+    (name,) = [p.name for p in (work / ".studies").iterdir()]
+    resume = ["-m", "batch_size=32,256", "lr_multiplier=1,2,0.01,0.003", *reversed(TINY),
+              "hydra.sweeper.max_concurrent=1", "hydra.sweeper.resume=true"]
+    proc = run_cli(resume, work, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resuming study {name} " in proc.stdout and "8/8 trials already finished" in proc.stdout
+
+    proc = run_cli([*resume, "mlflow.experiment=elsewhere", f"hydra.sweeper.study_name={name}"], work, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: mlflow.experiment='elsewhere'") and "mlflow.experiment=scaling" in lines[0]
+    assert "elsewhere" not in {e.name for e in client_for(work).search_experiments()}
+
+    (work / "mlflow.db").unlink()
+    proc = run_cli(resume, work, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: hydra.sweeper.resume=True: the study's MLflow run ") and "no longer exists" in lines[0]
+    assert not (work / "mlflow.db").exists(), "an empty store was created in its place"
 
 
 def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
