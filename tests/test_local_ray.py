@@ -52,7 +52,7 @@ def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch, a
         assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
         gcs = next(p for p in psutil.Process().children(recursive=True) if "gcs_server" in p.name())
         listening = {c.laddr.ip for c in gcs.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
-        assert listening and all(_loopback(ip) for ip in listening), listening  # not "::" or "0.0.0.0"
+        assert listening and all(_loopback(ip) for ip in listening), listening  # loopback, not every interface
         raylet = next(p for p in psutil.Process().children(recursive=True) if "raylet" in p.name())
         time.sleep(1.5)  # Ray's prestarted workers appear ~0.3 s after the driver connects
         procs = _ray_processes(raylet.pid)
