@@ -303,7 +303,10 @@ def _callback_class():
                 status, reason = "pruned", "stopped by ASHA"
             else:  # ended without a final report (e.g. stopped at the end of the study)
                 status, reason = "error", "ended without reporting a final status"
-            summary = {k: v for k, v in (final or {}).items() if k.startswith(("target/", "best/", "mem/"))}
+            # where it stopped too: a trial that ended between evaluations (diverged, out of memory) trained
+            # past its last recorded point, and samples/trained counts what it trained
+            summary = {k: v for k, v in (final or {}).items()
+                       if k.startswith(("target/", "best/", "mem/")) or k in ("samples", "step", "epoch")}
             if trial.num_failures:  # failed attempts, the last one included when it ends the trial
                 self.recorder.trial_tags(i, {"trial.failures": str(trial.num_failures)})
             self.recorder.trial_finished(i, status, reason, summary)

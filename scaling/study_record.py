@@ -163,11 +163,15 @@ class StudyRecorder:
         self._submit({"op": "metrics", "index": index, "metrics": values})
 
     def trial_finished(self, index: int, status: str, reason: str = "", summary: Optional[dict] = None) -> None:
-        """Queue the trial's terminal status (and a summary at its last step)."""
+        """Queue the trial's terminal status and a summary, logged where the trial stopped: its last
+        evaluation, or the `samples` the summary gives (a trial stopped between evaluations)."""
         self.status[index] = status
-        self._submit({"op": "finished", "index": index, "status": status, "reason": reason,
-                      "summary": {k: float(v) for k, v in (summary or {}).items()},
-                      "step": max(self.logged_samples.get(index, 0), 0)})
+        summary = {k: float(v) for k, v in (summary or {}).items()}
+        at = max(self.logged_samples.get(index, 0), int(summary.get("samples", 0)), 0)
+        if "samples" in summary:
+            self.logged_samples[index] = at  # samples/trained counts it
+        self._submit({"op": "finished", "index": index, "status": status, "reason": reason, "summary": summary,
+                      "step": at})
 
     def trial_params(self, index: int, params: dict[str, str]) -> None:
         """Queue params for the trial's run (the trial loop's derived values, `derived.*`)."""

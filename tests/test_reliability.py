@@ -6,6 +6,7 @@ Every process a test kills is one it started (or a descendant of one), found by 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -145,7 +146,12 @@ def test_oom_and_divergence_end_their_trials_and_the_study_completes(tmp_path):
     client, studies, trials = study_records(uri)
     by = {(t.data.params["batch_size"], t.data.params["lr_multiplier"]): t for t in trials}
     assert by[("16", "1.0")].data.tags["trial.status"] == "completed"
-    assert by[("16", "10000.0")].data.tags["trial.status"] == "diverged"
+    diverged = by[("16", "10000.0")]
+    assert diverged.data.tags["trial.status"] == "diverged"
+    # it stopped between evaluations: its run and the study's samples/trained count the steps it took
+    step = int(re.search(r"at step (\d+)", diverged.data.tags["trial.reason"]).group(1))
+    assert step > 0 and diverged.data.metrics["samples"] == 16 * step and diverged.data.metrics["step"] == step
+    assert studies[0].data.metrics["samples/trained"] == sum(t.data.metrics.get("samples", 0) for t in trials)
     for lr in ("1.0", "10000.0"):
         oom = by[("4096", lr)]
         assert oom.data.tags["trial.status"] == "oom"
