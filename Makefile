@@ -55,5 +55,7 @@ ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
 	  $(BIN)/mlflow ui --workers 1 --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
 
+# Everything the tool writes here, the study state in .studies with the record it points to (a resume
+# of a study whose record is gone is refused); data/ (datasets) stays.
 clean:
-	rm -rf $(VENV) outputs multirun mlruns mlflow.db .pytest_cache
+	rm -rf $(VENV) outputs multirun mlruns mlartifacts mlflow.db .studies reports bench-results .pytest_cache
