@@ -154,6 +154,9 @@ def test_submit_renders_the_allocation_from_the_config():
 
 @pytest.mark.parametrize("args, message", [
     (["nodez=2"], "nodez"),
+    (["nodes=0"], "nodes=0: must be at least 1"),
+    (["gpus_per_node=-1"], "gpus_per_node=-1: must be at least 0"),
+    (["gpus_per_node=abc"], "gpus_per_node=abc: "),
     (["--", "hydra.sweeper.resources.gpu=1"], "gpus_per_node=0"),
     (["cpus_per_task=2", "--", "hydra.sweeper.resources.cpu=4"], "cpus_per_task=2"),
 ])

@@ -57,9 +57,13 @@ def load(config: Path, overrides: List[str]):
             raise ValueError(f"'{item}' is not key=value")
         key, text = item.split("=", 1)
         raw = key in STRINGS or key.startswith("env.")
-        OmegaConf.update(cfg, key, text if raw else yaml.safe_load(text), merge=True)
-    if cfg.nodes < 1 or cfg.cpus_per_task < 1 or cfg.gpus_per_node < 0:
-        raise ValueError("nodes and cpus_per_task must be >= 1, gpus_per_node >= 0")
+        try:
+            OmegaConf.update(cfg, key, text if raw else yaml.safe_load(text), merge=True)
+        except Exception as exc:  # noqa: BLE001 - OmegaConf's message names the type, not always the key
+            raise ValueError(f"{key}={text}: {str(exc).splitlines()[0]}") from None
+    for key, least in (("nodes", 1), ("cpus_per_task", 1), ("gpus_per_node", 0)):
+        if cfg[key] < least:
+            raise ValueError(f"{key}={cfg[key]}: must be at least {least}")
     return cfg
 
 
