@@ -64,6 +64,7 @@ class StudyRecorder:
         self.status: dict[int, str] = {}
         self.best: dict[int, float] = {}
         self._ready: set[int] = set()  # trial runs created and filled with params
+        self._creating: set[int] = set()  # trial runs whose create_run was sent and did not answer
         self.pending: deque = deque()  # trial writes not yet applied to MLflow, in order
         self.journal: Optional[Path] = None
         self.retry_s = 5.0
@@ -331,16 +332,30 @@ class StudyRecorder:
             return
         cfg = intent["config"]  # the trial's plain resolved config: no DictConfig needed (scaling.recorded)
         if index not in self.trial_runs:
-            tags = {KIND_TAG: "trial", STATUS_TAG: "running", "mlflow.parentRunId": self.run_id,
-                    STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **intent["tags"]}
-            self.trial_runs[index] = self.client.create_run(self.exp_id, start_time=intent.get("ts"),
-                                                            run_name=trial_run_name(cfg), tags=tags).info.run_id
+            # a create_run that failed may have landed before its reply was lost (a server killed
+            # mid-request): find that run before creating another, or the trial would have two
+            found = self._find_trial_run(index) if index in self._creating else None
+            if found is None:
+                tags = {KIND_TAG: "trial", STATUS_TAG: "running", "mlflow.parentRunId": self.run_id,
+                        STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **intent["tags"]}
+                self._creating.add(index)
+                found = self.client.create_run(self.exp_id, start_time=intent.get("ts"), run_name=trial_run_name(cfg),
+                                               tags=tags).info.run_id
+            self.trial_runs[index] = found
+            self._creating.discard(index)
         # A retry after the store failed (or the driver died) between creating the run and filling it
         # lands here again; MLflow accepts a param logged twice with the same value. The config
         # artifact goes first and LAST_TRIAL_PARAM last, so a run holding that param is complete.
         self.client.log_text(self.trial_runs[index], config_yaml(recorded_config(cfg)), "config.yaml")
         batch.params.update(trial_params(cfg))
         batch.completes = True
+
+    def _find_trial_run(self, index: int) -> Optional[str]:
+        """Return the id of the study's run for trial `index` in the store, the first created, if any."""
+        runs = self.client.search_runs([self.exp_id], f"tags.{STUDY_TAG} = '{self.run_id}' and "
+                                       f"tags.{TRIAL_INDEX_TAG} = '{index}'", max_results=10,
+                                       order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
 
     def _write(self, index: int, batch: _Batch) -> None:
         if not (batch.params or batch.metrics or batch.tags):

@@ -75,12 +75,14 @@ def test_disabled_recorder_keeps_the_bookkeeping_and_writes_nothing(tmp_path, co
 
 
 class CountingClient:
-    """Wraps an MlflowClient, counting the requests that write (and failing the n-th, or all while down)."""
+    """Wraps an MlflowClient, counting the requests that write (and failing the n-th, or all while down;
+    or landing the n-th and losing its reply, as a server killed mid-request does)."""
 
     WRITES = ("create_run", "log_batch", "log_text", "set_tag", "set_terminated")
 
-    def __init__(self, client, fail_at: int = 0, down: bool = False):
+    def __init__(self, client, fail_at: int = 0, down: bool = False, lose_reply_at: int = 0):
         self.client, self.fail_at, self.down, self.calls = client, fail_at, down, []
+        self.lose_reply_at = lose_reply_at
 
     def __getattr__(self, name):
         attr = getattr(self.client, name)
@@ -91,7 +93,10 @@ class CountingClient:
             self.calls.append(name)
             if self.down or len(self.calls) == self.fail_at:
                 raise ConnectionError("the store went away")
-            return attr(*args, **kwargs)
+            result = attr(*args, **kwargs)
+            if len(self.calls) == self.lose_reply_at:
+                raise ConnectionError("the store went away before it answered")
+            return result
         return counted
 
 
@@ -168,6 +173,24 @@ def test_a_write_that_fails_half_way_is_retried_without_duplicates(tracking_uri,
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     history = real.get_metric_history(runs[0].info.run_id, "val/loss")
     assert [m.step for m in history] == [320, 640, 960]
+
+
+def test_a_trial_run_created_whose_reply_was_lost_is_found_not_made_twice(tracking_uri, compose_cfg):
+    """create_run lands in the store and the server dies before it answers: the retry finds that run
+    by the trial's tags and fills it, so the trial has one run (CI once counted 5 runs for 4 trials)."""
+    rec = StudyRecorder(tracking_uri, "scaling", study_name="s")
+    rec.start({}, {})
+    real = rec.client
+    rec.client = CountingClient(real, lose_reply_at=1)  # the first write: the trial's create_run
+    rec.retry_s = 0.1
+    rec.trial_started(0, compose_cfg("batch_size=32"))
+    rec.trial_metrics(0, _evaluation(1))
+    rec.trial_finished(0, "completed")
+    rec.drain()
+    assert rec.client.calls.count("create_run") == 1, "a second run was created"
+    runs = real.search_runs([rec.exp_id], f"tags.{STUDY_TAG} = '{rec.run_id}'")
+    assert len(runs) == 1 and runs[0].info.run_id == rec.trial_runs[0]
+    assert runs[0].info.status == "FINISHED" and LAST_TRIAL_PARAM in runs[0].data.params
 
 
 class RecordingClient:
