@@ -21,6 +21,12 @@ from typing import Any, Optional
 CONNECT_RETRY = {"raylet_client_connect_timeout_milliseconds": 50, "raylet_client_num_connect_attempts": 200}
 
 
+def starts_local_head(address: Optional[str]) -> bool:
+    """Whether `hydra.sweeper.ray.address` asks for a new local head (null, empty or Ray's own `local`)
+    rather than a cluster to join (`auto`, host:port)."""
+    return address in (None, "", "local")
+
+
 def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float]) -> None:
     """Start a local Ray bound to 127.0.0.1 (address null or `local`) or join `address`, quiet, without
     the dashboard."""
@@ -37,7 +43,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional
         return
     kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                                   configure_logging=True)
-    if address and address != "local":  # `local` is Ray's word for a new local head: the branch below
+    if not starts_local_head(address):
         ray.init(address=address, **kwargs)
     else:
         # A local study listens on loopback only: Ray otherwise swaps 127.0.0.1 for the routable
@@ -156,7 +162,7 @@ def _probe_address(address) -> None:
 
     from scaling.config import ConfigError
 
-    if not address or address in ("auto", "local"):
+    if starts_local_head(address) or address == "auto":
         return
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")

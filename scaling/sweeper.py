@@ -197,12 +197,14 @@ class ScalingSweeper(Sweeper):
     def _check_ray(self) -> None:
         """Raise ConfigError for a local Ray's size that Ray would refuse, or one given with a cluster's
         address (ray.init refuses both together, after the driver has prepared the study)."""
+        from scaling.local_ray import starts_local_head
+
         r = self.conf.ray
         if r.num_cpus is not None:
             _positive("hydra.sweeper.ray.num_cpus", r.num_cpus, integer=True)
         if r.num_gpus is not None:
             _positive("hydra.sweeper.ray.num_gpus", r.num_gpus, allow_zero=True)
-        if r.address not in (None, "local"):
+        if not starts_local_head(r.address):
             for key, value in (("num_cpus", r.num_cpus), ("num_gpus", r.num_gpus)):
                 if value is not None:
                     raise ConfigError(f"hydra.sweeper.ray.{key}", value, "sizes a local Ray only; the cluster at "

@@ -47,7 +47,7 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 def _direction(key: str, mode: str, metric_key: str, metric: str) -> None:
     """Refuse a mode that judges `metric` against the way it gets better (a lower val/acc, a higher loss)."""
     better = METRIC_DIRECTIONS.get(metric)
-    if better is not None and mode in MODES and mode != better:
+    if better is not None and mode != better:  # after _choice: mode is min or max
         raise ConfigError(key, mode, f"judges {metric_key}={metric} the wrong way round ({metric} is better "
                           f"{'higher' if better == 'max' else 'lower'}): use {key}={better}")
 
