@@ -82,7 +82,9 @@ def run_study(ctx: Ctx, *, asha: bool, mlflow: bool = True, extra: Sequence[str]
         out["printed_trained"], out["printed_full"] = (int(g.replace(",", "")) for g in s.groups())
     if mlflow and out["study_run_id"]:
         out.update(read_back(ctx, out["study_run_id"], t.launched))
-    log(f"study {name}: {t.wall_s:.1f}s wall, first trial started {out.get('startup_s', math.nan):.1f}s after launch")
+    start = out.get("startup_s", math.nan)  # from the trial runs' start times: none without MLflow
+    log(f"study {name}: {t.wall_s:.1f}s wall" + (f", first trial started {start:.1f}s after launch"
+                                                  if math.isfinite(start) else ""))
     return out
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from scaling import fits
 from scaling.study_data import (DEFAULT_TRACKING_URI, LR, Study, StudyError, Target, load_study,  # noqa: F401
-                                trials_frame, typed)
+                                rule_bypassed, trials_frame, typed)
 
 USABLE = ("completed", "early_stopped", "pruned")
 COSTS = ("steps_to_target", "samples_to_target", "time_to_target_s")
@@ -137,7 +137,8 @@ def best_lr(grid: pd.DataFrame) -> pd.DataFrame:
     """Return per batch size the grid's best LR, its parabola-refined value, the best value and `edge`.
 
     `edge` is "low" or "high" when the best LR is the smallest or largest tried: the optimum
-    then lies outside the grid and the refined LR is only a bound. The parabola goes only through
+    then lies outside the grid and the refined LR is only a bound; "only" when one LR was tried,
+    which chose nothing, so there is no refined LR (NaN). The parabola goes only through
     values of the full budget: a neighbour ASHA pruned has a higher loss than it would have had,
     which would push the vertex away from it, so the best LR is then the grid's own.
     """
@@ -150,19 +151,23 @@ def best_lr(grid: pd.DataFrame) -> pd.DataFrame:
             edge = "low" if i == 0 else "high" if i == len(v) - 1 else ""
             full = g["pruned"].to_numpy(float) == 0 if "pruned" in g else np.ones(len(v), bool)
             refined = fits.refine_best_lr(lrs, np.where(full, v, np.inf)) if full[i] else lrs[i]
-            row.update(lr_grid=lrs[i], lr_refined=refined, best=v[i],
+            row.update(lr_grid=lrs[i], lr_refined=refined if len(v) > 1 else np.nan, best=v[i],
                        edge="only" if len(v) == 1 else edge)
         rows.append(row)
     return pd.DataFrame(rows, columns=["batch_size", "lr_grid", "lr_refined", "best", "edge", "n_lrs"])
 
 
 def lr_law(best: pd.DataFrame) -> tuple[Optional[fits.LrExponentFit], list[str]]:
-    """Return the fit of best LR against batch size (None with a note when it cannot be made)."""
-    ok = best[np.isfinite(best["lr_refined"])]
+    """Return the fit of best LR against batch size (None with a note when it cannot be made), over the batch
+    sizes that chose among 2 or more LRs: one LR tried is the grid's choice (the rule's, say), not a best."""
+    ok = best[np.isfinite(best["lr_refined"]) & (best["n_lrs"] >= 2)]
+    one = best.loc[best["n_lrs"] < 2, "batch_size"].tolist()
+    untuned = f" (one LR tried at B={_list(one)}: sweep lr_multiplier there)" if one else ""
     if ok["batch_size"].nunique() < 3:
-        return None, [f"LR scaling law: needs a best LR at 3 or more batch sizes, found {ok['batch_size'].nunique()}"]
+        return None, [f"LR scaling law: not fitted: needs a best LR chosen among 2 or more LRs at 3 or more "
+                      f"batch sizes, found {ok['batch_size'].nunique()}{untuned}"]
     fit = fits.fit_lr_exponent(ok["batch_size"], ok["lr_refined"])
-    notes = []
+    notes = [f"LR scaling law: fitted without the batch sizes that tried one LR{untuned}"] if one else []
     edges = ok[ok["edge"] != ""]
     if len(edges):
         at = ", ".join(f"B={b} ({e})" for b, e in zip(edges["batch_size"], edges["edge"]))
@@ -199,8 +204,9 @@ def regime(batch_size: float, fit: Optional[fits.CriticalBatchFit]) -> str:
 def rule_gaps(trials: pd.DataFrame, metric: str = "best/val_loss") -> pd.DataFrame:
     """Return per (batch size, warmup, rule) the loss at lr_multiplier 1 and its gap to the tuned optimum.
 
-    The tuned optimum is the best over every LR tried at that batch size and warmup.
-    Empty when the grid has no lr_multiplier=1 trial.
+    The tuned optimum is the best over every LR tried at that batch size and warmup (a trial
+    that set `lr=` counts there, as an LR tried, but never as its rule's); a batch size and
+    warmup that tried one LR has no row. Empty when no lr_multiplier=1 trial follows its rule.
     """
     cols = ["batch_size", "warmup.epochs", "scaling.rule", "loss_at_1", "tuned", "tuned_lr", "gap"]
     if not {"lr_multiplier", "scaling.rule"} <= set(trials):
@@ -208,14 +214,29 @@ def rule_gaps(trials: pd.DataFrame, metric: str = "best/val_loss") -> pd.DataFra
     df = trials[trials["status"].isin((*USABLE, "diverged"))].copy()
     df["value"] = np.where(df["status"] == "diverged", np.inf, df[metric])
     keys = ["batch_size", *(["warmup.epochs"] if "warmup.epochs" in df else [])]
-    at1 = df[np.isclose(df["lr_multiplier"], 1.0)]
+    at1 = df[np.isclose(df["lr_multiplier"], 1.0) & ~rule_bypassed(df)]  # lr= trained no rule's LR
     if at1.empty:
         return pd.DataFrame(columns=cols)
     base = best_config(at1, "value", [*keys, "scaling.rule"]).rename(columns={"value": "loss_at_1"})
     tuned = best_config(df, "value", keys).rename(columns={"value": "tuned", LR: "tuned_lr"})
-    out = base[[*keys, "scaling.rule", "loss_at_1"]].merge(tuned[[*keys, "tuned", "tuned_lr"]], on=keys)
+    tried = df.groupby(keys, dropna=False)[LR].nunique().rename("n_lrs").reset_index()
+    out = base[[*keys, "scaling.rule", "loss_at_1"]].merge(tuned[[*keys, "tuned", "tuned_lr"]], on=keys).merge(tried, on=keys)
+    out = out[out["n_lrs"] >= 2]  # one LR tried tunes nothing: its gap would be 0 by construction
     out["gap"] = out["loss_at_1"] - out["tuned"]
     return out.reindex(columns=[c for c in cols if c in out]).sort_values(["scaling.rule", *keys[::-1]])
+
+
+def rules_note(trials: pd.DataFrame) -> list[str]:
+    """Return why the rule comparison is empty: no rule trial at lr_multiplier=1, or one LR tried per batch size."""
+    df, n = trials[trials["status"].isin((*USABLE, "diverged"))], int(rule_bypassed(trials).sum())
+    if (np.isclose(df["lr_multiplier"], 1.0) & ~rule_bypassed(df)).any():
+        one = df.groupby("batch_size")[LR].nunique()
+        return [f"rule comparison: needs 2 or more LRs tried at a batch size to tune its rule's LR against, found one "
+                f"at B={_list(one[one < 2].index)}: sweep lr_multiplier"]
+    if not n:
+        return ["rule comparison: needs lr_multiplier=1 in the grid"]
+    return [f"rule comparison: no trial trained its scaling.rule's LR at lr_multiplier=1 ({n} of {len(trials)} set "
+            "lr=, lr.rule_bypassed=True, which bypasses the rule); sweep lr_multiplier, with 1 in it, instead of lr"]
 
 
 def divergence_map(trials: pd.DataFrame) -> pd.DataFrame:
@@ -235,12 +256,16 @@ def memory_table(trials: pd.DataFrame) -> pd.DataFrame:
     """Return per (batch size, micro-batch, precision): peak MB, samples/s, time and samples to target, frontier.
 
     Time to target is the fastest configuration's seed median; peak memory is the largest
-    over the group's trials (what a budget must hold). `on_frontier` marks the Pareto frontier
+    over the group's trials, those that ran out of memory included (what a budget must hold).
+    `on_frontier` marks the Pareto frontier
     of (peak MB, time to target).
     """
     by = [c for c in ("batch_size", "micro_batch_size", "precision") if c in trials]
-    u = usable(trials).assign(**{c: np.nan for c in ("mem/peak_mb", "time/samples_per_s") if c not in trials})
-    res = u.groupby(by, dropna=False).agg(peak_mb=("mem/peak_mb", "max"), samples_per_s=("time/samples_per_s", "median"))
+    missing = {c: np.nan for c in ("mem/peak_mb", "time/samples_per_s") if c not in trials}
+    u = usable(trials).assign(**missing)
+    held = pd.concat([u, trials[trials["status"] == "oom"].assign(**missing)])  # an oom's peak: a budget holds it too
+    res = pd.concat([held.groupby(by, dropna=False)["mem/peak_mb"].max().rename("peak_mb"),
+                     u.groupby(by, dropna=False)["time/samples_per_s"].median().rename("samples_per_s")], axis=1)
     out = cost_to_target(trials, by, rank="time_to_target_s").merge(res.reset_index(), on=by)
     time = out["time_to_target_s"].where(np.isfinite(out["time_to_target_s"]))
     out["on_frontier"] = fits.pareto_frontier(out["peak_mb"], time) if len(out) else []
@@ -367,7 +392,7 @@ def analyze(study: Study, memory_budget_mb: Optional[float] = None, target: Opti
     notes += more
     rules = rule_gaps(costed)
     if rules.empty and "lr_multiplier" in trials:
-        notes.append("rule comparison: needs lr_multiplier=1 in the grid")
+        notes += rules_note(trials)
     memory = memory_table(costed)
     rec, verdict = recommend(memory, memory_budget_mb)
     return Analysis(tgt, costed, costs, grid, best, lr_fit, crit_fit, rules, divergence_map(costed), memory,

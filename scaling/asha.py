@@ -67,15 +67,14 @@ Stratum = tuple  # ((key, value), ...) in group_by order; () when unstratified
 
 
 def get_dotted(config: Dict[str, Any], key: str, default: Any = None) -> Any:
-    """Return config["a"]["b"] for key "a.b" (or config["a.b"] if present flat), else default."""
+    """Return config["a"]["b"] for key "a.b", or config["a"]["b.c"] for "a.b.c" (a key held flat at any
+    level, as a trial's grid point holds its axes), else default."""
     if key in config:
         return config[key]
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
+    head, _, rest = key.partition(".")
+    if rest and isinstance(config.get(head), dict):
+        return get_dotted(config[head], rest, default)
+    return default
 
 
 def rung_levels(grace_period: float, max_t: float, reduction_factor: float) -> list[float]:

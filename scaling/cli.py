@@ -8,6 +8,7 @@ HYDRA_FULL_ERROR=1 shows the full traceback instead.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -49,7 +50,26 @@ def one_line(exc: BaseException) -> str:
         first = str(cause).strip().splitlines()[0]
         key = getattr(cause, "full_key", None)
         return f"{head.rstrip('.')}: {first}" + (f" (key: {key})" if key and key not in first else "")
-    return head
+    return _joined(str(exc)) or head
+
+
+def _joined(message: str) -> str:
+    """Return a multi-line message as one line: a first line that ends in ':' only introduces the reason
+    on the next (Hydra's "In 'experiment/x': ConfigKeyError raised while composing config:"), so the two
+    are joined; OmegaConf's indented detail lines are left out but for the key they name."""
+    lines = message.strip().splitlines()
+    reason = [line.strip() for line in lines if line.strip() and not line.startswith(" ")]
+    if not reason:
+        return ""
+    line = reason[0]
+    if line.endswith(":") and len(reason) > 1:
+        line = _COMPOSING.sub(": ", f"{line} {reason[1]}")
+    key = next((k.split(":", 1)[1].strip() for k in lines if k.strip().startswith("full_key:")), "")
+    return line + (f" (key: {key})" if key and key not in line else "")
+
+
+# Hydra's wording between where a composition failed and why; the reason says it better
+_COMPOSING = re.compile(r": \w+ raised while composing config: ")
 
 
 def compose(overrides: Sequence[str], config_name: str = "config") -> Any:
@@ -145,6 +165,7 @@ def _train_task(cfg: Any) -> Optional[float]:
     cfg = _from_launch_dir(cfg)
     try:
         validate(cfg)
+        _note_unused_grid()
         progress = sys.stderr.isatty() or os.environ.get("SCALING_PROGRESS") == "1"
         ref_lr, found = None, {}
         if cfg.scaling.ref_lr == "auto" or cfg.schedule.from_lr_find:  # the LR comes from a range test first
@@ -159,6 +180,20 @@ def _train_task(cfg: Any) -> Optional[float]:
         fail(str(exc))
     print(end_line(result, run_id, cfg), flush=True)
     return result.metrics.get("val/loss")
+
+
+def _note_unused_grid() -> None:
+    """Say so when a single run's preset defines a grid: Hydra applies hydra.sweeper.params only to a
+    multirun, so `scaling-train experiment=optimizers` trains one trial of it, silently."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    params = hc.sweeper.get("params") or {}
+    if hc.mode == RunMode.RUN and params:
+        preset = hc.runtime.choices.get("experiment")
+        print(f"note: {f'experiment={preset}' if preset else 'the config'} defines a grid over {', '.join(params)}; "
+              "this is one trial of it: add -m (or run scaling-study) for the grid", flush=True)
 
 
 def _run_hydra(task, argv: Sequence[str]) -> None:
@@ -216,7 +251,8 @@ def _console(main: Callable[[], None]) -> Callable[[], None]:
     one object at a time, memory the OS takes back at once. The script instead runs what a
     normal exit runs (non-daemon threads joined, atexit handlers: Ray's shutdown, MLflow's,
     logging's flush), flushes stdout and stderr, and ends with os._exit and main's exit code.
-    An exception other than SystemExit takes Python's own path (traceback, teardown).
+    A Ctrl-C that reached it is one line and exit 130; an exception other than SystemExit takes
+    Python's own path (traceback, teardown).
     """
     def entry() -> None:
         try:
@@ -224,6 +260,9 @@ def _console(main: Callable[[], None]) -> Callable[[], None]:
             code: Any = 0
         except SystemExit as exc:
             code = exc.code
+        except KeyboardInterrupt:  # a Ctrl-C that no part of the command handled itself: no traceback
+            print("error: interrupted", file=sys.stderr, flush=True)
+            code = 130
         _exit_now(code)
 
     entry.__doc__ = main.__doc__

@@ -9,6 +9,7 @@ This module imports neither torch, ray nor mlflow: `scaling-study batch_size=-1`
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -36,6 +37,9 @@ REPORTED_METRICS = (
 # an ASHA judged the other way round runs, and its numbers are wrong (scaling.validation refuses it).
 METRIC_DIRECTIONS = {"train/loss": "min", "val/loss": "min", "val/acc": "max", "time/elapsed_s": "min",
                      "time/samples_per_s": "max", "mem/peak_mb": "min", "mem/eval_peak_mb": "min"}
+# The values each of them can take, (low, high]: a target outside can never be met, or is met at once
+# (a loss or a time is positive; an accuracy is a fraction, so target.value=70 meant 0.7).
+METRIC_RANGES = {**{m: (0.0, math.inf) for m in METRIC_DIRECTIONS}, "val/acc": (0.0, 1.0)}
 
 
 # scheme://user:password@host -> scheme://user:***@host, in a URL or in any text holding one (a Hydra
@@ -183,7 +187,8 @@ class EarlyStoppingConfig:
 @dataclass
 class DivergenceConfig:
     factor: float = 5.0
-    """A training loss above factor x the initial loss, or a non-finite one, is divergence."""
+    """A training loss above factor x the initial training loss, or a non-finite one, is divergence;
+    so is such a validation loss at an evaluation."""
 
 
 @dataclass
@@ -339,6 +344,12 @@ def effective_lr(cfg: Any, ref_lr: Optional[float] = None) -> float:
     s = cfg.scaling
     base = float(ref_lr if ref_lr is not None else s.ref_lr)
     return base * cfg.lr_multiplier * (cfg.batch_size / s.ref_batch_size) ** lr_exponent(s.rule)
+
+
+def lr_from_range_test(cfg: Any) -> bool:
+    """True when a trial's LR comes from a range test at its own batch size, run by the trial itself
+    (schedule.from_lr_find): its config does not know the LR it trains."""
+    return bool(cfg.schedule.from_lr_find) and cfg.lr is None
 
 
 def warmup_start_lr(cfg: Any, ref_lr: Optional[float] = None) -> float:

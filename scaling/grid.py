@@ -38,6 +38,11 @@ class Grid:
                 "n_trials": len(self.points)}
 
 
+def sweep_text(override: Any) -> str:
+    """Return an override's value as typed (`tag(log,interval(0,1))`), without its `key=`."""
+    return override.input_line.split("=", 1)[-1]
+
+
 def draw(override: Any, rng: random.Random) -> str:
     """Return one value of an interval sweep, as override text: uniform, or log-uniform when tagged
     `log`; an integer when both ends are (Hydra's `int(interval(a,b))`, or `int(tag(log,interval(a,b)))`
@@ -46,7 +51,7 @@ def draw(override: Any, rng: random.Random) -> str:
     lo, hi = float(sweep.start), float(sweep.end)
     if "log" in sweep.tags:
         if lo <= 0:
-            raise ConfigError(override.get_key_element(), override.input_line, "a log interval needs a positive start")
+            raise ConfigError(override.get_key_element(), sweep_text(override), "a log interval needs a positive start")
         value = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     else:
         value = rng.uniform(lo, hi)
@@ -68,7 +73,7 @@ def _axis_length(key: str, o: Any) -> int:
     (range(0,100000000) as strings would not fit in memory)."""
     from hydra.core.override_parser.types import RangeSweep
 
-    sweep, text = o.value(), o.input_line.split("=", 1)[-1]
+    sweep, text = o.value(), sweep_text(o)
     if isinstance(sweep, RangeSweep):
         if not sweep.step:
             raise ConfigError(key, text, "a range's step must not be 0")
@@ -104,7 +109,7 @@ def build_grid(overrides: Sequence[Any], *, num_samples: int = 1, seed: int = 0)
         elif o.is_discrete_sweep():
             axes[key] = list(o.sweep_string_iterator())
         else:
-            sampled[key] = o.input_line.split("=", 1)[-1]
+            sampled[key] = sweep_text(o)
     rng = random.Random(seed)
     interval_overrides = [by_key[k] for k in sampled]
     points = []
@@ -120,6 +125,51 @@ def stratum_keys(axis_names: Sequence[str], group_by: Sequence[str] | None) -> l
     if group_by is not None:
         return list(group_by)
     return [a for a in axis_names if a.split("@")[0].lstrip("+~") not in LR_AXES]
+
+
+def params_overrides(params: Any) -> list[str]:
+    """Return hydra.sweeper.params as overrides, in order: a value is sweep text (`32,64`, `range(..)`),
+    a list a choice of its elements (as Hydra's Nevergrad sweeper reads one; Hydra's basic sweeper would
+    set the key to the list itself, which no grid means)."""
+    from hydra.core.override_parser.types import Override
+    from omegaconf import OmegaConf
+
+    overrides = []
+    for key, value in (params or {}).items():
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"hydra.sweeper.params.{key}", value, "sweeps over no values: the grid is empty")
+            text = ",".join(Override._get_value_element_as_str(v) for v in value)  # one value: a fixed override
+        else:
+            text = value if isinstance(value, str) else Override._get_value_element_as_str(value)
+        overrides.append(f"{key}={text}")
+    return overrides
+
+
+def blamed(exc: BaseException, overrides: Sequence[str], apply: Any) -> ConfigError:
+    """Return exc (raised by `apply(overrides)`) as a ConfigError naming the override that raised it, key
+    and value once, with its reason: the first whose prefix of `overrides` `apply` fails on (a retry per
+    override, on this error path only)."""
+    from scaling.cli import one_line
+
+    line = one_line(exc)
+    culprit = next((o for i, o in enumerate(overrides) if _fails(apply, overrides[:i + 1])), None)
+    if culprit is None:  # failed only all together (should not happen): name the trial
+        return ConfigError("trial", " ".join(overrides), line)
+    key, _, value = culprit.partition("=")
+    head, sep, reason = line.partition(": ")  # "Error merging override k=v: ..." or "Could not override 'k': ..."
+    if sep and (culprit in head or f"'{key.lstrip('+~')}'" in head):
+        line = reason
+    return ConfigError(key, value, line)
+
+
+def _fails(apply: Any, overrides: Sequence[str]) -> bool:
+    try:
+        apply(list(overrides))
+    except Exception:  # noqa: BLE001 - any error: this prefix holds the culprit
+        return True
+    return False
 
 
 def is_value_key(config_loader: Any, key: str) -> bool:

@@ -4,8 +4,8 @@
 
 `batch_size=32,256,2048` is not a Hydra multirun: the script runs the tests one after another on
 one loaded dataset (the comma list becomes `lr_find.batch_sizes`, which may also be given as
-a list). Per batch size it prints fastai's three suggestions, naming the one in use, and
-records one MLflow run (tag scaling.kind=lr_find): the curve as metrics at step = iteration
+a list, but not beside it). Per batch size it prints fastai's three suggestions, naming the one
+in use, and records one MLflow run (tag scaling.kind=lr_find): the curve as metrics at step = iteration
 (`lr` beside `lr_find/loss` and `lr_find/loss_smoothed`), the suggestions as params, and
 lr_find.png / lr_find.json as artifacts. With two or more batch sizes it then fits how the
 suggested LR moves with batch size, lr(B) ~ B^alpha, beside the linear (1) and sqrt (0.5) rules.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import tempfile
 import uuid
@@ -23,20 +24,29 @@ from scaling.config import ConfigError, redact_url
 from scaling.validation import at_batch_size, check_batch_fits, validate
 
 CURVE_METRICS = {"lr": "lrs", "lr_find/loss": "losses", "lr_find/loss_smoothed": "smoothed"}
+BATCH_LIST = re.compile(r"\s*(\[?)\s*(\d+(?:\s*,\s*\d+)*)\s*(\]?)\s*")  # 32,256 or [32, 256]
 
 
 def expand_batch_sizes(argv: Sequence[str]) -> list[str]:
-    """Return argv with `batch_size=32,256` rewritten as `lr_find.batch_sizes=[32,256]` (one line on error)."""
+    """Return argv with `batch_size=32,256` rewritten as `lr_find.batch_sizes=[32,256]` (one line on error).
+
+    batch_size and lr_find.batch_sizes together are refused: the list would replace batch_size silently.
+    """
     out = []
     for arg in argv:
         key, _, value = arg.partition("=")
-        if key != "batch_size" or ("," not in value and not value.startswith("[")):
+        if key != "batch_size" or not set(",[]") & set(value):
             out.append(arg)
             continue
-        items = value.strip("[]").split(",")
-        if not all(v.strip().isdigit() for v in items):
+        m = BATCH_LIST.fullmatch(value)
+        if m is None or bool(m.group(1)) != bool(m.group(3)):  # brackets must pair: [32,64 is a typo
             raise ConfigError("batch_size", value, "must be one integer or a comma list of integers, e.g. 32,256,2048")
-        out.append(f"lr_find.batch_sizes=[{','.join(v.strip() for v in items)}]")
+        out.append(f"lr_find.batch_sizes=[{','.join(v.strip() for v in m.group(2).split(','))}]")
+    given = {a.partition("=")[0]: a.partition("=")[2] for a in argv}
+    if "batch_size" in given and "lr_find.batch_sizes" in given:
+        listed = given["lr_find.batch_sizes"]
+        raise ConfigError("batch_size", given["batch_size"], f"conflicts with lr_find.batch_sizes={listed}, "
+                          "which the range tests would use instead; give one of the two")
     return out
 
 
@@ -52,41 +62,54 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         argv = expand_batch_sizes(argv)
     except ConfigError as exc:
         fail(str(exc))
-    tested = [a.partition("=")[2].strip("[]").split(",") for a in argv if a.startswith("lr_find.batch_sizes=")]
-    sizes = [int(b) for b in (tested[-1] if tested else []) if b.strip().isdigit()]
-    # the tested batch sizes replace batch_size, which the test never uses: check the config at one of them
-    preflight(argv + [f"batch_size={min(sizes)}"] if sizes else argv)
+    preflight(argv, check=validate_tested)
     _run_hydra(_task, argv)
+
+
+def tested_batch_sizes(cfg: Any) -> tuple[str, list[int]]:
+    """Return (the key that lists them, the batch sizes the range tests run at)."""
+    if cfg.lr_find.batch_sizes:
+        return "lr_find.batch_sizes", [int(b) for b in cfg.lr_find.batch_sizes]
+    return "batch_size", [int(cfg.batch_size)]
+
+
+def validate_tested(cfg: Any) -> None:
+    """Validate cfg at every tested batch size; an error found at one names the key that lists it.
+
+    The tested batch sizes replace batch_size, which the test never uses (its default may not even
+    fit the data), so cfg is never validated at batch_size itself.
+    """
+    key, sizes = tested_batch_sizes(cfg)
+    for b in sizes:
+        try:
+            validate(at_batch_size(cfg, b))
+        except ConfigError as exc:
+            raise (exc if key == "batch_size" else _at_tested(exc, key, b)) from None
+
+
+def _at_tested(exc: ConfigError, key: str, batch_size: int) -> ConfigError:
+    """Return exc as found at one of `key`'s batch sizes: `lr_find.batch_sizes=0: must be positive`."""
+    if exc.key == "batch_size":
+        return ConfigError(key, batch_size, exc.problem)
+    return ConfigError(exc.key, exc.value,
+                       exc.problem.replace(f"batch_size={batch_size}", f"batch size {batch_size} of {key}"))
 
 
 def _task(cfg: Any) -> None:
     from scaling.cli import fail
-    from scaling.data import load_dataset
-    from scaling.lr_finder import range_test
+    from scaling.lr_finder import range_test, usable_lr
 
-    key = "lr_find.batch_sizes" if cfg.lr_find.batch_sizes else "batch_size"
-    batch_sizes = [int(b) for b in (cfg.lr_find.batch_sizes or [cfg.batch_size])]
-    try:
-        for b in batch_sizes:  # the batch sizes tested replace batch_size, which the test never uses
-            validate(at_batch_size(cfg, b))
-        data = load_dataset(cfg.data)  # once for every batch size; a missing dataset fails before any run
-        for b in batch_sizes:
-            check_batch_fits(key, b, data.n_train)
-    except ConfigError as exc:
-        fail(str(exc))
+    data = _checked_data(cfg)
+    client, exp_id, group = _open_record(cfg)
     progress = sys.stderr.isatty() or os.environ.get("SCALING_PROGRESS") == "1"
-    client = group = exp_id = None
-    if cfg.mlflow.enabled:
-        from scaling.tracking import get_experiment_id, make_client
-
-        client, group = make_client(cfg.mlflow.tracking_uri), uuid.uuid4().hex[:12]
-        try:
-            exp_id = get_experiment_id(client, cfg.mlflow.experiment)  # before any range test runs
-        except ConfigError as exc:
-            fail(str(exc))
     results, runs = [], []
-    for b in batch_sizes:
+    for b in tested_batch_sizes(cfg)[1]:
         result = range_test(cfg, data, b, progress=progress)
+        try:  # before its run is created: a test that diverged at once records no NaN suggestions
+            usable_lr(result, "lr_find.start_lr", cfg.lr_find.start_lr)
+        except ConfigError as exc:
+            _say_recorded(cfg, group, runs)  # the batch sizes tested before it are real results: kept, FINISHED
+            fail(str(exc))
         run_id = record(cfg, result, client, exp_id, group) if client is not None else None
         results.append(result)
         runs.append(run_id)
@@ -94,11 +117,48 @@ def _task(cfg: Any) -> None:
     line, alpha = fit_line([r.batch_size for r in results], [r.lr for r in results], cfg.lr_find.suggestion)
     if line:
         print(line, flush=True)
-    if client is not None:
-        for run_id in runs if alpha is not None else []:
-            client.set_tag(run_id, "lr_find.alpha", f"{alpha:.4g}")
-        print(f"recorded in '{cfg.mlflow.experiment}' at {redact_url(cfg.mlflow.tracking_uri)} (tag lr_find.group={group})",
-              flush=True)
+    for run_id in runs if client is not None and alpha is not None else []:
+        client.set_tag(run_id, "lr_find.alpha", f"{alpha:.4g}")
+    _say_recorded(cfg, group, runs)
+
+
+def _checked_data(cfg: Any) -> Any:
+    """Return the dataset, loaded once for every batch size, after checking cfg at each (exit with one line)."""
+    from scaling.cli import fail
+    from scaling.data import load_dataset
+
+    key, batch_sizes = tested_batch_sizes(cfg)
+    try:
+        validate_tested(cfg)
+        data = load_dataset(cfg.data)  # a missing dataset fails before any run
+        for b in batch_sizes:
+            check_batch_fits(key, b, data.n_train)
+    except ConfigError as exc:
+        fail(str(exc))
+    return data
+
+
+def _open_record(cfg: Any) -> tuple[Any, Optional[str], Optional[str]]:
+    """Return (MLflow client, experiment id, a new lr_find.group), or Nones with MLflow off; before any test runs."""
+    from scaling.cli import fail
+
+    if not cfg.mlflow.enabled:
+        return None, None, None
+    from scaling.store import make_client
+    from scaling.tracking import get_experiment_id
+
+    client = make_client(cfg.mlflow.tracking_uri)
+    try:
+        return client, get_experiment_id(client, cfg.mlflow.experiment), uuid.uuid4().hex[:12]
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _say_recorded(cfg: Any, group: Optional[str], runs: Sequence[Optional[str]]) -> None:
+    """Print where the runs went, if any were recorded."""
+    if any(runs):
+        print(f"recorded in '{cfg.mlflow.experiment}' at {redact_url(cfg.mlflow.tracking_uri)} "
+              f"(tag lr_find.group={group})", flush=True)
 
 
 def fit_line(batch_sizes: Sequence[int], lrs: Sequence[float], suggestion: str) -> tuple[str, Optional[float]]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from scaling.config import ConfigError, lr_exponent
+from scaling.config import ConfigError, lr_exponent, lr_from_range_test
 from scaling.validation import at_batch_size, check_batch_fits, validate
 
 if TYPE_CHECKING:
@@ -279,12 +279,11 @@ def _batches(data: Any, batch_size: int, seed: int) -> Iterable:
             yield data.x_train[idx], data.y_train[idx]
 
 
-def _usable(result: RangeTestResult, key: str) -> float:
-    """Return result.lr, or raise the ConfigError of a test too short to suggest an LR."""
+def usable_lr(result: RangeTestResult, key: str, value: Any) -> float:
+    """Return result.lr, or raise the ConfigError (naming key=value) of a test too short to suggest an LR."""
     if not math.isfinite(result.lr):
-        raise ConfigError(key, "auto" if key == "scaling.ref_lr" else True,
-                          f"the LR range test at batch_size={result.batch_size} diverged after {len(result.lrs)} "
-                          "iterations, too early to suggest an LR: lower lr_find.start_lr")
+        raise ConfigError(key, value, f"the LR range test at batch size {result.batch_size} diverged after "
+                          f"{len(result.lrs)} iterations, too early to suggest an LR: lower lr_find.start_lr")
     return result.lr
 
 
@@ -296,7 +295,7 @@ def resolve_ref_lr(cfg: Any, dataset: Any = None, *, progress: bool = False, cli
     and run_id (e.g. the study run) the curve and its plot are also logged into that run.
     """
     result = range_test(cfg, dataset, cfg.scaling.ref_batch_size, progress=progress)
-    lr = _usable(result, "scaling.ref_lr")
+    lr = usable_lr(result, "scaling.ref_lr", "auto")
     if client is not None and run_id is not None:
         from scaling.lr_find_cli import log_range_test
 
@@ -315,9 +314,9 @@ def trial_ref_lr(cfg: Any, dataset: Any = None, ref_lr: Optional[float] = None, 
     ref_lr = suggestion / (batch_size / ref_batch_size) ** alpha, so effective_lr() and the
     logged lr.base / lr.effective stay consistent. Otherwise (ref_lr, {}).
     """
-    if cfg.schedule.from_lr_find and cfg.lr is None:
+    if lr_from_range_test(cfg):
         result = range_test(cfg, dataset, cfg.batch_size, progress=progress)
-        peak = _usable(result, "schedule.from_lr_find")
+        peak = usable_lr(result, "schedule.from_lr_find", True)
         ref = peak / (cfg.batch_size / cfg.scaling.ref_batch_size) ** lr_exponent(cfg.scaling.rule)
         return ref, {**result.params(), "lr_find.ref_lr": ref}
     if cfg.scaling.ref_lr == "auto" and ref_lr is None:

@@ -56,6 +56,7 @@ class PeakMemory:
         self.resettable = self.is_cuda or (os.path.exists(_CLEAR_REFS) and _status_kb("VmHWM") is not None)
         self._floor = 0  # CUDA: the peak (bytes) reached outside excluded() blocks before the last one
         self.eval_peak_mb = 0.0  # CUDA: the largest peak inside an excluded() block, above the baseline
+        self._seen_mb = 0.0  # CPU: the largest peak_mb() returned since reset()
 
     def reset(self) -> None:
         """Start a new measurement window: the peak becomes what is allocated now."""
@@ -70,6 +71,7 @@ class PeakMemory:
             self._floor, self.eval_peak_mb = 0, 0.0
             return
         _malloc_trim()
+        self._seen_mb = 0.0
         if self.resettable:
             with open(_CLEAR_REFS, "w") as f:
                 f.write("5")
@@ -81,8 +83,11 @@ class PeakMemory:
             import torch
 
             return max(self._floor, torch.cuda.max_memory_allocated(self.device)) / 2**20 - self.baseline_mb
+        # The kernel updates VmHWM lazily: pages freed by madvise (glibc's free) are not counted in it, so it
+        # can read ~0.2 MB lower after a peak (an out-of-memory trial recorded less than the peak that ended it)
         hwm = _status_kb("VmHWM")
-        return max(0.0, (hwm or 0) / 1024 - self.baseline_mb)
+        self._seen_mb = max(self._seen_mb, (hwm or 0) / 1024 - self.baseline_mb)
+        return self._seen_mb
 
     @contextlib.contextmanager
     def excluded(self):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from omegaconf import open_dict
 
@@ -70,8 +71,10 @@ def main_hydra(args: Any) -> Any:
     return Hydra.create_main_hydra2(detect_task_name(None, __name__), search_path)
 
 
-def preflight(argv: Sequence[str]) -> None:
+def preflight(argv: Sequence[str], check: Callable[[Any], None] = validate) -> None:
     """Exit with one line unless the command line parses, composes, validates and reaches MLflow.
+
+    `check` validates a single run's config (scaling-lr-find validates it at each tested batch size).
 
     A multirun is composed as Hydra composes it, with each sweep value merged alone; a basic-sweeper
     multirun is also validated at every grid point, since its jobs run one after another (the
@@ -81,15 +84,22 @@ def preflight(argv: Sequence[str]) -> None:
     from hydra.errors import MissingConfigException
 
     args = parse_args([a for a in argv if a != "--yes"])
+    modes = [flag for flag, on in (("--multirun", args.multirun), ("--cfg", args.cfg), ("--info", args.info),
+                                   ("--shell-completion", args.shell_completion)) if on]
+    if len(modes) > 1:  # Hydra's own refusal is a ValueError traceback
+        fail(f"{' and '.join(modes)}: give one of them (Hydra runs one mode: a run, a multirun, --cfg or --info)")
     if (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.package
             or args.resolve or args.experimental_rerun):
         return  # help and config output need no check
     name = args.config_name or "config"
     hydra = None
     try:
+        if not args.multirun:
+            _refuse_axes(args.overrides)
         hydra = main_hydra(args)
-        configs = sweep_configs(hydra, name, args.overrides) if args.multirun else [run_config(hydra, name, args)]
-        from scaling.tracking import check_experiment, check_tracking_uri
+        configs = sweep_configs(hydra, name, args.overrides) if args.multirun else [run_config(hydra, name, args, check)]
+        from scaling.store import check_tracking_uri
+        from scaling.tracking import check_experiment
 
         for uri, experiment in dict.fromkeys((c.mlflow.tracking_uri, c.mlflow.experiment)
                                              for c in configs if c.mlflow.enabled):
@@ -112,11 +122,20 @@ def preflight(argv: Sequence[str]) -> None:
         GlobalHydra.instance().clear()
 
 
+def _refuse_axes(overrides: Sequence[str]) -> None:
+    """Raise ConfigError for a grid axis given to a single run, which Hydra would ignore without a word."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~").split(".")[:3] == ["hydra", "sweeper", "params"]:
+            raise ConfigError(key, value, "sets the grid, which only a multirun sweeps: add -m (a single run "
+                                          "would ignore it)")
+
+
 def _blame(hydra: Any, config_name: str, args: Any, exc: Exception) -> str:
     """Return exc's one line, led by the override that raised it when the line names none.
 
-    Some of OmegaConf's errors name no key: `hydra.sweeper.params.batch_size=1` in a single run,
-    whose sweeper has `params: null`, fails with "Unexpected type for root: NoneType". Hydra applies
+    Some of OmegaConf's errors name no key: `lr_find.batch_sizes.x=1`, under a node that is null,
+    fails with "Unexpected type for root: NoneType". Hydra applies
     the overrides in order, so the first prefix of them that fails to compose ends with the culprit
     (a composition per override, on this error path only).
     """
@@ -126,6 +145,9 @@ def _blame(hydra: Any, config_name: str, args: Any, exc: Exception) -> str:
     if line == "Unexpected type for root: NoneType":
         line = "a node on this path is null here, so no key can be set under it"
     overrides = list(args.overrides)
+    preset = _SWEEPER_ONLY.match(line)
+    if preset:
+        return _scaling_sweeper_only(preset["path"], preset["key"], overrides)
     if hydra is None or isinstance(exc, ConfigError) or any(o.split("=", 1)[0].lstrip("+~") in line for o in overrides):
         return line
     mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
@@ -137,15 +159,27 @@ def _blame(hydra: Any, config_name: str, args: Any, exc: Exception) -> str:
     return line
 
 
-def run_config(hydra: Any, config_name: str, args: Any) -> Any:
-    """Return the validated config of a single run."""
+# A preset's hydra.sweeper.* key composed under hydra/sweeper=basic, as scaling.cli.one_line words it
+_SWEEPER_ONLY = re.compile(r"^In '(?P<path>[^']+)': Key '\w+' not in 'BasicSweeperConf' \(key: (?P<key>[\w.]+)\)$")
+
+
+def _scaling_sweeper_only(path: str, key: str, overrides: Sequence[str]) -> str:
+    """Return the line for a preset (`experiment/default_study`) that sets a sweeper key only the scaling
+    sweeper has, composed under hydra/sweeper=basic: Hydra's own line names neither the choice nor the way out."""
+    named = next((o for o in overrides if o.lstrip("+").replace("=", "/", 1) == path), f"'{path}'")
+    return (f"{named}: sets {key}, a setting of the scaling sweeper only (hydra/sweeper=basic has max_batch_size "
+            "and params); run this preset without hydra/sweeper=basic")
+
+
+def run_config(hydra: Any, config_name: str, args: Any, check: Callable[[Any], None] = validate) -> Any:
+    """Return the config of a single run, validated by `check`."""
     from hydra.types import RunMode
 
-    from scaling.tracking import check_writable
+    from scaling.store import check_writable
 
     cfg = hydra.compose_config(config_name, args.overrides, run_mode=RunMode.RUN)
     check_writable("hydra.run.dir", cfg.hydra.run.dir, Path(cfg.hydra.run.dir).absolute())  # Hydra makes it first
-    return _trial(cfg, [])
+    return _trial(cfg, [], check)
 
 
 def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> list:
@@ -159,14 +193,16 @@ def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> lis
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
 
-    from scaling.grid import grid_size
+    from scaling.grid import grid_size, params_overrides
 
     master = hydra.compose_config(config_name, list(overrides), run_mode=RunMode.MULTIRUN)  # sweeps left out
     sweeper, loader = master.hydra.sweeper, hydra.config_loader
-    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]  # the preset's axes come first
+    basic = sweeper._target_.endswith("BasicSweeper")
+    # the preset's axes come first; Hydra's basic sweeper reads each value as text, a list included
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()] if basic else params_overrides(sweeper.params)
     parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + list(master.hydra.overrides.task))
     grid_size(parsed, num_samples=sweeper.get("num_samples", 1))  # an empty axis or a zero range step, by key
-    if sweeper._target_.endswith("BasicSweeper"):
+    if basic:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
         points = BasicSweeper.split_arguments(parsed, None)[0]
@@ -193,9 +229,9 @@ def _merge_draw(override: Any, loader: Any, base: Any) -> None:
     """Merge one draw of an interval sweep into `base`; a ConfigError names the interval if it cannot be."""
     import random
 
-    from scaling.grid import draw, is_value_key, merge_values
+    from scaling.grid import draw, is_value_key, merge_values, sweep_text
 
-    key, text = override.get_key_element(), override.input_line.split("=", 1)[-1]
+    key, text = override.get_key_element(), sweep_text(override)
     if key[:1] in "+~" or "@" in key:
         return  # adds, deletes and packages: the sweeper composes them with the grid
     if not is_value_key(loader, key):
@@ -217,12 +253,12 @@ def _axis_values(override: Any) -> list[str]:
     return list(override.sweep_string_iterator())
 
 
-def _trial(cfg: Any, point: Sequence[str]) -> Any:
-    """Return `cfg` without its hydra node, validated; a grid point's error names the trial."""
+def _trial(cfg: Any, point: Sequence[str], check: Callable[[Any], None] = validate) -> Any:
+    """Return `cfg` without its hydra node, validated by `check`; a grid point's error names the trial."""
     with open_dict(cfg):
         del cfg["hydra"]
     try:
-        validate(cfg)
+        check(cfg)
     except ConfigError as exc:
         if not point:
             raise

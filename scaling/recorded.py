@@ -11,7 +11,7 @@ import functools
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from scaling.config import effective_lr, lr_exponent, redact_url
+from scaling.config import effective_lr, lr_exponent, lr_from_range_test, redact_url
 
 
 def as_attributes(cfg: Any) -> Any:
@@ -106,16 +106,29 @@ def trial_params(cfg: Any, ref_lr: Optional[float] = None) -> dict[str, str]:
     DictConfig or a plain resolved dict)."""
     params = config_params(cfg)
     cfg = as_attributes(cfg)
-    params["lr.effective"] = repr(effective_lr(cfg, ref_lr))
-    params["lr.base"] = repr(float(ref_lr if ref_lr is not None else cfg.scaling.ref_lr)) \
-        if cfg.scaling.ref_lr != "auto" or ref_lr is not None else "auto"
+    if ref_lr is not None or not lr_from_range_test(cfg):  # else the trial's own test gives it (lr_params)
+        params.update(lr_params(cfg, ref_lr))
     params["lr.rule_exponent"] = repr(lr_exponent(cfg.scaling.rule))
     params[LAST_TRIAL_PARAM] = str(cfg.lr is not None)  # last: log_params writes in order, so its presence
     return params                                        # marks a trial run whose params all landed
 
 
-def trial_run_name(cfg: Any) -> str:
-    """Return a readable run name, e.g. `bs=128 lr×2 sqrt warmup=2 s0` (cfg: a DictConfig or a plain dict)."""
+def lr_params(cfg: Any, ref_lr: Optional[float] = None) -> dict[str, str]:
+    """Return the params lr.effective (the LR trained) and lr.base (the reference LR the rule scales)."""
+    cfg = as_attributes(cfg)
+    base = repr(float(ref_lr if ref_lr is not None else cfg.scaling.ref_lr)) \
+        if cfg.scaling.ref_lr != "auto" or ref_lr is not None else "auto"
+    return {"lr.effective": repr(effective_lr(cfg, ref_lr)), "lr.base": base}
+
+
+# the keys a run's name always shows (trial_run_name); other swept axes are added to it
+NAMED_KEYS = {"batch_size", "lr", "lr_multiplier", "scaling.rule", "micro_batch_size", "warmup.epochs", "seed"}
+
+
+def trial_run_name(cfg: Any, axes: Optional[dict[str, Any]] = None) -> str:
+    """Return a readable run name, e.g. `bs=128 lr×2 sqrt warmup=2 s0` (cfg: a DictConfig or a plain dict),
+    with the grid's other axes, e.g. `bs=128 lr×2 sqrt optimizer=adam width=64 s0`: without them the
+    trials of an optimizer, schedule or model sweep share their names in the MLflow UI."""
     cfg = as_attributes(cfg)
     lr = f"lr={cfg.lr:g}" if cfg.lr is not None else f"lr×{cfg.lr_multiplier:g} {cfg.scaling.rule}"
     parts = [f"bs={cfg.batch_size}", lr]
@@ -123,4 +136,8 @@ def trial_run_name(cfg: Any) -> str:
         parts.append(f"mb={cfg.micro_batch_size}")
     if cfg.warmup.epochs:
         parts.append(f"warmup={cfg.warmup.epochs:g}")
+    for key, value in (axes or {}).items():
+        key = key.lstrip("+~").split("@")[0]
+        if key not in NAMED_KEYS:
+            parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
     return " ".join(parts + [f"s{cfg.seed}"])

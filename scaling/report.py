@@ -66,7 +66,7 @@ def report_study(tracking_uri: Optional[str], study: Optional[str] = None, *, ex
     figures = save_figures(a, s, out, memory_budget_mb)
     tables = write_tables(a, out)
     if log_to_mlflow:
-        from scaling.tracking import make_client
+        from scaling.store import make_client
 
         client = make_client(s.tracking_uri)
         for path in [*figures, *tables]:
@@ -131,7 +131,7 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
     for h in heads:
         table.add_column(h, justify="left" if h == "regime" else "right")
     for _, r in summary.iterrows():
-        edge = f" ({r['edge']} edge)" if r["edge"] else ""
+        edge = " (only LR tried)" if r["edge"] == "only" else f" ({r['edge']} edge)" if r["edge"] else ""
         row = [f"{r['batch_size']:g}", _num(r["lr_grid"]) + edge, _num(r["lr_refined"]), _num(r["best"], ".4f"),
                _num(r["steps_to_target"], ".0f"), _num(r["samples_to_target"], ".0f"), _num(r["time_to_target_s"], ".3g"),
                _num(r["peak_mb"], ".0f"), _num(r["samples_per_s"], ".0f"), _num(r["diverges_at"], ".3g"), r["regime"]]
@@ -157,7 +157,8 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
     else:
         console.print("[bold]Critical batch size[/bold]: not fitted (see notes)")
     if a.noise is not None:
-        console.print(f"[bold]B_simple[/bold] (gradient noise scale, median over trials): {a.noise['b_simple'].median():.3g}")
+        per_b = ", ".join(f"{b:g}: {v:.3g}" for b, v in zip(a.noise["batch_size"], a.noise["b_simple"]))
+        console.print(f"[bold]B_simple[/bold] (gradient noise scale, the median over each batch size's trials): {per_b}")
     else:
         console.print("[bold]B_simple[/bold]: not logged (gns.enabled=true measures it)")
 
@@ -211,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.tracking_uri.startswith(("http:", "https:")):  # MLflow's client would retry for minutes
         from scaling.config import ConfigError
-        from scaling.tracking import check_tracking_uri
+        from scaling.store import check_tracking_uri
 
         try:
             check_tracking_uri(args.tracking_uri)

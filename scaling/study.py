@@ -1,14 +1,14 @@
-"""Runs a study's trials on Ray Tune, with stratified ASHA, recording each in MLflow from the driver.
+"""The worker's side of a study on Ray Tune: the function trainable that runs one grid point and the
+reporter that sends its evaluations, checkpoints and final status to Tune.
 
-Workers run `train.run_trial` with a Tune reporter; the driver's callback turns every result
-into MLflow writes (StudyRecorder) and keeps the terminal progress line. Worker processes
+Workers run `train.run_trial` with a TuneReporter; the driver's callback (`study_callback`) turns
+every result into MLflow writes and keeps the terminal progress line. Worker processes
 are reused between trials (`reuse_actors`): a new Python + torch process per trial costs
 more than a small trial.
 """
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import tempfile
@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from scaling.reporters import Reporter
-from scaling.study_record import TERMINAL
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,6 +127,8 @@ class TuneReporter(Reporter):
 
         final = {"val/loss": math.nan, "val/acc": math.nan, "epoch": 0.0, "samples": 0, **self.last,
                  **result.metrics, **(result.target or {})}
+        if "mem/peak_mb" not in result.metrics and "mem/peak_mb" in result.info:  # out of memory: the peak that ended it
+            final["mem/peak_mb"] = result.info["mem/peak_mb"]
         final.update(trial_status=result.status, trial_reason=result.reason, **self._node(), **self._once(),
                      **self._history(), **self.extra)
         if self.resumed_from:  # a trial lost after its last evaluation resumes straight into finish()
@@ -172,6 +171,8 @@ def trainable(params: dict, configs: dict) -> None:
         reporter.extra["lr_find_ref_lr"] = ref_lr
     elif resume is not None and resume.get("ref_lr") is not None:
         ref_lr = resume["ref_lr"]
+        if cfg.schedule.from_lr_find:  # the driver may have died before it recorded the LR
+            reporter.extra["lr_find_ref_lr"] = ref_lr
     workers = plan_split(cfg).workers
     if workers > 1:  # this trial drives a Ray Train run of `workers` data-parallel ranks (scaling.distributed)
         from scaling.distributed import run_data_parallel
@@ -208,152 +209,3 @@ def _dataset(data_cfg: Any) -> Any:
         _DATASET.clear()  # one dataset per worker: a study over several never holds them all
         _DATASET[key] = load_dataset(data_cfg)
     return _DATASET[key]
-
-
-# ------------------------------------------------------------------ driver side
-
-
-def _recorded(result: dict) -> dict:
-    """Return the metrics of a result (or of an evaluation it carried) that a trial run records."""
-    return {k: v for k, v in result.items() if "/" in k or k in ("lr", "samples", "step", "epoch")}
-
-
-def _callback_class():
-    from ray.tune import Callback
-
-    class StudyCallback(Callback):
-        """Driver-side: records each trial in MLflow and prints the study's progress."""
-
-        def __init__(self, recorder, specs: dict[int, TrialSpec], scheduler, quiet: bool = False):
-            self.recorder, self.specs, self.scheduler, self.quiet = recorder, specs, scheduler, quiet
-            self.t0 = time.time()
-            self.running: set[int] = set()
-            self.final: dict[int, dict] = {}
-            self.resumed: set[int] = set()
-            self.unpaused: dict[int, int] = {}  # trial index -> the step it last resumed from a pause
-            self.tagged_lr: set[int] = set()
-            self.nodes: dict[int, str] = {}  # trial index -> the Ray node id it last reported from
-
-        def _index(self, trial) -> int:
-            return int(trial.config["point"]["index"])
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            i = self._index(trial)
-            # the spec's resolved dict as it is: a DictConfig made from it here only went back to a dict
-            # (~3 ms per trial on the thread every running trial's report waits for)
-            self.recorder.trial_started(i, self.specs[i].config, {"tune.trial_id": trial.trial_id})
-            self.running.add(i)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            i = self._index(trial)
-            metrics = _recorded(result)
-            node = result.get("node_id")
-            if node and self.nodes.get(i) != node:  # tag the run with where it ran (a retry may move it)
-                self.nodes[i] = node
-                self.recorder.trial_tags(i, {"ray.node_id": node, "ray.node_ip": str(result.get("node_ip", "")),
-                                             "ray.gpu_ids": str(result.get("gpu_ids", ""))})
-            if result.get("derived"):  # the trial loop's derived values (lr, steps, the data-parallel split)
-                derived = json.loads(result["derived"])
-                self.recorder.trial_params(i, {f"derived.{k}": str(v) for k, v in derived.items()})
-            step = result.get("resumed_from_step")
-            retry = trial.num_failures > 0 and i not in self.resumed  # Tune restarted it after a failure
-            if step and not retry and self._unpaused(trial, step):  # promotion-based ASHA paused it there
-                if self.unpaused.get(i) != step:
-                    self.unpaused[i] = step
-                    steps = sorted(self.scheduler.paused_steps[trial.trial_id])
-                    self.recorder.trial_tag(i, "asha.paused_at_steps", ",".join(map(str, steps)))
-            elif step and i not in self.resumed:
-                self.resumed.add(i)
-                self.recorder.trial_tag(i, "trial.resumed_from_step", str(step))
-            if "lr_find_ref_lr" in result and i not in self.tagged_lr:
-                self.tagged_lr.add(i)
-                self.recorder.trial_tag(i, "lr_find.ref_lr", repr(result["lr_find_ref_lr"]))
-            status = result.get("trial_status", "running")
-            for earlier in json.loads(result.get("history") or "[]"):  # evaluations held back by the trial
-                self.recorder.trial_metrics(i, _recorded(earlier))
-            if status in ("running", "completed"):  # "completed" rides on the last evaluation
-                self.recorder.trial_metrics(i, metrics)
-            if status != "running":
-                self.final[i] = dict(result)
-
-        def _unpaused(self, trial, step: int) -> bool:
-            """True when the trial resumed from where the scheduler paused it (not a failure's retry)."""
-            return int(step) in getattr(self.scheduler, "paused_steps", {}).get(trial.trial_id, ())
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._finish(trial)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._finish(trial, error=True)
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            """A failed attempt that Tune retries (max_failures): the run says so and stays running."""
-            self.recorder.trial_tags(self._index(trial), {"trial.failures": str(trial.num_failures),
-                                                          "trial.last_failure": _error_reason(trial)[:500]})
-
-        def _finish(self, trial, error: bool = False) -> None:
-            i = self._index(trial)
-            self.running.discard(i)
-            final = self.final.get(i)
-            if error:
-                status, reason = "error", _error_reason(trial)
-            elif final is not None:
-                status, reason = final["trial_status"], final.get("trial_reason", "")
-            elif self.scheduler is not None and trial.trial_id in self.scheduler.pruned_trial_ids:
-                status, reason = "pruned", "stopped by ASHA"
-            else:  # ended without a final report (e.g. stopped at the end of the study)
-                status, reason = "error", "ended without reporting a final status"
-            # where it stopped too: a trial that ended between evaluations (diverged, out of memory) trained
-            # past its last recorded point, and samples/trained counts what it trained
-            summary = {k: v for k, v in (final or {}).items()
-                       if k.startswith(("target/", "best/", "mem/")) or k in ("samples", "step", "epoch")}
-            if trial.num_failures:  # failed attempts, the last one included when it ends the trial
-                self.recorder.trial_tags(i, {"trial.failures": str(trial.num_failures)})
-            self.recorder.trial_finished(i, status, reason, summary)
-            if not self.quiet:
-                self._print_progress()
-
-        def _print_progress(self) -> None:
-            from collections import Counter
-
-            done = Counter(self.recorder.status.values())
-            best = best_per_batch_size(self.recorder, self.specs)
-            bests = " ".join(f"{b}:{v['best/val_loss']:.3f}" for b, v in sorted(best.items()))
-            finished = sum(n for status, n in done.items() if status in TERMINAL)
-            waiting = len(getattr(self.scheduler, "waiting", ()))  # paused at a rung (promotion-based ASHA)
-            running = f"running {len(self.running) - waiting}" + (f" waiting {waiting}" if waiting else "")
-            print(f"[{time.time() - self.t0:6.0f}s] done {finished}/{len(self.specs)} {running} "
-                  f"pruned {done.get('pruned', 0)} diverged {done.get('diverged', 0)} "
-                  f"| best val/loss per batch size {bests}", flush=True)
-
-    return StudyCallback
-
-
-def _error_reason(trial) -> str:
-    """Return the last line of a failed trial's error (the exception), or a generic reason."""
-    text = ""
-    try:  # Tune writes the error next to the trial locally before calling back; storage may lag
-        with open(trial.error_file) as f:
-            text = f.read()
-    except (OSError, TypeError, AttributeError):
-        try:
-            text = str(trial.get_error() or "")
-        except Exception:  # noqa: BLE001 - the error file may be gone with a lost node
-            text = ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][-2000:] if lines else "worker failed (no error recorded)"
-
-
-def best_per_batch_size(recorder, specs: dict[int, TrialSpec]) -> dict[int, dict]:
-    """Return, per batch size, the trial with the lowest best/val_loss (diverged and oom excluded)."""
-    best: dict[int, dict] = {}
-    for i, loss in recorder.best.items():
-        if recorder.status.get(i) in ("diverged", "oom", "error") or not math.isfinite(loss):
-            continue
-        cfg = specs[i].config
-        b = int(cfg["batch_size"])
-        if b not in best or loss < best[b]["best/val_loss"]:
-            best[b] = {"best/val_loss": loss, "trial": i, "run_id": recorder.trial_runs.get(i),
-                       "lr_multiplier": cfg["lr_multiplier"], "rule": cfg["scaling"]["rule"],
-                       "axes": specs[i].axes}
-    return best

@@ -112,6 +112,12 @@ def trials_frame(records: Sequence[dict], axes: Sequence[str] = ()) -> pd.DataFr
     return df
 
 
+def rule_bypassed(trials: pd.DataFrame) -> pd.Series:
+    """Return whether each trial set `lr=` (param lr.rule_bypassed), so that its LR is no scaling rule's."""
+    flag = trials["lr.rule_bypassed"].eq(True) if "lr.rule_bypassed" in trials else False
+    return (trials["lr"].notna() if "lr" in trials else pd.Series(False, index=trials.index)) | flag
+
+
 def _axis_columns(grid_json: Optional[str], columns: Sequence[str]) -> list[str]:
     """Return the trial columns of the study's swept axes (group axes by their `.name`)."""
     if not grid_json:
@@ -130,7 +136,8 @@ def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
 
     Raises StudyError (one line) when the store, the experiment or the study does not exist.
     """
-    from scaling.tracking import KIND_TAG, STATUS_TAG, STUDY_TAG, make_client, sqlite_path
+    from scaling.store import make_client, sqlite_path
+    from scaling.tracking import KIND_TAG, STATUS_TAG, STUDY_TAG
     from scaling.twins import SAME_AS_TAG
 
     uri = tracking_uri or DEFAULT_TRACKING_URI

@@ -39,8 +39,9 @@ from typing import Any, Optional, Sequence
 
 from scaling.config import redact_url
 from scaling.recorded import LAST_TRIAL_PARAM, config_yaml, recorded_config, trial_params, trial_run_name
+from scaling.store import make_client
 from scaling.tracking import (KIND_TAG, STATUS_TAG, STUDY_TAG, check_store_exists, check_study_run, get_experiment_id,
-                              log_batch, log_params, make_client, metric_list, provenance_tags)
+                              log_batch, log_params, metric_list, not_logged, provenance_tags)
 
 TRIAL_INDEX_TAG = "scaling.trial_index"
 TERMINAL = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
@@ -78,6 +79,7 @@ class StudyRecorder:
         self._apply_lock = threading.Lock()  # one applier at a time: the writer thread or a drain
         self._wake = threading.Event()
         self._writer: Optional[threading.Thread] = None
+        self.provenance: dict[str, str] = {}  # git revision and versions, read once by start()
         if tracking_uri.startswith("http"):  # fail fast and queue, instead of MLflow's minutes of retries
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -98,9 +100,10 @@ class StudyRecorder:
         if not self.enabled:
             self.run_id = f"offline:{self.study_name}"
             return self.run_id
+        self.provenance = provenance_tags()  # on the study run and on each trial run (what produced its numbers)
         if self.run_id is None:
             run = self.client.create_run(self.exp_id, run_name=self.study_name,
-                                         tags={KIND_TAG: "study", STATUS_TAG: "running", **provenance_tags(), **tags})
+                                         tags={KIND_TAG: "study", STATUS_TAG: "running", **self.provenance, **tags})
             self.run_id = run.info.run_id
             log_params(self.client, self.run_id, {k: v if isinstance(v, str) else json.dumps(v)
                                                   for k, v in params.items()})
@@ -139,9 +142,11 @@ class StudyRecorder:
         return [rows[step] for step in sorted(rows)]
 
     # ---------------------------------------------------------------- trial runs (queued intents)
-    def trial_started(self, index: int, cfg: Any, extra_tags: Optional[dict[str, str]] = None) -> None:
+    def trial_started(self, index: int, cfg: Any, extra_tags: Optional[dict[str, str]] = None,
+                      axes: Optional[dict[str, Any]] = None) -> None:
         """Queue the creation (or reopening) of the trial's nested run (cfg: a DictConfig, or its
-        resolved container, which is kept as it is and must not change afterwards)."""
+        resolved container, which is kept as it is and must not change afterwards; axes: its grid
+        point's axis values, for the run's name)."""
         self.logged_samples.setdefault(index, -1)
         self.status[index] = "running"
         if not self.enabled:
@@ -149,7 +154,7 @@ class StudyRecorder:
         from omegaconf import OmegaConf
 
         config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
-        self._submit({"op": "started", "index": index, "config": config, "tags": extra_tags or {}})
+        self._submit({"op": "started", "index": index, "config": config, "tags": extra_tags or {}, "axes": axes or {}})
 
     def trial_metrics(self, index: int, metrics: dict[str, float]) -> None:
         """Queue one evaluation unless a point at this sample count is already recorded or queued."""
@@ -171,6 +176,7 @@ class StudyRecorder:
         at = max(self.logged_samples.get(index, 0), int(summary.get("samples", 0)), 0)
         if "samples" in summary:
             self.logged_samples[index] = at  # samples/trained counts it
+        summary = not_logged(summary, self.last_metrics.get(index, {}), at)
         self._submit({"op": "finished", "index": index, "status": status, "reason": reason, "summary": summary,
                       "step": at})
 
@@ -337,9 +343,9 @@ class StudyRecorder:
             found = self._find_trial_run(index) if index in self._creating else None
             if found is None:
                 tags = {KIND_TAG: "trial", STATUS_TAG: "running", "mlflow.parentRunId": self.run_id,
-                        STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **intent["tags"]}
+                        STUDY_TAG: self.run_id, TRIAL_INDEX_TAG: str(index), **self.provenance, **intent["tags"]}
                 self._creating.add(index)
-                found = self.client.create_run(self.exp_id, start_time=intent.get("ts"), run_name=trial_run_name(cfg),
+                found = self.client.create_run(self.exp_id, start_time=intent.get("ts"), run_name=trial_run_name(cfg, intent.get("axes")),
                                                tags=tags).info.run_id
             self.trial_runs[index] = found
             self._creating.discard(index)
@@ -384,8 +390,12 @@ class StudyRecorder:
         self.client.log_text(self.run_id, json.dumps(best_per_batch, indent=2, default=str), "best_per_batch_size.json")
         log_batch(self.client, self.run_id, metrics=metric_list(metrics, 0, int(time.time() * 1000)),
                   tags={STATUS_TAG: "interrupted" if interrupted else "completed"})
-        self.client.set_terminated(self.run_id, status="KILLED" if interrupted else "FINISHED",
-                                   end_time=int(time.time() * 1000))
+        end = int(time.time() * 1000)
+        if interrupted:  # the trials stopped mid-way: not RUNNING in the UI for ever (a resume reopens them)
+            for i, status in self.status.items():
+                if status == "running" and i in self.trial_runs:
+                    self.client.set_terminated(self.trial_runs[i], status="KILLED", end_time=end)
+        self.client.set_terminated(self.run_id, status="KILLED" if interrupted else "FINISHED", end_time=end)
         return dict(counts)
 
 

@@ -1,11 +1,10 @@
-"""Drives one study: Ray start-up checks, the MLflow study run, the Tune run (or its resume), the summary."""
+"""Drives one study: Ray start-up checks, the MLflow study run, the Tune run (or its resume); its end is study_summary."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import random
-import sys
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -13,12 +12,15 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from scaling.config import ConfigError, effective_lr, epochs_to_steps, redact_url
+from scaling.config import ConfigError
 from scaling.grid import Grid, stratum_keys
 from scaling.local_ray import check_cluster, count_callbacks_by_name, stop_ray_aside
-from scaling.recorded import as_attributes
-from scaling.study import TrialSpec, _callback_class, best_per_batch_size, data_key, trainable
-from scaling.tracking import import_mlflow, ui_hint
+from scaling.study import TrialSpec, data_key, trainable
+from scaling.study_callback import callback_class
+from scaling.study_record import TERMINAL
+from scaling.store import import_mlflow
+from scaling.study_summary import finish_study
+from scaling.sweeper import grid_digest
 from scaling.twins import find_twins, mirror_twins, whole_strata
 from scaling.validation import check_fits_data, plan_split
 
@@ -122,44 +124,56 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
               "starts afresh (a study's name comes from its preset and overrides; hydra.sweeper.study_name "
               "fixes it)", flush=True)
     recorder = _open_record(sweeper, grid, configs[0], specs, workers, name, storage, state, ray_started)
-    scheduler = _scheduler(sweeper, grid, specs)
-    twins = {} if sweeper.conf.run_twins else find_twins({i: s.config for i, s in specs.items()})
-    if scheduler is not None:  # ASHA judges a trial within its stratum
-        twins = whole_strata(twins, {i: scheduler.stratum_of({"point": _point(s)}) for i, s in specs.items()})
-    recorder = mirror_twins(recorder, twins, specs)
-    # the twins recorded from their source, in any attempt: samples/trained leaves them out
-    not_trained = set(getattr(recorder, "mirrored", ())) | set(state.get("mirrored", []))
-    if not_trained:
-        _write_state(storage, {**json.loads(state_path.read_text()), "mirrored": sorted(not_trained)})
-    if state and scheduler is not None:
-        _seed_asha(scheduler, recorder, specs)
-    callback = _callback_class()(recorder, specs, scheduler)
-    checkpoints = _latest_checkpoints(storage) if state else {}
-    _relog_from_checkpoints(recorder, checkpoints, specs)
-    points = _points_to_run(sweeper, specs, recorder, scheduler, checkpoints)
-    if getattr(scheduler, "pauses_at_rungs", False):  # Tune may create trials lazily: say how many will come
-        scheduler.expect(scheduler.stratum_of({"point": p}) for p in points)
     t0 = time.time()
-    interrupted = False
+    callback, not_trained, interrupted = None, set(state.get("mirrored", [])), False
     # The Tuner holds Ray objects (the trial configs with_parameters put in the object store). Let go
     # of it before Ray has stopped, and Python may free them later, while ray.shutdown runs in its
     # thread: Ray's core worker then ends the process ("The core worker has already been shutdown";
     # 2 of 3 default studies exited 1 so when the Tuner was a temporary, 0 of 5 since). So it lives
     # until Ray has stopped.
     tuner = None
-    try:
+    try:  # from here on the study run exists: a Ctrl-C ends it as interrupted
+        recorder, scheduler, callback, points, not_trained = _prepare_run(sweeper, grid, specs, recorder, storage,
+                                                                           state)
         if points:
             tuner = _tuner(sweeper, specs, workers, scheduler, callback, storage, points)
             tuner.fit()
-    except KeyboardInterrupt:
+            # Tune takes the first Ctrl-C (SIGINT) itself: it stops the trials and returns as if the run
+            # had ended. A trial it stopped never reported an end, and one it never started has no status.
+            interrupted = any(recorder.status.get(p["index"]) not in TERMINAL for p in points)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune took over
         interrupted = True
     wall = time.time() - t0
     stopping = stop_ray_aside()
     try:
-        return _finish(sweeper, recorder, specs, callback, wall, interrupted, not_trained=not_trained)
+        return finish_study(sweeper, recorder, specs, callback.ref_lrs if callback else {}, wall, interrupted,
+                            not_trained=not_trained)
     finally:
         stopping.join()
         del tuner  # after Ray has stopped, as before this function was split
+
+
+def _prepare_run(sweeper, grid: Grid, specs: dict[int, TrialSpec], recorder, storage: Path, state: dict):
+    """Return what the Tune run needs: the recorder (mirroring twins), ASHA, the callback, the points to
+    run in order, and the trials not trained (twins recorded from their source, in any attempt)."""
+    scheduler = _scheduler(sweeper, grid, specs)
+    twins = {} if sweeper.conf.run_twins else find_twins({i: s.config for i, s in specs.items()})
+    if scheduler is not None:  # ASHA judges a trial within its stratum
+        twins = whole_strata(twins, {i: scheduler.stratum_of({"point": _point(s)}) for i, s in specs.items()})
+    recorder = mirror_twins(recorder, twins, specs)
+    not_trained = set(getattr(recorder, "mirrored", ())) | set(state.get("mirrored", []))
+    if not_trained:
+        state_path = storage / STATE_FILE
+        _write_state(storage, {**json.loads(state_path.read_text()), "mirrored": sorted(not_trained)})
+    if state and scheduler is not None:
+        _seed_asha(scheduler, recorder, specs)
+    callback = callback_class()(recorder, specs, scheduler)
+    checkpoints = _latest_checkpoints(storage) if state else {}
+    _relog_from_checkpoints(recorder, checkpoints, specs)
+    points = _points_to_run(sweeper, specs, recorder, scheduler, checkpoints)
+    if getattr(scheduler, "pauses_at_rungs", False):  # Tune may create trials lazily: say how many will come
+        scheduler.expect(scheduler.stratum_of({"point": p}) for p in points)
+    return recorder, scheduler, callback, points, not_trained
 
 
 def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], workers: dict[int, int], name: str,
@@ -171,6 +185,8 @@ def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], worker
     if first.mlflow.enabled:
         import_mlflow(first.mlflow.tracking_uri)  # while Ray is still starting (creates nothing): the wait below shrinks
     try:
+        _check_same_grid(sweeper, grid, name, state)
+        tests = _auto_range_tests(specs)  # while Ray is still starting, and before anything is written
         check_cluster(sweeper, ray_started, max(workers.values()),
                       needs_gpu=any(s.config["device"] == "cuda" for s in specs.values()))
         recorder = StudyRecorder(first.mlflow.tracking_uri, first.mlflow.experiment, study_name=name,
@@ -181,10 +197,13 @@ def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], worker
     study_params = {"grid": grid.describe(), "sweeper": OmegaConf.to_container(sweeper.conf, resolve=True),
                     "strata": stratum_keys(grid.axis_names, sweeper.conf.asha.group_by)}
     recorder.start(study_params, {"scaling.sweep_dir": sweep_dir, "scaling.storage": str(storage)})
-    _write_state(storage, {"study_run_id": recorder.run_id, "name": name, "n_trials": len(specs)})
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)  # as Hydra's own sweeper does; the report goes there too
+    OmegaConf.save(sweeper.config, Path(sweep_dir) / "multirun.yaml")
+    _write_state(storage, {"study_run_id": recorder.run_id, "name": name, "n_trials": len(specs),
+                           "grid": grid_digest(grid, trained_only=True)})
     recorder.use_journal(storage / "mlflow_journal.jsonl")
     recorder.flush()
-    _resolve_auto_ref_lr(specs, recorder)
+    _log_range_tests(tests, recorder)
     if state:
         print(f"resuming study {name} (mlflow run {recorder.run_id}); "
               f"{len(recorder.finished_indices())}/{len(specs)} trials already finished", flush=True)
@@ -192,6 +211,16 @@ def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], worker
         where = f"mlflow run {recorder.run_id}" if recorder.enabled else "not recorded (mlflow.enabled=false)"
         print(f"study {name}: {len(specs)} trials | {where} | sweep dir {sweep_dir}", flush=True)
     return recorder
+
+
+def _check_same_grid(sweeper, grid: Grid, name: str, state: dict) -> None:
+    """Refuse to resume a study with another grid: trials are matched by their index in the grid, so
+    another grid's trial i would be taken for this one's (possible only with a fixed study_name)."""
+    digest = grid_digest(grid, trained_only=True)
+    if state and state.get("grid", digest) != digest:  # a study started before 2026-11-24 has no digest
+        raise ConfigError("hydra.sweeper.resume", True,
+                          f"study {name} was started with another grid ({state.get('n_trials')} trials; this one: "
+                          f"{len(grid.points)}, other points): give the same grid, or another hydra.sweeper.study_name")
 
 
 def _points_to_run(sweeper, specs: dict[int, TrialSpec], recorder, scheduler, checkpoints: dict) -> list[dict]:
@@ -241,32 +270,45 @@ def _tuner(sweeper, specs: dict[int, TrialSpec], workers: dict[int, int], schedu
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
-def _resolve_auto_ref_lr(specs: dict[int, TrialSpec], recorder) -> None:
-    """Run the LR range test once per distinct (data, model, optimizer, ref batch) for ref_lr=auto.
+def _auto_range_tests(specs: dict[int, TrialSpec]) -> list:
+    """Run the LR range test once per distinct (data, model, optimizer, ref batch, lr_find) for
+    scaling.ref_lr=auto, put its LR in place of `auto` in each trial's config and return the tests.
 
-    The chosen LR replaces `auto` in each trial's config and is recorded in the study run.
+    It runs before the study writes anything, so a test too short to suggest an LR ends the study in
+    one line with nothing recorded. The seed is not part of the key: every seed of a grid point trains
+    the same LRs (the first seed's test), so the report can pool them.
     """
     from omegaconf import OmegaConf
 
-    from scaling.lr_finder import resolve_ref_lr
+    from scaling.lr_finder import range_test, usable_lr
 
     found: dict[str, float] = {}
+    tests = []
     for spec in specs.values():
         c = spec.config
         if c["scaling"]["ref_lr"] != "auto":
             continue
-        key = json.dumps([c["data"], c["model"], c["optimizer"], c["scaling"]["ref_batch_size"], c["lr_find"],
-                          c["seed"]], sort_keys=True, default=str)
+        key = json.dumps([c["data"], c["model"], c["optimizer"], c["scaling"]["ref_batch_size"], c["lr_find"]],
+                         sort_keys=True, default=str)
         if key not in found:
-            run_id = recorder.run_id if not found else None  # the first curve and plot go into the study run
-            found[key], _ = resolve_ref_lr(OmegaConf.create(c), client=recorder.client if run_id else None,
-                                           run_id=run_id)
+            result = range_test(OmegaConf.create(c), None, c["scaling"]["ref_batch_size"])
+            found[key] = usable_lr(result, "scaling.ref_lr", "auto")
+            tests.append(result)
             print(f"scaling.ref_lr=auto: the range test at batch size {c['scaling']['ref_batch_size']} "
                   f"chose ref_lr={found[key]:.4g}", flush=True)
         c["scaling"]["ref_lr"] = found[key]
-    if found and recorder.enabled:
-        values = sorted(set(found.values()))
-        recorder.client.set_tag(recorder.run_id, "scaling.ref_lr_auto", ",".join(f"{v:.6g}" for v in values))
+    return tests
+
+
+def _log_range_tests(tests: list, recorder) -> None:
+    """Record the auto ref_lr range tests in the study run: the first one's curve and plot, every LR as a tag."""
+    if not tests or not recorder.enabled:
+        return
+    from scaling.lr_find_cli import log_range_test
+
+    log_range_test(recorder.client, recorder.run_id, tests[0])
+    values = sorted({t.lr for t in tests})
+    recorder.client.set_tag(recorder.run_id, "scaling.ref_lr_auto", ",".join(f"{v:.6g}" for v in values))
 
 
 def _seed_asha(scheduler, recorder, specs: dict[int, TrialSpec]) -> None:
@@ -308,21 +350,16 @@ def _relog_from_checkpoints(recorder, checkpoints: dict[int, str], specs: dict[i
             continue
         history = torch.load(path, weights_only=False)["loop"].get("history", [])
         if history:
-            recorder.trial_started(i, specs[i].config)
+            recorder.trial_started(i, specs[i].config, axes=specs[i].axes)
         for metrics in history:
             recorder.trial_metrics(i, metrics)
 
 
 def _point(spec: TrialSpec) -> dict:
-    """Return the trial's Tune config: its index and its axis values, nested (the strata read them)."""
-    point: dict = {"index": spec.index}
-    for key, value in spec.axes.items():
-        node = point
-        *parents, leaf = _bare(key).split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return point
+    """Return the trial's Tune config: its index and its axis values, by key (`point.batch_size`,
+    `point.optimizer.momentum`: the strata read them with asha.get_dotted). Flat, because a config
+    group's choice and a key under it can both be axes (optimizer=sgd,adam optimizer.momentum=0.5,0.9)."""
+    return {"index": spec.index, **{_bare(key): value for key, value in spec.axes.items()}}
 
 
 def prepare_data(configs: list) -> dict[str, int]:
@@ -340,66 +377,3 @@ def prepare_data(configs: list) -> dict[str, int]:
             n_train[key] = count_train(c.data)
         check_fits_data(c, n_train[key])
     return n_train
-
-
-def _finish(sweeper, recorder, specs, callback, wall: float, interrupted: bool, not_trained: set[int]) -> dict:
-    n_train = getattr(sweeper, "n_train", {})
-    full = sum(_budget_samples(s, n_train.get(data_key(s.config["data"]), 0)) for s in specs.values())
-    # all attempts, from MLflow; a twin's samples were its source's (scaling.twins)
-    trained = sum(max(v, 0) for i, v in recorder.logged_samples.items() if i not in not_trained)
-    try:
-        recorder.drain()  # every trial run exists before the summary names them
-        best = best_per_batch_size(recorder, specs)
-        counts = recorder.finish(len(specs), full, trained, best, interrupted=interrupted)
-    except RuntimeError as exc:  # the tracking server is still down: the journal keeps everything
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(3)
-    print_summary(recorder, specs, best, counts, wall, full, trained)
-    if sweeper.conf.report and recorder.enabled and not interrupted:
-        try:
-            from scaling.report import report_study
-
-            report_study(recorder.uri, recorder.run_id)
-        except Exception as exc:  # noqa: BLE001 - the study is recorded; a failed report must not hide that
-            error = f"error: the report failed ({type(exc).__name__}: {exc}); run scaling-report {recorder.run_id}"
-            print(redact_url(error), file=sys.stderr, flush=True)
-    if recorder.enabled:  # the study run in the MLflow UI, after its report, so that it is what a user sees
-        print(ui_hint(recorder.uri, recorder.exp_id, recorder.run_id), flush=True)
-    if interrupted:
-        print("interrupted: run the same command with hydra.sweeper.resume=true to finish the study", flush=True)
-        raise SystemExit(130)
-    return {"study_run_id": recorder.run_id, "counts": counts, "best": best}
-
-
-def _budget_samples(spec: TrialSpec, n_train: int) -> int:
-    """Return the samples a trial trains on its full budget: whole steps of batch_size, as train.py counts them."""
-    b = int(spec.config["batch_size"])
-    return epochs_to_steps(float(spec.config["epochs"]), n_train / b) * b if n_train >= b else 0
-
-
-def print_summary(recorder, specs, best: dict, counts: dict, wall: float, full: int, trained: int) -> None:
-    """Print per batch size: best LR, best validation loss and accuracy, peak memory; and the UI command."""
-    from rich.table import Table
-
-    from scaling.tables import console_for, print_table
-
-    table = Table(title=f"study {recorder.study_name}: best trial per batch size")
-    for col in ("batch size", "best lr (effective)", "lr×", "rule", "best val/loss", "val/acc", "peak MB", "status"):
-        table.add_column(col, justify="right")
-    for b in sorted(best):
-        entry = best[b]
-        m = recorder.last_metrics.get(entry["trial"], {})  # a resumed trial's come from its relogged history
-        lr = effective_lr(as_attributes(specs[entry["trial"]].config))
-        table.add_row(str(b), f"{lr:.4g}", f"{entry['lr_multiplier']:g}", entry["rule"],
-                      f"{entry['best/val_loss']:.4f}", f"{m.get('val/acc', math.nan):.3f}",
-                      f"{m.get('mem/peak_mb', math.nan):.0f}", recorder.status.get(entry["trial"], "?"))
-    print_table(console_for(), table)
-    oom = sorted({int(s.config["batch_size"]) for i, s in specs.items() if recorder.status.get(i) == "oom"})
-    if oom:
-        fit = sorted({int(s.config["batch_size"]) for i, s in specs.items()
-                      if recorder.status.get(i) in ("completed", "pruned", "early_stopped", "diverged")})
-        fitting = [b for b in fit if b < oom[0]]
-        print(f"out of memory at batch sizes {oom}; largest batch size that fit: {fitting[-1] if fitting else 'none'}")
-    frac = trained / max(full, 1)
-    print(f"{sum(counts.values())} trials in {wall:.0f}s: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-          + f" | samples trained {trained:,} of the full grid's {full:,} ({frac:.0%})")

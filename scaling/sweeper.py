@@ -26,7 +26,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scaling.config import MODES, REPORTED_METRICS, ConfigError
-from scaling.grid import Grid, build_grid, grid_size, is_value_key, merge_values
+from scaling.grid import Grid, blamed, build_grid, grid_size, is_value_key, merge_values, params_overrides
 from scaling.validation import _choice, _direction, _positive, plan_split, validate
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,11 @@ class ResourcesConf:
 @dataclass
 class ScalingSweeperConf:
     _target_: str = "hydra_plugins.scaling_sweeper.scaling_sweeper.ScalingSweeper"
-    params: Optional[Dict[str, str]] = None
-    """The grid: key -> Hydra sweep text (choice, range, interval); shell sweeps add or replace axes."""
+    params: Dict[str, Any] = field(default_factory=dict)
+    """The grid: key -> Hydra sweep text (choice, range, interval) or a list (a choice of its values);
+    shell sweeps add or replace axes.
+    An empty dict, not null as in Hydra's BasicSweeperConf: OmegaConf sets no key under a null node, so
+    hydra.sweeper.params.batch_size=32,64 and params={...} on the command line failed."""
     num_samples: int = 1
     """Draws of the interval(...) axes (random / log-uniform search)."""
     sample_seed: int = 0
@@ -100,6 +103,17 @@ class ScalingSweeperConf:
     run_twins: bool = False
     """Run every grid point, even one that trains exactly what another does (a flat warmup, one LR
     under two rule labels): scaling.twins. false: run it once and record both runs from it."""
+
+
+def sweeper_node() -> DictConfig:
+    """Return the node registered as hydra/sweeper=scaling: the schema, with `params` open to new keys.
+
+    Hydra composes in struct mode, where a key a schema lacks is a typo; params' keys are the grid's
+    axes, which no schema lists, so `hydra.sweeper.params.batch_size=32,64` and `params={...}` would
+    be refused (a typo in an axis name is still refused, when its points are composed)."""
+    node = OmegaConf.structured(ScalingSweeperConf)
+    OmegaConf.set_struct(node.params, False)
+    return node
 
 
 # What ASHA may judge by: a metric every evaluation reports (Tune fails a trial whose result lacks
@@ -134,7 +148,7 @@ class ScalingSweeper(Sweeper):
         """Return the grid and one validated trial config per point, or raise ConfigError."""
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        params = [f"{k}={v}" for k, v in (self.conf.params or {}).items()]
+        params = params_overrides(self.conf.params)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(params + list(arguments))
         self._check_settings()
@@ -150,7 +164,8 @@ class ScalingSweeper(Sweeper):
             budget = min(float(c.epochs) for c in configs)
             if a.grace_period > budget:
                 raise ConfigError("hydra.sweeper.asha.grace_period", a.grace_period,
-                                  f"is longer than the budget epochs={budget:g}")
+                                  f"is longer than the budget epochs={budget:g}; set it to at most {budget:g}, "
+                                  "or hydra.sweeper.asha.enabled=false")
             for key in a.group_by or []:
                 if OmegaConf.select(configs[0], key, default="__missing__") == "__missing__":
                     raise ConfigError("hydra.sweeper.asha.group_by", key, "is not a config key")
@@ -242,18 +257,17 @@ class ScalingSweeper(Sweeper):
         try:
             merge_values(cfg, values)
         except Exception as exc:  # noqa: BLE001 - becomes one line naming the override
-            from scaling.cli import one_line
-
-            raise ConfigError(" ".join(point), "", one_line(exc)) from None
+            raise blamed(exc, values, lambda some: merge_values(copy.deepcopy(base), some)) from None
         return self._validated(cfg, point)
 
     def _compose(self, point: list[str], validate_it: bool = True) -> DictConfig:
-        try:
-            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(point))
-        except Exception as exc:  # noqa: BLE001 - becomes one line naming the override
-            from scaling.cli import one_line
+        def load(overrides: list[str]) -> DictConfig:
+            return self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
 
-            raise ConfigError(" ".join(p for p in point), "", one_line(exc)) from None
+        try:
+            cfg = load(point)
+        except Exception as exc:  # noqa: BLE001 - becomes one line naming the override
+            raise blamed(exc, point, load) from None
         with open_dict(cfg):
             del cfg["hydra"]
         return self._validated(cfg, point) if validate_it else cfg
@@ -271,9 +285,11 @@ class ScalingSweeper(Sweeper):
         return Path(self.conf.storage_path or Path.cwd() / ".studies").expanduser().resolve()
 
     def _check_storage(self) -> None:
-        from scaling.tracking import check_writable
+        from scaling.store import check_writable
 
         check_writable("hydra.sweeper.storage_path", str(self.storage_root()), self.storage_root())
+        sweep = str(self.config.hydra.sweep.dir)  # the study's multirun.yaml and report go there
+        check_writable("hydra.sweep.dir", sweep, Path(sweep).absolute())
 
     def study_name(self, grid: Grid) -> str:
         """Return the study's name: the configured one, or the preset's name + a hash of the grid's points,
@@ -282,7 +298,7 @@ class ScalingSweeper(Sweeper):
             return self.conf.study_name
         preset = OmegaConf.select(self.config, "hydra.runtime.choices.experiment", default=None) or "study"
         prefix = safe_name("experiment", str(preset).replace("/", "-"))
-        name, ordered = f"{prefix}-{_digest(canonical_points(grid.points))}", f"{prefix}-{_digest(grid.points)}"
+        name, ordered = f"{prefix}-{grid_digest(grid)}", f"{prefix}-{_digest(grid.points)}"
         root = self.storage_root()
         if self.conf.resume and not (root / name).exists() and (root / ordered).exists():
             return ordered  # a study named before 2026-11-24, when the overrides' order changed the hash
@@ -295,7 +311,7 @@ class ScalingSweeper(Sweeper):
         ray_started = None
         try:
             grid, configs = self.plan(arguments)
-            from scaling.tracking import check_tracking_uri
+            from scaling.store import check_tracking_uri
 
             for key in ("tracking_uri", "experiment", "enabled"):  # one study, one record
                 values = sorted({str(c.mlflow[key]) for c in configs})
@@ -312,15 +328,33 @@ class ScalingSweeper(Sweeper):
 
             ray_started = start_ray(self)  # ~4 s, while the driver prepares the rest
             self.n_train = prepare_data(configs)  # every dataset once, in the driver; a missing file fails here
+        except KeyboardInterrupt:
+            _interrupted(ray_started)
         except Exception as exc:  # noqa: BLE001
-            if ray_started is not None:
-                from scaling.local_ray import abandon_ray
-
-                abandon_ray(ray_started)
+            _abandon(ray_started)
             fail(one_line(exc))
         from scaling.study_runner import run_study
 
-        return run_study(self, grid, configs, ray_started)
+        try:
+            return run_study(self, grid, configs, ray_started)
+        except KeyboardInterrupt:  # before the study run existed: after, run_study records the interruption
+            _interrupted(ray_started)
+
+
+def _abandon(ray_started: Any) -> None:
+    """Stop the Ray that start_ray is starting, if any (a refused or interrupted study)."""
+    if ray_started is not None:
+        from scaling.local_ray import abandon_ray
+
+        abandon_ray(ray_started)
+
+
+def _interrupted(ray_started: Any) -> None:
+    """End a study interrupted (Ctrl-C) before its MLflow run existed: Ray stopped, one line, exit 130."""
+    from scaling.cli import fail
+
+    _abandon(ray_started)
+    fail("interrupted before the study started: nothing was recorded", code=130)
 
 
 def canonical_points(points: list[list[str]]) -> list[list[str]]:
@@ -332,6 +366,15 @@ def canonical_points(points: list[list[str]]) -> list[list[str]]:
         return sorted(last.values())
 
     return [canonical(p) for p in points]
+
+
+def grid_digest(grid: Grid, trained_only: bool = False) -> str:
+    """Return the hash that names a grid's points whatever the order of their fixed overrides; with
+    `trained_only`, of what the trials train (the mlflow.* overrides, where they are recorded, left out)."""
+    points = canonical_points(grid.points)
+    if trained_only:
+        points = [[o for o in p if not o.lstrip("+~").startswith("mlflow.")] for p in points]
+    return _digest(points)
 
 
 def _digest(points: list[list[str]]) -> str:

@@ -6,15 +6,9 @@ the single writer for all trials of a study. MLflow's step axis is **samples see
 """
 from __future__ import annotations
 
-import contextlib
-import gc
-import os
 import re
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -22,6 +16,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from scaling.config import ConfigError, redact_url
 from scaling.recorded import config_yaml, recorded_config, trial_params, trial_run_name
 from scaling.reporters import Reporter
+from scaling.store import make_client, sqlite_path
 
 STATUS_TAG = "trial.status"
 KIND_TAG = "scaling.kind"  # "trial" | "study" | "lr_find"
@@ -29,12 +24,6 @@ STUDY_TAG = "scaling.study_id"
 PACKAGES = ("scaling", "torch", "ray", "mlflow", "hydra-core", "numpy")
 BATCH_LIMITS = {"params": 100, "tags": 100, "metrics": 1000, "all": 1000}  # MLflow's, per log_batch request
 MAX_VALUE = 6000  # characters of a param value (MLflow's limit; tags allow 8000)
-
-
-def sqlite_path(uri: str) -> Optional[Path]:
-    """Return the database file of a `sqlite:///` URI (sqlite:///rel.db -> rel.db, sqlite:////abs.db
-    -> /abs.db), None for any other store."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None  # no ~: MLflow keeps it
 
 
 # `mlflow ui` (an alias of `mlflow server`) starts, by default, 4 web workers, MLflow 3's job runner
@@ -62,60 +51,6 @@ def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
     if uri.startswith(("http:", "https:")):
         return f"the study run in the MLflow UI: {uri.rstrip('/')}/{page}"
     return f"{UI_COMMAND} --backend-store-uri {uri}   # then open http://127.0.0.1:5000/{page}"
-
-
-def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
-    """Raise ConfigError unless the tracking store at `uri` can be reached (no mlflow import)."""
-    scheme = uri.split(":", 1)[0] if ":" in uri else "file"
-    if scheme in ("http", "https"):
-        # /health needs no login, and urllib cannot take a user and password in the URL (MLflow's client can)
-        parts = urllib.parse.urlsplit(uri)
-        health = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(health, timeout=timeout_s) as r:
-                if r.status != 200:
-                    raise ConfigError("mlflow.tracking_uri", uri, f"server answered HTTP {r.status}")
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConfigError("mlflow.tracking_uri", uri, f"tracking server unreachable ({reason})") from None
-    elif scheme in ("sqlite", "file"):
-        db = sqlite_path(uri)
-        if db is not None:
-            if db.is_dir():
-                raise ConfigError("mlflow.tracking_uri", uri, f"names a folder ({db.resolve()}), not a database file")
-            folder = db.resolve().parent
-        else:
-            folder = Path(uri.split("://", 1)[1] if "://" in uri else uri).expanduser().resolve()
-        check_writable("mlflow.tracking_uri", uri, folder)
-    elif scheme.split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
-        _check_db_driver(uri)
-
-
-def _check_db_driver(uri: str) -> None:
-    """Raise ConfigError when the database driver a SQL store's URI needs is not installed (no connection made)."""
-    import sqlalchemy
-
-    try:
-        sqlalchemy.create_engine(uri)  # loads the dialect and its driver; connects only on first use
-    except ModuleNotFoundError as exc:
-        raise ConfigError("mlflow.tracking_uri", uri, f"needs the database driver {exc.name!r}, "
-                          "which is not installed") from None
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy's own URL errors
-        raise ConfigError("mlflow.tracking_uri", uri, f"is not a valid database URL ({exc})") from None
-
-
-def check_writable(key: str, value: str, folder: Path) -> None:
-    """Raise ConfigError unless files can be created in `folder` or its nearest existing ancestor."""
-    import tempfile
-
-    probe = next((p for p in [folder, *folder.parents] if p.exists()), None)
-    try:
-        if probe is None or not probe.is_dir():
-            raise OSError(f"{probe} is not a folder")
-        with tempfile.TemporaryFile(dir=probe):  # os.access() says yes to root even on /proc
-            pass
-    except OSError as exc:
-        raise ConfigError(key, value, f"folder {folder} is not writable ({exc.strerror or exc})") from None
 
 
 def provenance_tags() -> dict[str, str]:
@@ -214,67 +149,6 @@ def artifact_location(uri: str, experiment: str) -> Optional[str]:
     return str(db.resolve().parent / "mlruns" / safe)
 
 
-def import_mlflow(uri: str) -> None:
-    """Import MLflow's client and the store module `uri` needs, creating nothing (no store, no file).
-
-    The study driver does this while Ray starts; `make_client` then only opens the store.
-    """
-    with _gc_paused():
-        import mlflow.tracking  # noqa: F401
-
-        if not uri.startswith(("http:", "https:", "file:", "databricks")):  # sqlite, postgresql, mysql, ...
-            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
-
-def make_client(uri: str):
-    """Return an MlflowClient for `uri`.
-
-    A new SQLite store is created (its schema migrated) under a lock on its folder: jobs that a Hydra
-    launcher starts together (submitit, joblib) otherwise race to create the same file and one
-    fails in alembic ("Online migration expected to match one row ...").
-    """
-    with _gc_paused():  # the first client imports MLflow and its store
-        from mlflow.tracking import MlflowClient
-
-        db = sqlite_path(uri)
-        if db is None:
-            if uri.startswith(("http:", "https:")):
-                # Against a server, MLflow fetches the run again each time one ends, only to print two
-                # "View run/experiment at" lines: per trial, a request in the driver's writer and lines
-                # amid the progress. The study prints its run's UI command once; set it to false for them.
-                os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-            return MlflowClient(tracking_uri=uri)
-        import fcntl
-
-        folder = db.resolve().parent
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder, os.O_RDONLY)  # the lock is on the folder: no lock file left behind
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            return MlflowClient(tracking_uri=uri)  # opens (creates, migrates) the store
-        finally:
-            os.close(fd)  # releases the lock
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    """Pause the garbage collector (while MLflow and its store are imported).
-
-    The import creates a few hundred thousand objects that live until exit; in a process that
-    already holds torch and ray (the study driver), each full collection it triggers walks the
-    whole heap and frees nothing (measured: MLflow's import and store open take 1.0 s instead of
-    1.5 s, on the driver's critical path).
-    """
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.enable()
-
-
 def log_batch(client, run_id: str, params: Optional[dict[str, str]] = None, metrics: Sequence[Any] = (),
               tags: Optional[dict[str, str]] = None) -> None:
     """Log params, then metrics, then tags, in as few requests as MLflow's limits allow.
@@ -318,6 +192,14 @@ def _is_number(v: Any) -> bool:  # NaN and inf included: MLflow stores them
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def not_logged(summary: dict[str, float], last: dict[str, float], step: int) -> dict[str, float]:
+    """Return the summary values a trial's last evaluation did not already log at `step`: logging them
+    again doubled the points of best/val_loss, samples, ... at a trial's last step."""
+    if int(last.get("samples", -1)) != step:
+        return dict(summary)
+    return {k: v for k, v in summary.items() if last.get(k) != v}
+
+
 class MlflowTrialReporter(Reporter):
     """Records one trial as one MLflow run (optionally nested under a study run)."""
 
@@ -329,6 +211,7 @@ class MlflowTrialReporter(Reporter):
         self.parent_run_id, self.run_id = parent_run_id, run_id
         self.extra_tags = extra_tags or {}
         self.on_run = on_run
+        self.last: dict[str, float] = {}  # the last evaluation logged
 
     def start(self, info: dict[str, Any]) -> None:
         if self.run_id is not None:  # resumed: the run already holds params and earlier metrics
@@ -349,6 +232,7 @@ class MlflowTrialReporter(Reporter):
 
     def report(self, metrics: dict[str, float], checkpoint=None) -> None:
         log_metrics(self.client, self.run_id, metrics, step=int(metrics["samples"]))
+        self.last = dict(metrics)
 
     def finish(self, result: Any) -> None:
         if self.run_id is None:  # failed before start(): still leave a record of what happened
@@ -357,7 +241,8 @@ class MlflowTrialReporter(Reporter):
         summary["mem/peak_mb"] = result.metrics.get("mem/peak_mb", result.info.get("mem/peak_mb", 0.0))
         if result.best_val_loss != float("inf"):
             summary["best/val_loss"] = result.best_val_loss
-        log_metrics(self.client, self.run_id, summary, step=int(result.metrics.get("samples", 0)))
+        step = int(result.metrics.get("samples", self.last.get("samples", 0)))  # an oom has no metrics: its last step
+        log_metrics(self.client, self.run_id, not_logged(summary, self.last, step), step=step)
         self.client.set_tag(self.run_id, STATUS_TAG, result.status)
         if result.reason:
             self.client.set_tag(self.run_id, "trial.reason", result.reason[:5000])

@@ -170,6 +170,8 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         run.s.__dict__.update(resume["loop"])
+        if "improved_val_loss" not in resume["loop"]:  # a checkpoint written before the field
+            run.s.improved_val_loss = run.s.best_val_loss
         if gns and resume.get("gns"):
             gns.load_state_dict(resume["gns"])
         info["resumed_from_step"] = run.s.step
@@ -213,9 +215,9 @@ def _steps(cfg, run: _Run, reporter, device, meter, group: Group) -> TrialResult
 
         # ---- divergence: a non-finite loss or one above factor x the first loss stops before the step
         s.initial_loss = s.initial_loss if s.initial_loss is not None else train_loss
-        if not math.isfinite(train_loss) or train_loss > diverge_factor * s.initial_loss:
-            return _end(cfg, reporter, s, "diverged", f"train/loss={train_loss:.4g} at step {s.step}", info,
-                        meter, _progress(s, B, n_train, optimizer, t0, train_loss))
+        if blown := _divergence("train/loss", train_loss, s, diverge_factor):
+            return _end(cfg, reporter, s, "diverged", blown, info, meter,
+                        _progress(s, B, n_train, optimizer, t0, train_loss))
 
         # ---- clip and step
         if gns:
@@ -241,16 +243,16 @@ def _steps(cfg, run: _Run, reporter, device, meter, group: Group) -> TrialResult
 
         # ---- evaluate, report, and decide whether to stop, on schedule only
         if s.step % eval_interval == 0 or s.step == total_steps:
-            metrics, stop = _evaluate_and_report(cfg, run, reporter, device, meter, group, t0, lr_now)
-            if stop:
-                return _end(cfg, reporter, s, "early_stopped", stop, info, meter, metrics)
+            metrics, status, reason = _evaluate_and_report(cfg, run, reporter, device, meter, group, t0, lr_now)
+            if status:
+                return _end(cfg, reporter, s, status, reason, info, meter, metrics)
     return _end(cfg, reporter, s, "completed", "", info, meter, s.history[-1] if s.history else {})
 
 
 def _evaluate_and_report(cfg, run: _Run, reporter, device, meter, group: Group, t0: float,
-                         lr_now: float) -> tuple[dict[str, float], str]:
-    """Evaluate, report the metrics (with a checkpoint to resume from); return them and a reason
-    to stop early, or ''."""
+                         lr_now: float) -> tuple[dict[str, float], str, str]:
+    """Evaluate, report the metrics (with a checkpoint to resume from); return them, and a status
+    to end with ("diverged", "early_stopped", or '') and its reason."""
     s = run.s
     metrics = _progress(s, cfg.batch_size, run.data.n_train, run.optimizer, t0, s.loss_acc / s.loss_n, lr_now)
     with meter.excluded():  # the peak is what training at batch B costs (CUDA; see scaling.memory)
@@ -262,18 +264,24 @@ def _evaluate_and_report(cfg, run: _Run, reporter, device, meter, group: Group, 
         metrics["gns/b_simple"] = run.gns.b_simple
     s.loss_acc, s.loss_n = 0.0, 0
     _check_memory(cfg, meter, group, device)
+    # The training loss is checked before each step, so a blow-up in the last steps before an evaluation
+    # (or in a trial's last step) shows only here. Not reported: it is no result, and Tune would take a
+    # trial's last evaluation as its completion.
+    if blown := _divergence("val/loss", metrics["val/loss"], s, cfg.divergence.factor):
+        return metrics, "diverged", blown
     stop = _update_after_eval(cfg, s, metrics)
     s.elapsed_s = metrics["time/elapsed_s"]
     s.history.append(metrics)  # before report(): the checkpoint taken there must include it
     reporter.report(metrics, run.checkpoint)
-    return metrics, stop
+    return metrics, "early_stopped" if stop else "", stop
 
 
 @dataclass
 class _LoopState:
     step: int = 0
     initial_loss: Optional[float] = None
-    best_val_loss: float = math.inf
+    best_val_loss: float = math.inf  # the lowest val/loss so far (the trial's best/val_loss)
+    improved_val_loss: float = math.inf  # the last one that beat the one before by early_stopping.min_delta
     bad_evals: int = 0
     target: Optional[dict] = None
     loss_acc: float = 0.0
@@ -348,8 +356,10 @@ def _update_after_eval(cfg, s: _LoopState, metrics: dict[str, float]) -> str:
                     "target/time_s": metrics["time/elapsed_s"]}
     if s.target:
         metrics.update(s.target)
-    if metrics["val/loss"] < s.best_val_loss - cfg.early_stopping.min_delta:
-        s.best_val_loss, s.bad_evals = metrics["val/loss"], 0
+    loss = metrics["val/loss"]
+    s.best_val_loss = min(s.best_val_loss, loss)  # the true minimum: min_delta only counts the stall
+    if loss < s.improved_val_loss - cfg.early_stopping.min_delta:
+        s.improved_val_loss, s.bad_evals = loss, 0
     else:
         s.bad_evals += 1
     metrics["best/val_loss"] = s.best_val_loss
@@ -359,13 +369,22 @@ def _update_after_eval(cfg, s: _LoopState, metrics: dict[str, float]) -> str:
     return ""
 
 
+def _divergence(name: str, loss: float, s: _LoopState, factor: float) -> str:
+    """Return why `loss` is divergence (non-finite, or above factor x the first train/loss), or ''."""
+    if math.isfinite(loss) and loss <= factor * s.initial_loss:
+        return ""
+    why = "not finite" if not math.isfinite(loss) else \
+        f"above divergence.factor={factor:g} x the first train/loss {s.initial_loss:.4g}"
+    return f"{name}={loss:.4g} at step {s.step}: {why}"
+
+
 def _check_memory(cfg, meter: PeakMemory, group: Group, device: torch.device) -> None:
     limit = cfg.memory.limit_mb
     if limit is None:
         return
     peak = group.max(meter.peak_mb(), device)  # the worst rank's: every rank stops together
     if peak > limit:
-        raise TrialOOM(f"peak {peak:.0f} MB exceeds memory.limit_mb={limit:g}")
+        raise TrialOOM(f"peak {peak:.1f} MB exceeds memory.limit_mb={limit:g}")
 
 
 def _end(cfg, reporter, s: _LoopState, status: str, reason: str, info: dict, meter: PeakMemory,

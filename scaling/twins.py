@@ -94,7 +94,8 @@ class MirroringRecorder:
                 if name == "trial_started":  # the twin's own config (its params), and where its values come from
                     source = self.specs[index]
                     attr(twin, self.specs[twin].config,
-                         {SAME_AS_TAG: " ".join(source.overrides), f"{SAME_AS_TAG}_index": str(index)})
+                         {SAME_AS_TAG: " ".join(source.overrides), f"{SAME_AS_TAG}_index": str(index)},
+                         self.specs[twin].axes)
                 else:
                     attr(twin, *args, **kwargs)
             return out

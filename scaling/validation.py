@@ -15,8 +15,8 @@ import os
 from typing import Any, Optional
 
 from scaling.config import (ACTIVATIONS, BACKENDS, DATASETS, DEVICES, INITS, LR_FIND_MIN_ITERS, LR_FIND_MODES,
-                            LR_FIND_SUGGESTIONS, METRIC_DIRECTIONS, MODELS, MODES, OPTIMIZERS, PRECISIONS,
-                            REPORTED_METRICS, RULE_EXPONENTS, SCHEDULES, WARMUP_STARTS, ConfigError, Split,
+                            LR_FIND_SUGGESTIONS, METRIC_DIRECTIONS, METRIC_RANGES, MODELS, MODES, OPTIMIZERS,
+                            PRECISIONS, REPORTED_METRICS, RULE_EXPONENTS, SCHEDULES, WARMUP_STARTS, ConfigError, Split,
                             TrialConfig, epochs_to_steps)
 
 
@@ -120,6 +120,12 @@ def validate(cfg: Any) -> None:
     _direction("target.mode", cfg.target.mode, "target.metric", cfg.target.metric)
     if not isinstance(cfg.target.value, (int, float)) or not math.isfinite(cfg.target.value):
         raise ConfigError("target.value", cfg.target.value, "must be a finite number")
+    low, high = METRIC_RANGES.get(cfg.target.metric, (-math.inf, math.inf))
+    if not low < cfg.target.value <= high:  # never met, or met at the first evaluation
+        value, metric = cfg.target.value, cfg.target.metric
+        what = "is a fraction, in (0, 1]" if high == 1.0 else "is positive"
+        hint = f" ({value:g}% is {value / 100:g})" if high == 1.0 and 1 < value <= 100 else ""
+        raise ConfigError("target.value", value, f"cannot be met as meant: {metric} {what}{hint}")
     if cfg.target.metric == "gns/b_simple" or (cfg.target.metric.startswith("gns/") and not cfg.gns.enabled):
         raise ConfigError("target.metric", cfg.target.metric, "is not a convergence metric")
     if cfg.early_stopping.patience is not None:

@@ -238,6 +238,18 @@ def test_memory_frontier_and_recommendation_under_a_budget():
     assert row is None and "smallest needs 100 MB" in verdict
 
 
+def test_a_batch_size_that_ran_out_of_memory_holds_that_peak_in_the_memory_table():
+    """An oom trial's peak is what a budget must hold for its batch size: the table took only the trials
+    that fit, and recommended batch 512 'within 33 MB' beside a 512 trial that ran out at 38 MB."""
+    df = with_costs(trials({"batch_size": 32, "mem/peak_mb": 27.0}, {"batch_size": 512, "mem/peak_mb": 29.0},
+                           {"batch_size": 512, "lr_multiplier": 2.0, "mem/peak_mb": 38.0, "status": "oom"}),
+                    [12, 1, np.inf])
+    mem = an.memory_table(df).set_index("batch_size")
+    assert mem.loc[512, "peak_mb"] == 38.0 and mem.loc[32, "peak_mb"] == 27.0
+    row, _ = an.recommend(an.memory_table(df), 33)
+    assert row["batch_size"] == 32
+
+
 # ---------------------------------------------------------------- the whole analysis
 def test_analyze_without_results_raises_one_line():
     df = trials({"status": "diverged"}, {"status": "diverged", "batch_size": 64})

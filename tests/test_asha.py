@@ -148,6 +148,23 @@ def test_group_by_default_and_override():
     merged = StratifiedASHA(metric="m", mode="max", group_by=["batch_size"], axes=["batch_size", "scaling.rule"])
     assert merged.stratum_of(cfg(32, "sqrt", 1, 0)) == merged.stratum_of(cfg(32, "linear", 2, 1)) == (("batch_size", 32),)
     assert StratifiedASHA(group_by=[]).stratum_of(cfg(32, "sqrt", 1, 0)) == ()
+
+
+def test_a_config_group_and_a_key_under_it_are_both_axes_of_a_stratum():
+    """optimizer=sgd,adam optimizer.momentum=0.5,0.9: a grid point nested its axes, so the group's choice
+    (a string) had no room for the key under it, and the study died with a TypeError before it began."""
+    from scaling.study import TrialSpec
+    from scaling.study_runner import _point
+
+    axes = ["point.optimizer", "point.optimizer.momentum", "point.batch_size", "point.lr_multiplier"]
+    sched = StratifiedASHA(metric="m", mode="max", group_by=axes[:3], axes=axes)
+    point = lambda opt, mom, m: {"point": _point(TrialSpec(0, {}, {"optimizer": opt, "optimizer.momentum": mom,
+                                                                   "batch_size": 32, "+lr_multiplier": m}))}
+    assert sched.stratum_of(point("sgd", 0.5, 1)) == (("point.optimizer", "sgd"), ("point.optimizer.momentum", 0.5),
+                                                      ("point.batch_size", 32))
+    assert sched.stratum_of(point("sgd", 0.5, 1)) == sched.stratum_of(point("sgd", 0.5, 4))
+    assert len({sched.stratum_of(point(o, m, 1)) for o in ("sgd", "adam") for m in (0.5, 0.9)}) == 4
+    assert get_dotted({"point": {"a": {"b": 1}, "c.d": 2}}, "point.c.d") == 2 and get_dotted({"a": "x"}, "a.b") is None
     assert StratifiedASHA(stratified=False, axes=["batch_size"]).group_by == []
     with pytest.raises(ValueError, match="metric"):
         StratifiedASHA(axes=["batch_size"]).on_trial_add(None, make_trials()[0])

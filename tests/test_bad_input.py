@@ -50,6 +50,12 @@ CASES = [
     ("scaling-train", ["target.value=inf"], "target.value=inf"),
     # reached at the first evaluation (val/loss >= 0.5): mode defaults to max, for val/acc
     ("scaling-train", ["target.metric=val/loss", "target.value=0.5"], "target.mode='max': judges target.metric=val/loss"),
+    # an accuracy is a fraction and a loss positive: such a target is never met (or met at once)
+    ("scaling-train", ["target.value=70"], "target.value=70.0: cannot be met as meant: val/acc is a fraction, "
+                                           "in (0, 1] (70% is 0.7)"),
+    ("scaling-train", ["target.value=0"], "target.value=0.0: cannot be met as meant: val/acc is a fraction"),
+    ("scaling-train", ["target.metric=val/loss", "target.mode=min", "target.value=-1"],
+     "target.value=-1.0: cannot be met as meant: val/loss is positive"),
     ("scaling-train", ["lr=0.1", "scaling.ref_lr=auto"], "lr=0.1"),
     ("scaling-train", ["mlflow.tracking_uri=sqlite:///"], "mlflow.tracking_uri='sqlite:///'"),  # in memory: lost
     ("scaling-train", ["mlflow.tracking_uri=sqlite:////tmp"], "mlflow.tracking_uri='sqlite:////tmp'"),  # a folder
@@ -71,7 +77,9 @@ CASES = [
     ("scaling-train", ["-m", "batch_size=32,abc", *SMALL], "batch_size"),
     ("scaling-train", ["-m", "bogus=1,2", *SMALL], "bogus"),
     ("scaling-train", ["-m", "batch_size=range(5,5)", *SMALL], "batch_size"),
-    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.asha.grace_period=100", *SMALL], "grace_period"),
+    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.asha.grace_period=100", *SMALL],
+     "hydra.sweeper.asha.grace_period=100.0: is longer than the budget epochs=1; set it to at most 1, "
+     "or hydra.sweeper.asha.enabled=false"),
     ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.resources.gpu=4", *SMALL], "resources.gpu"),
     ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.resources.cpu=64", *SMALL], "resources.cpu"),
     ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.max_trials=1", *SMALL], "max_trials"),
@@ -150,3 +158,42 @@ def test_a_deleted_experiment_ends_in_one_line_before_any_run(tmp_path, script, 
     assert len(lines) == 1 and lines[0].startswith("error: mlflow.experiment='gone': is deleted"), proc.stderr[-2000:]
     assert not client.search_runs([client.get_experiment_by_name("gone").experiment_id], run_view_type=ViewType.ALL)
     assert _left_behind(tmp_path) == []
+
+
+@pytest.mark.parametrize("script, args", [
+    ("scaling-train", []),
+    ("scaling-train", ["-m", "batch_size=32,64", "hydra.sweeper.report=false"]),
+    ("scaling-lr-find", ["lr_find.num_iters=20"]),
+], ids=["train", "study", "lr-find"])
+def test_a_file_that_is_no_store_ends_in_one_line_naming_the_uri(tmp_path, script, args):
+    """A study opened it only after Ray had started, and died with SQLAlchemy's traceback."""
+    (tmp_path / "store.db").write_text("not a database\n")
+    store = f"sqlite:///{tmp_path}/store.db"
+    proc = subprocess.run([str(BIN / script), *args, *SMALL, f"mlflow.tracking_uri={store}"], cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert lines == [f"error: mlflow.tracking_uri='{store}': is not a usable MLflow store (file is not a database)"]
+    assert (tmp_path / "store.db").read_text() == "not a database\n" and _left_behind(tmp_path) == []
+
+
+def test_a_store_creation_cut_short_leaves_no_half_migrated_store(tmp_path):
+    """Ctrl-C while MLflow migrates a new SQLite store (~1.5 s of alembic steps) left a file that every
+    later command refused ("duplicate column name"). It is made under another name and renamed."""
+    code = ("import signal, sys\n"
+            "import mlflow.store.tracking.sqlalchemy_store\n"  # the imports first: the alarm lands mid-migration
+            "from scaling.store import make_client\n"
+            "def stop(*_):\n    raise KeyboardInterrupt\n"
+            "signal.signal(signal.SIGALRM, stop)\n"
+            "signal.setitimer(signal.ITIMER_REAL, 0.3)\n"
+            "try:\n    make_client('sqlite:///new.db')\nexcept KeyboardInterrupt:\n    sys.exit(130)\n"
+            "signal.setitimer(signal.ITIMER_REAL, 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, "the migration ended before the alarm: " + proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a partial store or its temporary file was left"
+    from mlflow.tracking import MlflowClient
+
+    from scaling.store import make_client
+
+    assert isinstance(make_client(f"sqlite:///{tmp_path}/new.db"), MlflowClient)  # made afresh, whole

@@ -33,11 +33,16 @@ CASES = [
     ("scaling-study", ["model.width=interval(8,16)"], ["model.width='interval(8,16)'", "int(interval(a,b))"],
      ["trial"]),
     ("scaling-study", ["optimizer=interval(8,16)"], ["optimizer='interval(8,16)'", "config group"], ["trial"]),
+    ("scaling-train", ["-m", "lr_multiplier=tag(log,interval(0,1))", *SMALL],
+     ["lr_multiplier='tag(log,interval(0,1))': a log interval needs a positive start"], ["'lr_multiplier="]),
     ("scaling-train", ["-m", "batch_size="], ["batch_size="], []),
     ("scaling-train", ["-m", "optimizer=adam,foo", *SMALL], ["optimizer/foo"], ["data.n_samples", "epochs"]),
     # every grid point of a basic-sweeper multirun is validated before its first job
     ("scaling-train", ["-m", "hydra/sweeper=basic", "batch_size=32,-1", *SMALL], ["batch_size=-1"], []),
     ("scaling-train", ["-m", "hydra/sweeper=basic", "batch_size=range(5,5)", *SMALL], ["batch_size", "range(5,5)"], []),
+    # two of Hydra's modes at once: Hydra's refusal was a ValueError traceback
+    ("scaling-train", ["-m", "batch_size=32,64", "--cfg", "job"], ["--multirun and --cfg: give one of them"], []),
+    ("scaling-train", ["--cfg", "job", "--info"], ["--cfg and --info: give one of them"], []),
     # Hydra's flags that take a value
     ("scaling-train", ["--config-name", "config", "batch_size=-1"], ["batch_size=-1"], []),
     ("scaling-train", ["-cn", "config", "batch_size=-1"], ["batch_size=-1"], []),
@@ -47,10 +52,18 @@ CASES = [
     ("scaling-train", ["--config-name=foo"], ["--config-name", "foo"], []),
     ("scaling-train", ["-cd", "/nonexistent/conf"], ["--config-dir", "/nonexistent/conf"], []),
     # the line names the key that is wrong, and only that
-    ("scaling-train", ["hydra.sweeper.params.batch_size=1", *SMALL],  # OmegaConf's message names no key
-     ["hydra.sweeper.params.batch_size=1", "null"], ["data.n_samples", "epochs"]),
+    ("scaling-train", ["lr_find.batch_sizes.x=1", *SMALL],  # OmegaConf's message names no key
+     ["lr_find.batch_sizes.x=1", "null"], ["data.n_samples", "epochs"]),
+    # a grid axis in a single run: Hydra would run one trial and ignore it
+    ("scaling-train", ["hydra.sweeper.params.batch_size=32,64", *SMALL],
+     ["hydra.sweeper.params.batch_size='32,64'", "add -m"], ["data.n_samples", "epochs"]),
     ("scaling-train", ["hydra/launcher=nope"], ["hydra/launcher/nope", "options for hydra/launcher:"], []),
     ("scaling-train", ["-m", "batch_size=32,abc", *SMALL], ["batch_size=abc"], ["data.n_samples", "epochs"]),
+    # a preset that configures the scaling sweeper, run under Hydra's basic one: which preset, which key
+    *[("scaling-train", ["-m", "hydra/sweeper=basic", f"experiment={name}"],
+       [f"experiment={name}: sets hydra.sweeper.{key}", "scaling sweeper", "without hydra/sweeper=basic"],
+       ["raised while composing"])
+      for name, key in (("default_study", "asha"), ("rule_comparison", "asha"), ("cifar10_resnet", "resources"))],
 ]
 
 
@@ -79,3 +92,18 @@ def test_basic_sweeper_runs_with_flags_among_the_overrides(tmp_path):
                                  "mlflow.enabled=false"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("trial completed") == 2, proc.stdout
+
+
+def test_a_preset_composition_error_keeps_its_reason(tmp_path):
+    """Hydra words an error in a config file over two lines ("In 'experiment/x': ValidationError raised while
+    composing config:", then the reason); the one line keeps the reason and the key."""
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "bad.yaml").write_text("# @package _global_\nbatch_size: abc\n")
+    (tmp_path / "run").mkdir()
+    proc = run("scaling-train", ["-cd", str(tmp_path / "conf"), "experiment=bad"], tmp_path / "run")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "experiment/bad" in lines[0] and "could not be converted to Integer" in lines[0], lines[0]
+    assert "(key: batch_size)" in lines[0], lines[0]
+    assert _left_behind(tmp_path / "run") == []

@@ -24,6 +24,10 @@ NO_GPU = pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this
 
 CASES = [
     # (args, text the one line must contain)
+    # too short a range test for scaling.ref_lr=auto: refused before the study run or .studies exist
+    ([*STUDY, "scaling.ref_lr=auto", "optimizer=adam", "lr_find.start_lr=10", "lr_find.end_lr=1e6",
+      "lr_find.num_iters=50"], "scaling.ref_lr='auto': the LR range test at batch size 128 diverged after"),
+    ([*STUDY, "hydra.sweep.dir=/proc/nope"], "hydra.sweep.dir='/proc/nope': folder /proc/nope is not writable"),
     ([*STUDY, "hydra.sweeper.asha.grace_period=0"], "hydra.sweeper.asha.grace_period=0.0: must be positive"),
     ([*STUDY, "hydra.sweeper.asha.grace_period=-1"], "hydra.sweeper.asha.grace_period=-1.0"),
     ([*STUDY, "hydra.sweeper.asha.mode=up"], "hydra.sweeper.asha.mode='up'"),

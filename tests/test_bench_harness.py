@@ -149,3 +149,6 @@ def test_a_full_run_leaves_out_the_opt_in_groups_and_runs_them_when_named():
     assert selected(["mlflow-long,study", "mlflow"]) == ["study", "mlflow", "mlflow-long"]  # run order
     with pytest.raises(ValueError, match="unknown benchmark nope"):
         selected(["nope"])
+    for nothing in ([""], [","], ["", " "]):  # named nothing: not the whole suite
+        with pytest.raises(ValueError, match="--only names no benchmark"):
+            selected(nothing)

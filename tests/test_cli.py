@@ -70,6 +70,7 @@ def test_train_end_to_end(tmp_path, cli_tiny, tracking_uri, compose_cfg):
     proc = run(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "INFO mlflow.store.db.utils" not in proc.stderr  # creating the new store says nothing
     [end] = [line for line in proc.stdout.splitlines() if line.startswith("trial ")]
     assert end.startswith("trial completed") and "val/acc=" in end
     run_id = re.search(r"mlflow run ([0-9a-f]{32}) in 'e2e'", end).group(1)
@@ -104,6 +105,8 @@ def test_train_end_to_end(tmp_path, cli_tiny, tracking_uri, compose_cfg):
     assert steps[-1] == 1600 // 32 * 32
     for m in client.get_metric_history(run_id, "samples"):
         assert m.value == m.step
+    best = [m.step for m in client.get_metric_history(run_id, "best/val_loss")]
+    assert best == sorted(set(best)), f"the summary doubled the last point: {best}"
     assert r.data.metrics["val/acc"] > 0
     assert "mem/peak_mb" in r.data.metrics
 
@@ -122,6 +125,16 @@ def test_python_m_scaling_train(tmp_path, cli_tiny, shared_uri):
     assert "trial completed" in proc.stdout
     [r] = search(shared_uri, "module")
     assert r.data.tags["trial.status"] == "completed" and r.info.run_id in proc.stdout
+
+
+def test_a_single_run_of_a_preset_says_its_grid_was_not_run(tmp_path, cli_tiny):
+    """Hydra applies a preset's hydra.sweeper.params only to a multirun: one trial ran, silently."""
+    proc = run(["experiment=optimizers", *cli_tiny, "mlflow.enabled=false"], tmp_path)
+    assert proc.returncode == 0 and "trial completed" in proc.stdout, proc.stderr[-2000:]
+    assert "note: experiment=optimizers defines a grid over optimizer, batch_size, lr_multiplier; this is one " \
+           "trial of it: add -m (or run scaling-study) for the grid" in proc.stdout
+    proc = run([*cli_tiny, "mlflow.enabled=false"], tmp_path)
+    assert proc.returncode == 0 and "note:" not in proc.stdout
 
 
 def test_basic_sweeper_multirun(tmp_path, cli_tiny, shared_uri):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import fields
@@ -117,6 +118,34 @@ def test_rayjob_keeps_the_jobs_api_private(rayjob):
     assert cluster["headGroupSpec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
+def claimed_volumes(node) -> list[str]:
+    """Return the claimName of every persistentVolumeClaim volume anywhere in a parsed manifest."""
+    if isinstance(node, list):
+        return [name for item in node for name in claimed_volumes(item)]
+    if not isinstance(node, dict):
+        return []
+    if "persistentVolumeClaim" in node:
+        return [node["persistentVolumeClaim"]["claimName"]]
+    return [name for value in node.values() for name in claimed_volumes(value)]
+
+
+def test_every_claimed_volume_is_defined_shared_and_documented():
+    docs = [d for path in sorted((CLUSTER / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    claims = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    claimed = claimed_volumes(job)
+    assert claimed, "rayjob.yaml mounts no volume?"
+    for name in claimed:
+        assert name in claims, f"rayjob.yaml mounts the claim {name!r}, which no manifest in cluster/k8s defines"
+        claim = claims[name]
+        assert claim["apiVersion"] == "v1"
+        assert claim["metadata"].get("namespace") == job["metadata"].get("namespace"), name
+        assert "ReadWriteMany" in claim["spec"]["accessModes"], f"{name}: the head and the workers mount it at once"
+        assert claim["spec"]["resources"]["requests"]["storage"]
+    readme = (CLUSTER / "README.md").read_text()
+    assert any(c.startswith("kubectl apply -f cluster/k8s/pvc.yaml") for c in shell_commands(readme)), "undocumented"
+
+
 def test_ray_versions_agree_across_the_cluster_configs(ray_cluster, rayjob):
     version = rayjob["spec"]["rayClusterSpec"]["rayVersion"]
     assert f"ray[default,tune]=={version}" in " ".join(ray_cluster["setup_commands"])
@@ -159,10 +188,74 @@ def test_submit_renders_the_allocation_from_the_config():
     (["gpus_per_node=abc"], "gpus_per_node=abc: "),
     (["--", "hydra.sweeper.resources.gpu=1"], "gpus_per_node=0"),
     (["cpus_per_task=2", "--", "hydra.sweeper.resources.cpu=4"], "cpus_per_task=2"),
+    (["--", "hydra.sweeper.resources.gpu=-1"], "hydra.sweeper.resources.gpu='-1': must be at least 0"),
 ])
 def test_submit_refuses_typos_and_trials_that_do_not_fit(args, message):
     proc = submit(*args)
     assert proc.returncode == 2 and message in proc.stderr and proc.stdout == ""
+
+
+def job_environment(line: str) -> dict[str, str]:
+    """Return the variables a dry run's command line sets for the job: `env NAME=value` words ahead of
+    sbatch, and --export's NAME=value items, which sbatch splits at every comma (man sbatch)."""
+    words, env = shlex.split(line), {}
+    if words[0] == "env":
+        words.pop(0)
+        while "=" in words[0]:
+            name, value = words.pop(0).split("=", 1)
+            env[name] = value
+    assert words[0] == "sbatch", line
+    for word in words:
+        if word.startswith("--export="):
+            env.update(item.split("=", 1) for item in word[len("--export="):].split(",") if "=" in item)
+    return env
+
+
+def test_submit_passes_env_values_with_commas_quotes_and_spaces_whole():
+    values = {"RAY_START_ARGS": "--min-worker-port=10002,--max-worker-port=10100 --a=1,--b=2",
+              "SCALING_ENV_SETUP": """source ~/venvs/scaling/bin/activate; echo "a,b" '$HOME'""", "RAY_PORT": "6380"}
+    proc = submit(*(f"env.{k}={v}" for k, v in values.items()), "--", "batch_size=64,128")
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.splitlines()[0]
+    assert job_environment(line) == values, line
+    assert "--export=ALL" in shlex.split(line) and line.endswith("study.sbatch batch_size=64,128")
+
+
+@pytest.mark.parametrize("name", ["1X", "A-B", "A B"])
+def test_submit_refuses_an_env_name_the_job_cannot_read(name):
+    proc = submit(f"env.{name}=1")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith(f"error: env.{name}: "), proc.stderr
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("mem_gb=-5", "mem_gb=-5: must be at least 1"),
+    ("mem_gb=0", "mem_gb=0: must be at least 1"),
+    ("time=abc", "time='abc': must be"),
+    ("time=", "time='': must be"),
+    ("time=-5", "time='-5': must be"),
+    ("time=1:2:3:4", "time='1:2:3:4': must be"),
+])
+def test_submit_refuses_an_allocation_out_of_range(arg, message):
+    proc = submit(arg)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith(f"error: {message}") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("time", ["0", "90", "90:30", "12:00:00", "2-0", "2-12:30", "2-12:30:00", "UNLIMITED"])
+def test_submit_takes_every_sbatch_time_format(time):
+    proc = submit(f"time={time}", "mem_gb=32")
+    assert proc.returncode == 0, proc.stderr
+    assert f"--time={time}" in proc.stdout.split() and "--mem=32G" in proc.stdout.split()
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "", "1,2"])
+@pytest.mark.parametrize("resource", ["cpu", "gpu"])
+def test_submit_names_a_trial_resource_that_is_not_a_number(resource, value):
+    key = f"hydra.sweeper.resources.{resource}"
+    proc = submit("gpus_per_node=1", "--", f"{key}={value}")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr == f"error: {key}={value!r}: must be a number\n", proc.stderr
 
 
 # ------------------------------------------------------------------ Hydra launchers

@@ -103,6 +103,9 @@ COMPOSE_FAILS = [
     (["schedule=foo"], ["schedule", "foo"]),
     (["model=transformer"], ["model", "transformer"]),
     (["experiment=nope"], ["experiment", "nope"]),
+    # a composition error whose reason is on the line after Hydra's "... raised while composing config:"
+    (["hydra/sweeper=basic", "experiment=default_study"],
+     ["experiment/default_study", "Key 'asha' not in 'BasicSweeperConf'", "hydra.sweeper.asha"]),
 ]
 
 

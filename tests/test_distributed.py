@@ -118,6 +118,20 @@ def test_two_workers_give_the_single_worker_loss_curve(compose_cfg, tiny, tiny_d
     assert state["loop"]["step"] == two.history[-1]["step"] and not any(k.startswith("module.") for k in state["model"])
 
 
+def test_a_validation_loss_blow_up_ends_the_data_parallel_trial_as_diverged(compose_cfg, tiny, tiny_data):
+    """The ranks share the trial loop and the all-reduced val/loss, so they end together, as the single
+    process does (tests/test_train.py), on a blow-up in the trial's last step."""
+    from scaling.distributed import run_data_parallel
+
+    cfg = compose_cfg(*tiny, "batch_size=1024", "epochs=0.64", "eval_every=0.64", "optimizer=adam", "lr=5",
+                      "parallel.workers=2")
+    rec = RecordingReporter()
+    result = run_data_parallel(cfg, rec, 2, dataset=tiny_data, launcher="local")
+    assert result.status == "diverged" and rec.result.status == "diverged"
+    assert result.reason.startswith(f"val/loss={result.metrics['val/loss']:.4g} at step 1: above divergence.factor=5")
+    assert result.metrics["samples"] == 1024 and rec.history == []
+
+
 # --------------------------------------------------------------------------- the Ray path
 
 BIN = Path(sys.executable).parent

@@ -45,6 +45,12 @@ def test_an_int_interval_draws_integers_log_tagged_or_not(sweep):
     assert all(d.isdigit() and 16 <= int(d) <= 2048 for d in draws) and len(set(draws)) > 10
 
 
+def test_a_log_interval_from_zero_is_an_error_naming_the_key_and_its_value_once():
+    with pytest.raises(ConfigError) as info:
+        build_grid(parse("lr_multiplier=tag(log,interval(0,1))"))
+    assert str(info.value) == "lr_multiplier='tag(log,interval(0,1))': a log interval needs a positive start"
+
+
 def test_empty_sweep_is_an_error_naming_the_key():
     with pytest.raises(ConfigError, match="batch_size"):
         build_grid(parse("batch_size=range(5,5)"))
@@ -96,12 +102,35 @@ def test_shared_composition_equals_composing_every_point_whole():
     assert by_point[("model.width=64", "optimizer=adam", "batch_size=256", "lr_multiplier=2")].optimizer.name == "adam"
 
 
-def test_a_bad_value_in_a_shared_composition_names_the_point():
+def test_a_bad_value_in_a_shared_composition_names_the_override_and_its_value_once():
+    """The line was the whole point as a key and '' as its value: `batch_size=32 lr_multiplier=abc='': Error
+    merging override lr_multiplier=abc: ...`."""
     sweeper = _planning_sweeper()
-    with pytest.raises(ConfigError, match="batch_sise"):
+    with pytest.raises(ConfigError) as info:
         sweeper.plan(["batch_sise=32,64"])
-    with pytest.raises(ConfigError, match="lr_multiplier=abc"):
+    assert str(info.value) == "batch_sise='32': Key 'batch_sise' not in 'TrialConfig'"
+    with pytest.raises(ConfigError) as info:
         sweeper.plan(["batch_size=32", "lr_multiplier=1,abc"])
+    assert str(info.value) == ("lr_multiplier='abc': Value 'abc' of type 'str' could not be converted to Float "
+                               "(key: lr_multiplier)")
+    with pytest.raises(ConfigError) as info:
+        _planning_sweeper("hydra.sweeper.params.lr_multiplier=[1,abc]").plan(["batch_size=32"])
+    assert str(info.value).startswith("lr_multiplier='abc': Value 'abc' of type 'str' could not be converted")
+
+
+def test_a_list_in_hydra_sweeper_params_is_a_choice_of_its_values(tmp_path):
+    """A list was merged as one value (batch_size=[32,128]); it is the axis it reads as, the same study as
+    its values typed on the command line."""
+    listed = _planning_sweeper(f"hydra.sweeper.storage_path={tmp_path}", "hydra.sweeper.params.batch_size=[32,64]",
+                               "hydra.sweeper.params.optimizer=[sgd,adam]")
+    typed = _planning_sweeper(f"hydra.sweeper.storage_path={tmp_path}")
+    grid, configs = listed.plan(["epochs=1"])
+    assert grid.axes == {"batch_size": ["32", "64"], "optimizer": ["sgd", "adam"]}
+    assert [(c.batch_size, c.optimizer.name) for c in configs] == [(32, "sgd"), (32, "adam"), (64, "sgd"), (64, "adam")]
+    assert listed.study_name(grid) == typed.study_name(typed.plan(["batch_size=32,64", "optimizer=sgd,adam",
+                                                                   "epochs=1"])[0])
+    with pytest.raises(ConfigError, match=r"^hydra.sweeper.params.batch_size=\[\]: sweeps over no values"):
+        _planning_sweeper("hydra.sweeper.params.batch_size=[]").plan([])
 
 
 def test_the_study_name_is_the_grid_whatever_the_order_of_its_fixed_overrides(tmp_path):
@@ -127,3 +156,19 @@ def test_the_study_name_is_the_grid_whatever_the_order_of_its_fixed_overrides(tm
     (tmp_path / old).mkdir()
     assert sweeper.study_name(grid) == old
     assert name("epochs=1", "batch_size=32,64") != old, "without resume, the name is the new one"
+
+
+def test_an_axis_in_hydra_sweeper_params_is_the_same_study_as_on_the_command_line(tmp_path):
+    """A resume finds its study whichever way its axes were given: the points, so the name, are the same."""
+    def planned(*args: str, grid: tuple[str, ...] = ()):
+        sweeper = _planning_sweeper(f"hydra.sweeper.storage_path={tmp_path}", *args)
+        return sweeper.plan(list(grid))[0], sweeper
+
+    shell, sweeper = planned(grid=("batch_size=32,64", "lr_multiplier=1,2", "epochs=1"))
+    name = sweeper.study_name(shell)
+    for args in (["hydra.sweeper.params.batch_size='32,64'", "hydra.sweeper.params.lr_multiplier='1,2'"],
+                 ["hydra.sweeper.params={batch_size:'32,64',lr_multiplier:'1,2'}"]):
+        given, sweeper = planned(*args, grid=("epochs=1",))
+        assert given.axes == shell.axes and sweeper.study_name(given) == name
+    given, sweeper = planned("hydra.sweeper.params.batch_size='32,64'", grid=("lr_multiplier=1,2", "epochs=1"))
+    assert given.axes == shell.axes and sweeper.study_name(given) == name

@@ -53,6 +53,14 @@ def test_a_plain_config_gives_the_params_and_name_its_dictconfig_gives(compose_c
     assert trial_run_name(plain) == trial_run_name(cfg)
 
 
+def test_a_run_name_shows_the_grid_axes_its_fields_do_not(compose_cfg):
+    """An optimizer, schedule or model sweep named its trials alike in the MLflow UI (bs=32 lr×1 sqrt s0)."""
+    cfg = compose_cfg("batch_size=32", "optimizer=adam", "model.width=64")
+    axes = {"batch_size": "32", "optimizer": "adam", "+model.width": "64", "seed": "0"}
+    assert trial_run_name(cfg, axes) == "bs=32 lr×1 linear optimizer=adam width=64 s0"
+    assert trial_run_name(cfg) == "bs=32 lr×1 linear s0"
+
+
 def test_as_attributes_reads_nested_keys_and_leaves_a_dictconfig_alone(compose_cfg):
     view = as_attributes({"scaling": {"rule": "sqrt", "ref_batch_size": 128}, "lr": None, "odd-key": 1})
     assert (view.scaling.rule, view.scaling.ref_batch_size, view.lr) == ("sqrt", 128, None)

@@ -156,8 +156,36 @@ def test_oom_and_divergence_end_their_trials_and_the_study_completes(tmp_path):
         oom = by[("4096", lr)]
         assert oom.data.tags["trial.status"] == "oom"
         assert "batch_size=4096" in oom.data.tags["trial.reason"]
+        # its run holds the peak that ended it (it held the last evaluation's, or none)
+        peak = float(re.search(r"peak ([\d.]+) MB", oom.data.tags["trial.reason"]).group(1))
+        assert peak > 100 and oom.data.metrics["mem/peak_mb"] == pytest.approx(peak, abs=0.05)
     assert "largest batch size that fit: 16" in log
     best = json.loads(client.download_artifacts(studies[0].info.run_id, "best_per_batch_size.json", str(tmp_path)) and
                       (tmp_path / "best_per_batch_size.json").read_text())
     assert list(best) == ["16"] and best["16"]["lr_multiplier"] == 1.0, "a diverged or oom trial was chosen as best"
     assert studies[0].data.metrics["trials/oom"] == 2 and studies[0].data.metrics["trials/diverged"] == 1
+
+
+def test_a_validation_loss_blow_up_ends_the_trial_as_diverged_in_a_study(tmp_path):
+    """Adam at lr=5 blows up in its first step, after its training loss was checked: the evaluation
+    used to reach ASHA as a rung value (val/loss ~1e5, accuracy below chance) and the trial ended pruned
+    or completed, a result the report could recommend. It ends diverged now, before that evaluation is
+    reported, where it stopped, and is never best."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, log = run_study(["batch_size=1024", "optimizer=adam", "lr=0.001,5", "data.n_samples=2000", "model.width=32",
+                           "epochs=1.28", "eval_every=0.64", "hydra.sweeper.asha.grace_period=0.64",
+                           f"mlflow.tracking_uri={uri}", "hydra.sweeper.report=false"], tmp_path)
+    assert code == 0, log[-3000:]
+    client, studies, trials = study_records(uri)
+    by = {t.data.params["lr"]: t for t in trials}
+    assert by["0.001"].data.tags["trial.status"] == "completed"
+    blown = by["5.0"]
+    assert blown.data.tags["trial.status"] == "diverged", blown.data.tags
+    reason = blown.data.tags["trial.reason"]
+    assert re.fullmatch(r"val/loss=\S+ at step 1: above divergence.factor=5 x the first train/loss \S+", reason), reason
+    assert blown.data.metrics["samples"] == 1024 and blown.data.metrics["step"] == 1
+    assert client.get_metric_history(blown.info.run_id, "val/loss") == []  # no evaluation recorded as a result
+    assert studies[0].data.metrics["trials/diverged"] == 1
+    best = json.loads(client.download_artifacts(studies[0].info.run_id, "best_per_batch_size.json", str(tmp_path)) and
+                      (tmp_path / "best_per_batch_size.json").read_text())
+    assert best["1024"]["run_id"] == by["0.001"].info.run_id

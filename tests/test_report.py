@@ -110,10 +110,12 @@ def test_notebook_executes_against_the_study(tiny_study, monkeypatch):
     from nbclient import NotebookClient
 
     cwd, run, _ = tiny_study
-    monkeypatch.setenv("SCALING_TRACKING_URI", f"sqlite:///{cwd / 'mlflow.db'}")
+    monkeypatch.delenv("SCALING_TRACKING_URI", raising=False)  # the default: the store one folder up
     monkeypatch.setenv("SCALING_STUDY", run.info.run_id)
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    (cwd / "notebooks").mkdir(exist_ok=True)  # Jupyter runs the kernel in the notebook's folder, not the study's
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(cwd / "notebooks")}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == len(FIGURES)

@@ -86,6 +86,19 @@ def test_sbatch_study_runs_ray_on_the_allocation_and_records_every_trial(slurm, 
     assert not left, f"Ray processes of the job outlived it: {left}"
 
 
+def test_submit_hands_env_values_with_commas_to_the_job_whole(slurm, tmp_path):
+    """sbatch splits --export's list at commas; env.* values reach study.sbatch whole (its setup line ends the job)."""
+    value = "--min-worker-port=10002,--max-worker-port=10100"
+    setup = 'echo "job sees RAY_START_ARGS=$RAY_START_ARGS"; exit 0'
+    submit = [sys.executable, ROOT / "cluster" / "slurm" / "submit.py", "nodes=1", "cpus_per_task=1", "time=00:05:00",
+              f"output={tmp_path / 'env-%j.out'}", f"env.RAY_START_ARGS={value}", f"env.SCALING_ENV_SETUP={setup}"]
+    proc = slurm.run(*submit, cwd=tmp_path, env=job_env(slurm), timeout=60, check=False)
+    assert proc.returncode == 0 and "submitted job " in proc.stdout, proc.stdout + proc.stderr
+    job = proc.stdout.split("submitted job ")[1].split(";")[0].strip()
+    assert slurm.wait_job(job, timeout=120) == "COMPLETED"
+    assert f"job sees RAY_START_ARGS={value}\n" in (tmp_path / f"env-{job}.out").read_text()
+
+
 def test_submitit_launcher_runs_the_plain_grid_as_slurm_jobs(slurm, tmp_path):
     import subprocess
 

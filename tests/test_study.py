@@ -8,11 +8,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from procs import stop_group, wait_for_text
 from records import client_for, study_records
 
@@ -54,9 +57,15 @@ def test_study_records_one_parent_and_a_child_per_trial(small_study):
     assert len(studies) == 1 and len(trials) == 8
     study = studies[0]
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {study.info.run_id}
+    # what produced each trial's numbers, as on the study run (the README's promise for every trial run)
+    assert all(t.data.tags["git.revision"] == study.data.tags["git.revision"] and "version.torch" in t.data.tags
+               for t in trials)
     assert study.data.tags["trial.status"] == "completed"
     assert study.data.metrics["trials/total"] == 8
     assert '"batch_size": ["32", "256"]' in study.data.params["grid"]
+    # the Hydra sweep folder it names exists, with multirun.yaml as Hydra's own sweeper writes it
+    multirun = OmegaConf.load(Path(study.data.tags["scaling.sweep_dir"]) / "multirun.yaml")
+    assert "batch_size=32,256" in multirun.hydra.overrides.task and multirun.hydra.mode == "MULTIRUN"
     # the last line opens the study run: `mlflow ui` over this store (as tests/test_mlflow_ui.py runs it), then its page
     page = f"http://127.0.0.1:5000/#/experiments/{study.info.experiment_id}/runs/{study.info.run_id}"
     assert proc.stdout.strip().splitlines()[-1] == f"{UI_COMMAND} --backend-store-uri sqlite:///mlflow.db   # then open {page}"
@@ -119,6 +128,32 @@ def test_bare_multirun_sweeps_only_the_given_axes(tmp_path):
     assert {t.data.params["scaling.rule"] for t in trials} == {"linear"}
 
 
+@pytest.mark.parametrize("grid", ["hydra.sweeper.params.batch_size='32,64'", "+hydra.sweeper.params.batch_size='32,64'",
+                                  "hydra.sweeper.params={batch_size:'32,64'}"], ids=["key", "plus", "dict"])
+def test_a_grid_given_in_hydra_sweeper_params_on_the_command_line_runs(tmp_path, grid):
+    """hydra.sweeper.params was null, so no axis could be set under it from the shell."""
+    proc = run_cli(["-m", grid, *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    studies, trials = study_runs(tmp_path)
+    assert len(studies) == 1 and len(trials) == 2
+    assert sorted(t.data.params["batch_size"] for t in trials) == ["32", "64"]
+    assert '"batch_size": ["32", "64"]' in studies[0].data.params["grid"]
+
+
+@pytest.mark.parametrize("where", ["preset", "shell"])
+def test_a_list_in_hydra_sweeper_params_sweeps_its_values(tmp_path, where):
+    """A list (a preset's `batch_size: [32, 64]`) was merged as one value and ended in a garbled line."""
+    conf = tmp_path / "conf" / "experiment"
+    conf.mkdir(parents=True)
+    (conf / "listy.yaml").write_text("# @package _global_\nhydra:\n  sweeper:\n    params:\n      batch_size: [32, 64]\n")
+    grid = ["-cd", str(tmp_path / "conf"), "experiment=listy"] if where == "preset" else \
+        ["hydra.sweeper.params.batch_size=[32,64]"]
+    proc = run_cli(["-m", *grid, *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    studies, trials = study_runs(tmp_path)
+    assert len(studies) == 1 and sorted(t.data.params["batch_size"] for t in trials) == ["32", "64"]
+
+
 def test_resume_finds_its_study_in_any_order_and_refuses_a_store_without_it(small_study, tmp_path):
     """A resume finds the study by its name (its points, whatever the order of the fixed overrides), then
     reopens its MLflow run: in another experiment, or in a store that lost it, the resume would find none
@@ -137,6 +172,14 @@ def test_resume_finds_its_study_in_any_order_and_refuses_a_store_without_it(smal
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("error: mlflow.experiment='elsewhere'") and "mlflow.experiment=scaling" in lines[0]
     assert "elsewhere" not in {e.name for e in client_for(work).search_experiments()}
+
+    # its name with another grid: trials are matched by index, so bs=128's trial 0 would pass for bs=32's
+    other = ["-m", "batch_size=32,128", "lr_multiplier=1,2,0.01,0.003", *TINY, "hydra.sweeper.resume=true"]
+    proc = run_cli([*other, f"hydra.sweeper.study_name={name}"], work, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: hydra.sweeper.resume=True: study {name} was started with another grid")
+    assert len(study_runs(work)[1]) == 8
 
     (work / "mlflow.db").unlink()
     proc = run_cli(resume, work, timeout=120)
@@ -188,6 +231,51 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
             assert steps == expected, f"{t.info.run_name}: lost points {steps} != {expected}"
 
 
+def test_ctrl_c_ends_a_study_as_interrupted_and_a_resume_finishes_it(tmp_path):
+    """Ray Tune takes the first Ctrl-C itself and returns from fit() as if the run had ended: the study
+    was recorded FINISHED and 'completed', exited 0, and the trial it stopped stayed RUNNING."""
+    args = ["-m", "batch_size=32,256", "lr_multiplier=0.5,1,2", "hydra.sweeper.max_concurrent=1", *TINY]
+    log = tmp_path / "attempt.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "scaling-train"), *args], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            wait_for_text(log, "done 2/6", proc, timeout=180)
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground group
+            assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+        finally:
+            stop_group(proc)
+    text = log.read_text()
+    assert "interrupted: run the same command with hydra.sweeper.resume=true" in text and "Traceback" not in text
+    studies, trials = study_runs(tmp_path)
+    assert (studies[0].info.status, studies[0].data.tags["trial.status"]) == ("KILLED", "interrupted")
+    assert len(trials) < 6 and all(t.info.status != "RUNNING" for t in trials), [t.info.status for t in trials]
+    proc = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path)
+    assert proc.returncode == 0 and "resuming study" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    studies, trials = study_runs(tmp_path)
+    assert (studies[0].info.status, studies[0].data.tags["trial.status"]) == ("FINISHED", "completed")
+    assert len(trials) == 6 and all(t.info.status == "FINISHED" for t in trials)
+
+
+def test_ctrl_c_while_a_study_starts_is_one_line_and_leaves_nothing(tmp_path):
+    """Before its MLflow run exists (imports, Hydra, Ray's start, the store's creation) a Ctrl-C printed
+    a traceback, and could leave a half-migrated mlflow.db or Ray's agents behind."""
+    proc = subprocess.Popen([str(BIN / "scaling-train"), "-m", "batch_size=32,256", *TINY], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"})
+    try:
+        time.sleep(1.5)  # the study line comes after ~4 s here
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        stop_group(proc)
+    lines = [line for line in err.splitlines() if line.strip() and " INFO " not in line]
+    assert proc.returncode == 130 and "Traceback" not in out + err, err[-3000:]
+    assert lines == ["error: interrupted before the study started: nothing was recorded"], err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, key", [
     (["batch_size=32,-1"], "batch_size"),
     (["batch_sise=32,64"], "batch_sise"),
@@ -230,17 +318,36 @@ def test_basic_sweeper_with_joblib_launcher_records_one_run_per_job(tmp_path):
 
 
 def test_ref_lr_auto_runs_the_range_test_first_and_trials_use_it(tmp_path):
-    proc = run_cli(["-m", "batch_size=32,128", "scaling.ref_lr=auto", "lr_find.num_iters=40",
+    """One range test for every seed: seeds of a grid point train the same LRs, so the report pools them."""
+    proc = run_cli(["-m", "batch_size=32,128", "seed=0,1", "scaling.ref_lr=auto", "lr_find.num_iters=40",
                     "hydra.sweeper.asha.enabled=false", *TINY], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     studies, trials = study_runs(tmp_path)
     chosen = float(studies[0].data.tags["scaling.ref_lr_auto"])
-    assert f"chose ref_lr={chosen:.4g}" in proc.stdout
+    assert proc.stdout.count("chose ref_lr=") == 1 and f"chose ref_lr={chosen:.4g}" in proc.stdout
+    assert sorted(t.data.params["seed"] for t in trials) == ["0", "0", "1", "1"]
     assert "lr_find.png" in {a.path for a in client_for(tmp_path).list_artifacts(studies[0].info.run_id)}
     for t in trials:
         assert float(t.data.params["scaling.ref_lr"]) == pytest.approx(chosen)
         bs = int(t.data.params["batch_size"])
         assert float(t.data.params["lr.effective"]) == pytest.approx(chosen * bs / 128)
+
+
+def test_trials_whose_own_range_test_sets_their_lr_record_the_lr_they_trained(tmp_path):
+    """schedule.from_lr_find: each trial's LR comes from a test at its batch size, run in the trial; its
+    lr.effective and lr.base (what the report reads) were the rule's from the config, not the LR trained."""
+    proc = run_cli(["-m", "batch_size=32,128", "schedule=onecycle", "schedule.from_lr_find=true",
+                    "lr_find.num_iters=40", "hydra.sweeper.asha.enabled=false", *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, trials = study_runs(tmp_path)
+    rows = {line.split("│")[1].strip(): float(line.split("│")[2]) for line in proc.stdout.splitlines()
+            if line.startswith("│")}
+    for t in trials:
+        p = t.data.params
+        assert float(p["lr.effective"]) == pytest.approx(float(p["derived.lr"]), rel=1e-12)  # the loop's own LR
+        assert float(p["lr.base"]) == pytest.approx(float(t.data.tags["lr_find.ref_lr"]), rel=1e-12)
+        assert rows[p["batch_size"]] == pytest.approx(float(p["lr.effective"]), rel=1e-3)  # the summary's too
+    assert len({t.data.params["lr.effective"] for t in trials}) == 2
 
 
 def test_study_with_mlflow_disabled_runs_and_records_nothing(tmp_path):

@@ -51,16 +51,21 @@ def test_queued_writes_land_complete_and_in_order(tracking_uri, compose_cfg):
     """The writer thread applies a burst of evaluations in order; drain waits for all."""
     rec = StudyRecorder(tracking_uri, "scaling", study_name="s")
     rec.start({}, {})
-    rec.trial_started(0, compose_cfg("batch_size=32"))
+    rec.trial_started(0, compose_cfg("batch_size=32", "optimizer=adam"), axes={"optimizer": "adam", "batch_size": "32"})
     for k in range(1, 41):
-        rec.trial_metrics(0, {"samples": 32.0 * k, "val/loss": 1.0 / k, "val/acc": k / 40})
-    rec.trial_finished(0, "completed", summary={"best/val_loss": 1 / 40})
+        rec.trial_metrics(0, {"samples": 32.0 * k, "val/loss": 1.0 / k, "val/acc": k / 40, "best/val_loss": 1.0 / k})
+    time.sleep(0.01)  # as in a study: the summary comes later, with another timestamp (MLflow keeps both points)
+    rec.trial_finished(0, "completed", summary={"best/val_loss": 1 / 40, "samples": 32 * 40, "mem/peak_mb": 3.0})
     rec.drain()
     assert not rec.pending
     run = rec.client.get_run(rec.trial_runs[0])
     history = rec.client.get_metric_history(run.info.run_id, "val/loss")
     assert [(m.step, m.value) for m in history] == [(32 * k, 1.0 / k) for k in range(1, 41)]
     assert run.data.tags["trial.status"] == "completed" and run.info.status == "FINISHED"
+    assert run.info.run_name == "bs=32 lr×1 linear optimizer=adam s0"  # the grid's axes name it
+    for key in ("samples", "best/val_loss", "mem/peak_mb"):  # the summary adds no second point at the last step
+        assert [m.step for m in rec.client.get_metric_history(run.info.run_id, key)][-2:] != [1280, 1280], key
+    assert [m.step for m in rec.client.get_metric_history(run.info.run_id, "mem/peak_mb")] == [1280]
 
 
 def test_disabled_recorder_keeps_the_bookkeeping_and_writes_nothing(tmp_path, compose_cfg):
@@ -243,7 +248,7 @@ def test_import_mlflow_creates_no_store(tmp_path):
     """The driver imports MLflow before its cluster check: a study rejected there must leave no store."""
     import gc
 
-    from scaling.tracking import import_mlflow
+    from scaling.store import import_mlflow
 
     import_mlflow(f"sqlite:///{tmp_path}/mlflow.db")
     assert list(tmp_path.iterdir()) == [] and gc.isenabled()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import types
 
 import pytest
@@ -88,12 +89,13 @@ def test_gns_is_measured_without_changing_training(trial):
 
 @pytest.fixture
 def loss_log(monkeypatch):
-    """Record every training-batch loss the loop computes (evaluation uses reduction='sum')."""
+    """Record every training-batch loss the loop computes (evaluation uses reduction='sum'; the once-per-
+    process warm-up's are not the trial's, and came first only in a process's first trial)."""
     losses: list[float] = []
 
     def cross_entropy(logits, target, *args, **kwargs):
         loss = F.cross_entropy(logits, target, *args, **kwargs)
-        if kwargs.get("reduction", "mean") == "mean":
+        if kwargs.get("reduction", "mean") == "mean" and sys._getframe(1).f_code.co_name != "_warm_up":
             losses.append(loss.item())
         return loss
 
@@ -121,6 +123,37 @@ def test_divergence_stops_within_a_step(trial, loss_log, overrides):
     assert rec.history == []  # diverged before the first evaluation
 
 
+@pytest.mark.parametrize("overrides", [
+    ("lr=5",),  # one adam step: val/loss ~1e4-1e6, far above divergence.factor x the first train/loss
+    ("lr=1e30", "divergence.factor=1e38"),  # only the non-finite check can trigger
+], ids=["huge-val-loss", "non-finite-val-loss"])
+def test_a_last_step_blow_up_the_training_loss_never_saw_ends_as_diverged(trial, loss_log, overrides):
+    """The training loss is checked before each step, so a trial whose last step blows up reached its
+    evaluation unchecked and counted as a result (val/loss 3.9e6, accuracy below chance: "completed").
+    The same rule now applies to val/loss at every evaluation, and that evaluation is not reported."""
+    result, rec, cfg = trial("batch_size=1024", "epochs=0.64", "eval_every=0.64", "optimizer=adam", *overrides)
+    first, factor = loss_log[0], cfg.divergence.factor  # the only step's
+    assert rec.info["total_steps"] == 1 and math.isfinite(first) and first < 3  # its training loss was fine
+    assert result.status == "diverged"
+    val = result.metrics["val/loss"]
+    assert not math.isfinite(val) or val > factor * first
+    why = "not finite" if not math.isfinite(val) else f"above divergence.factor={factor:g} x the first train/loss {first:.4g}"
+    assert result.reason == f"val/loss={val:.4g} at step 1: {why}"
+    assert result.metrics["step"] == 1 and result.metrics["samples"] == 1024 == result.metrics["step"] * cfg.batch_size
+    assert rec.history == [] and result.best_val_loss == math.inf  # no result: never reported, never "best"
+
+
+def test_best_val_loss_is_the_lowest_whatever_early_stopping_min_delta(trial):
+    """min_delta decides what counts as an improvement for patience; best/val_loss, which ranks trials and
+    picks the best LR, kept the last value that beat it by min_delta (2.3052 against a later 2.2979)."""
+    result, rec, _ = trial("epochs=1", "eval_every=0.1", "early_stopping.patience=3", "early_stopping.min_delta=0.5")
+    assert result.status == "early_stopped" and len(rec.history) == 4  # nothing improves by 0.5: 3 bad ones
+    losses = [m["val/loss"] for m in rec.history]
+    assert min(losses) < losses[0]  # a smaller improvement than min_delta happened
+    assert [m["best/val_loss"] for m in rec.history] == [min(losses[:k + 1]) for k in range(len(losses))]
+    assert result.best_val_loss == min(losses)
+
+
 def test_early_stopping(trial):
     # Nothing improves val/loss by 10: the second evaluation is the first "bad" one.
     result, rec, _ = trial("eval_every=0.25", "early_stopping.patience=1", "early_stopping.min_delta=10")
@@ -130,11 +163,14 @@ def test_early_stopping(trial):
     assert result.metrics["step"] == 24 < 50
 
 
-def test_memory_limit_ends_as_oom(trial):
-    result, rec, cfg = trial("memory.limit_mb=1", "model.width=512")
+@pytest.mark.parametrize("overrides", [("memory.limit_mb=1", "model.width=512"),
+                                       ("memory.limit_mb=20", "model.width=2048", "batch_size=64")])
+def test_memory_limit_ends_as_oom(trial, overrides):
+    result, rec, cfg = trial(*overrides)
     assert result.status == "oom"
-    assert "batch_size=32" in result.reason and "memory.limit_mb=1" in result.reason
-    assert result.info["mem/peak_mb"] > 1
+    assert f"batch_size={cfg.batch_size}" in result.reason and f"memory.limit_mb={cfg.memory.limit_mb:g}" in result.reason
+    # the recorded peak is the one that ended it: the kernel's VmHWM can read lower a moment later
+    assert f"peak {result.info['mem/peak_mb']:.1f} MB exceeds" in result.reason and result.info["mem/peak_mb"] > 1
     assert rec.history == []  # enforced after the first step, before any evaluation
 
 

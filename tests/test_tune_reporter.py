@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 
 from scaling.study import TuneReporter
+from scaling.train import TrialResult
 
 
 @pytest.fixture
@@ -69,5 +69,5 @@ def test_a_trial_ending_early_sends_what_it_held(sent):
     reporter.report({"step": 10, "epoch": 0.1, "samples": 320, "val/loss": 2.0})
     reporter.report({"step": 20, "epoch": 0.2, "samples": 640, "val/loss": math.nan})
     assert sent == []  # ... but it diverges at step 20, before either
-    reporter.finish(SimpleNamespace(metrics={"step": 20}, target=None, status="diverged", reason="nan"))
+    reporter.finish(TrialResult("diverged", metrics={"step": 20}, reason="nan"))  # what run_trial hands it
     assert unpack(sent) == [10, 20, 20] and sent[-1]["trial_status"] == "diverged"

@@ -7,11 +7,15 @@ The keys (nodes, cpus_per_task, gpus_per_node, time, partition, ...) are checked
 schema, so a typo fails before anything is submitted. Everything after `--` is passed to
 `scaling-study` (experiment=..., batch_size=..., hydra.sweeper.resources.gpu=1, mlflow.tracking_uri=...).
 Per-trial resources (hydra.sweeper.resources.cpu/gpu) must fit on one node; that is checked here too.
+env.NAME=value goes to the job through sbatch's environment (`env NAME=value sbatch --export=ALL`),
+never in --export's own list, which sbatch splits at commas.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -40,6 +44,9 @@ class SlurmConf:
 
 
 STRINGS = {"job_name", "time", "partition", "account", "qos", "constraint", "output"}
+LEAST = {"nodes": 1, "cpus_per_task": 1, "gpus_per_node": 0, "mem_gb": 1}  # mem_gb: null is the partition's default
+# sbatch --time: minutes[:seconds], hours:minutes:seconds, days-hours[:minutes[:seconds]]
+TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
 
 
 def load(config: Path, overrides: List[str]):
@@ -61,18 +68,50 @@ def load(config: Path, overrides: List[str]):
             OmegaConf.update(cfg, key, text if raw else yaml.safe_load(text), merge=True)
         except Exception as exc:  # noqa: BLE001 - OmegaConf's message names the type, not always the key
             raise ValueError(f"{key}={text}: {str(exc).splitlines()[0]}") from None
-    for key, least in (("nodes", 1), ("cpus_per_task", 1), ("gpus_per_node", 0)):
-        if cfg[key] < least:
-            raise ValueError(f"{key}={cfg[key]}: must be at least {least}")
+    check_allocation(cfg)
+    check_env(cfg)
     return cfg
+
+
+def check_env(cfg) -> None:
+    """Fail unless every env.* name is a shell variable the job can read and the job gets sbatch's environment."""
+    for name in cfg.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"env.{name}: not a shell variable name (letters, digits, _; no digit first)")
+    export = str(cfg.additional.get("export", "ALL"))
+    if cfg.env and "ALL" not in export.upper().split(","):
+        raise ValueError(f"additional.export={export}: env.* reaches the job only with ALL (--export=ALL)")
+
+
+def check_allocation(cfg) -> None:
+    """Fail unless every number of the allocation is in range and `time` is in one of sbatch's formats."""
+    for key, least in LEAST.items():
+        if cfg[key] is not None and cfg[key] < least:
+            raise ValueError(f"{key}={cfg[key]}: must be at least {least}")
+    if not TIME.fullmatch(cfg.time) and cfg.time.upper() not in ("INFINITE", "UNLIMITED"):
+        raise ValueError(f"time={cfg.time!r}: must be minutes, minutes:seconds, hours:minutes:seconds, "
+                         "days-hours, days-hours:minutes or days-hours:minutes:seconds (0: no limit)")
+
+
+def trial_resource(key: str, text: str) -> float:
+    """Return a study override's per-trial resource as a number; a ValueError names key and value."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"{key}={text!r}: must be a number")
+    if value < 0:
+        raise ValueError(f"{key}={text!r}: must be at least 0")
+    return value
 
 
 def check_fit(cfg, study: List[str]) -> None:
     """Fail if one trial asks for more CPUs or GPUs than one node has."""
-    given = dict(a.split("=", 1) for a in study if "=" in a and not a.startswith("-"))
+    given = dict(a.lstrip("+").split("=", 1) for a in study if "=" in a and not a.startswith("-"))
     for key, have, what in (("hydra.sweeper.resources.cpu", cfg.cpus_per_task, "cpus_per_task"),
                             ("hydra.sweeper.resources.gpu", cfg.gpus_per_node, "gpus_per_node")):
-        if key in given and float(given[key]) > have:
+        if key in given and trial_resource(key, given[key]) > have:
             raise ValueError(f"{key}={given[key]} does not fit on one node ({what}={have})")
 
 
@@ -83,8 +122,10 @@ def sbatch_command(cfg, study: List[str], wait: bool = False) -> List[str]:
              "qos": cfg.qos, "constraint": cfg.constraint}
     if cfg.gpus_per_node:
         flags["gpus-per-node"] = cfg.gpus_per_node
-    if cfg.mem_gb:
+    if cfg.mem_gb is not None:
         flags["mem"] = f"{cfg.mem_gb}G"
+    if cfg.env:
+        flags["export"] = "ALL"  # also over an SBATCH_EXPORT in the submitting environment
     flags.update(dict(cfg.additional))
     cmd = ["sbatch", "--parsable"]
     for k, v in flags.items():
@@ -92,11 +133,12 @@ def sbatch_command(cfg, study: List[str], wait: bool = False) -> List[str]:
             cmd.append(f"--{k}")
         elif v is not None and v is not False:
             cmd.append(f"--{k}={v}")
-    if cfg.env:
-        cmd.append("--export=ALL," + ",".join(f"{k}={v}" for k, v in cfg.env.items()))
     if wait:
         cmd.append("--wait")
-    return cmd + [str(HERE / "study.sbatch"), *study]
+    # env.* rides in sbatch's own environment, which --export=ALL hands to the job whole: --export's
+    # NAME=value list is split at every comma, so a value with one (RAY_START_ARGS) arrived cut.
+    env = ["env", *(f"{k}={v}" for k, v in cfg.env.items())] if cfg.env else []
+    return env + cmd + [str(HERE / "study.sbatch"), *study]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

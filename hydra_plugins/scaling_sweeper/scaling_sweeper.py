@@ -4,11 +4,11 @@ module), so this shim subclasses the real sweeper in `scaling.sweeper` and regis
 from hydra.core.config_store import ConfigStore
 
 from scaling.sweeper import ScalingSweeper as _ScalingSweeper
-from scaling.sweeper import ScalingSweeperConf
+from scaling.sweeper import sweeper_node
 
 
 class ScalingSweeper(_ScalingSweeper):
     """Ray Tune + stratified ASHA sweeper (see scaling.sweeper)."""
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="scaling", node=ScalingSweeperConf, provider="scaling")
+ConfigStore.instance().store(group="hydra/sweeper", name="scaling", node=sweeper_node(), provider="scaling")
