@@ -55,6 +55,13 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
         _check_db_driver(uri)
 
 
+# SQLite's primary result codes for a file that may be read later but not now: a read-only connection
+# that meets a hot journal (a writer killed mid-transaction: a study driver's SIGKILL) cannot roll it
+# back (SQLITE_READONLY_ROLLBACK), and another writer may hold the lock. MLflow's own read-write
+# connection rolls the journal back (or waits), so neither is a reason to refuse the store.
+_SQLITE_NOT_NOW = {5: "SQLITE_BUSY", 6: "SQLITE_LOCKED", 8: "SQLITE_READONLY"}
+
+
 def _check_sqlite_file(uri: str, db: Path) -> None:
     """Raise ConfigError when an existing `db` is no SQLite database (read-only, stdlib: before Ray
     starts or MLflow is imported). An empty file is one: SQLite, and MLflow, take it as a new store."""
@@ -66,6 +73,8 @@ def _check_sqlite_file(uri: str, db: Path) -> None:
         with contextlib.closing(sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True)) as con:
             con.execute("PRAGMA schema_version").fetchone()
     except sqlite3.Error as exc:
+        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _SQLITE_NOT_NOW:
+            return
         raise ConfigError("mlflow.tracking_uri", uri, f"is not a usable MLflow store ({exc})") from None
 
 

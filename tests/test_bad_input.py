@@ -178,6 +178,32 @@ def test_a_file_that_is_no_store_ends_in_one_line_naming_the_uri(tmp_path, scrip
     assert (tmp_path / "store.db").read_text() == "not a database\n" and _left_behind(tmp_path) == []
 
 
+def test_a_store_left_with_a_hot_journal_is_used_not_refused(tmp_path):
+    """A study driver SIGKILLed mid-write leaves `mlflow.db-journal` beside the store. The read-only
+    check could not roll it back ("attempt to write a readonly database") and refused the store, so the
+    resume that should finish the study could not start. MLflow's own connection rolls it back."""
+    from scaling.config import ConfigError
+    from scaling.store import check_tracking_uri, make_client
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    make_client(store).create_experiment("kept")
+    writer = ("import os, sqlite3, sys\n"
+              "con = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "con.execute('PRAGMA cache_size=1')\n"  # pages spill to the file mid-transaction
+              "con.execute('BEGIN')\n"
+              "con.executemany('INSERT INTO experiments (name, lifecycle_stage) VALUES (?, ?)',"
+              " [(f'half-{i}', 'active') for i in range(3000)])\n"
+              "os._exit(9)\n")  # killed before COMMIT
+    subprocess.run([sys.executable, "-c", writer, str(tmp_path / "mlflow.db")], check=False, timeout=60)
+    assert (tmp_path / "mlflow.db-journal").stat().st_size > 0, "the writer left no hot journal"
+    check_tracking_uri(store)  # raised ConfigError
+    names = {e.name for e in make_client(store).search_experiments()}
+    assert "kept" in names and not any(n.startswith("half-") for n in names)  # the half write rolled back
+    with pytest.raises(ConfigError, match="is not a usable MLflow store"):  # a file that is no store still is one
+        (tmp_path / "other.db").write_bytes(b"x" * 4096)
+        check_tracking_uri(f"sqlite:///{tmp_path}/other.db")
+
+
 def test_a_store_creation_cut_short_leaves_no_half_migrated_store(tmp_path):
     """Ctrl-C while MLflow migrates a new SQLite store (~1.5 s of alembic steps) left a file that every
     later command refused ("duplicate column name"). It is made under another name and renamed."""
