@@ -237,13 +237,27 @@ def check_cluster(sweeper, started: Future, most_workers: int = 1, needs_gpu: bo
         raise lacking[0]
 
 
-def abandon_ray(started: Future) -> None:
+def abandon_ray(started: Future, wait_s: float = 120.0) -> None:
     """Wait for start_ray and stop what it started, for a study refused after start_ray (a batch
-    larger than its data, a missing data file): exiting mid-start left Ray's agents running."""
+    larger than its data, a missing data file): exiting mid-start left Ray's agents running.
+
+    The wait is bounded. A Ctrl-C that lands while the main thread imports can leave that module's
+    import lock held (CPython releases it only on the normal path), and `ray.init` in the start thread
+    then waits on it forever (seen importing aiohttp for the raylet's dashboard check): waiting for the
+    start deadlocks. A start not done in `wait_s` is left to the process's exit, which stops what it
+    has started (Ray starts its GCS and raylet with PR_SET_PDEATHSIG; see start_ray); calling
+    `ray.shutdown` beside an `init` still running would race it.
+    """
+    import concurrent.futures
+
     import ray
 
-    with contextlib.suppress(BaseException):  # a start that failed started nothing to stop
-        started.result()
+    try:
+        started.result(timeout=wait_s)
+    except concurrent.futures.TimeoutError:
+        return
+    except BaseException:  # noqa: BLE001 - a start that failed started nothing to stop
+        pass
     ray.shutdown()
 
 

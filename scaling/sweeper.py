@@ -341,19 +341,20 @@ class ScalingSweeper(Sweeper):
             _interrupted(ray_started)
 
 
-def _abandon(ray_started: Any) -> None:
+def _abandon(ray_started: Any, wait_s: float = 120.0) -> None:
     """Stop the Ray that start_ray is starting, if any (a refused or interrupted study)."""
     if ray_started is not None:
         from scaling.local_ray import abandon_ray
 
-        abandon_ray(ray_started)
+        abandon_ray(ray_started, wait_s)
 
 
 def _interrupted(ray_started: Any) -> None:
-    """End a study interrupted (Ctrl-C) before its MLflow run existed: Ray stopped, one line, exit 130."""
+    """End a study interrupted (Ctrl-C) before its MLflow run existed: Ray stopped, one line, exit 130.
+    The wait for Ray's start is short: a Ctrl-C mid-import can deadlock that start (abandon_ray)."""
     from scaling.cli import fail
 
-    _abandon(ray_started)
+    _abandon(ray_started, wait_s=10.0)
     fail("interrupted before the study started: nothing was recorded", code=130)
 
 

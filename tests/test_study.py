@@ -276,6 +276,18 @@ def test_ctrl_c_while_a_study_starts_is_one_line_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_whose_ray_start_never_finishes_still_ends_the_driver():
+    """A Ctrl-C mid-import can leave the module's import lock held, and Ray's start thread, importing
+    aiohttp for the raylet, then waits on it forever: the driver waited for that start with no bound
+    and never exited (seen in CI and under load at ~2 s). A start that never ends is a Future never set."""
+    code = ("from concurrent.futures import Future\n"
+            "from scaling.sweeper import _interrupted\n"
+            "_interrupted(Future())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "error: interrupted before the study started: nothing was recorded"
+
+
 @pytest.mark.parametrize("args, key", [
     (["batch_size=32,-1"], "batch_size"),
     (["batch_sise=32,64"], "batch_sise"),
