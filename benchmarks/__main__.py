@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {info['load_avg_start']}, CPU share of a probe {info['cpu_share_start']} | "
           f"python {info['python']}, torch {info.get('torch')}, ray {info.get('ray')}, mlflow {info.get('mlflow')} "
           f"| git {info.get('git', '?')}", flush=True)
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C: the running child's session is killed and the
+    # scratch folder removed (Python's default for it exits at once, leaving both behind).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     tmp = Path(tempfile.mkdtemp(prefix="scaling-bench-")).resolve()
     t0 = time.perf_counter()
     ctx = Ctx(quick=args.quick, tmp=tmp, cache={"asha_runs": max(1, args.repeat_asha), "groups": names, "mps": args.mps},

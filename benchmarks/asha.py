@@ -14,7 +14,7 @@ import re
 import subprocess
 import time
 
-from benchmarks.common import Ctx, Row, log, run_timed, summarize
+from benchmarks.common import Ctx, Row, log, run_timed, stop_session, summarize
 from benchmarks.studyrun import BATCH_SIZES, LR_MULTIPLIERS, SAMPLES_RE, full_grid_reference, run_study, study_argv
 
 KILL_AFTER = 14  # trials ended when the driver is killed (of 32)
@@ -90,8 +90,7 @@ def _killed_and_resumed(ctx: Ctx) -> dict:
             if f"done {KILL_AFTER}/{n}" in line:
                 break
     finally:
-        os.killpg(proc.pid, 9)  # our own child's session only
-        proc.wait()
+        stop_session(proc)
     t = run_timed([*argv, "hydra.sweeper.resume=true"], cwd=cwd, timeout=400)
     if t.rc != 0:
         raise RuntimeError(f"resumed study exited {t.rc}:\n{t.output[-3000:]}")

@@ -5,6 +5,7 @@ B A, ...), so machine load shared by both cancels; we report the median ratio an
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -191,12 +192,25 @@ def run_timed(argv: Sequence[str], *, cwd: Optional[Path] = None, env: Optional[
         proc.returncode = rc = os.waitstatus_to_exitcode(status)
         cpu = usage.ru_utime + usage.ru_stime
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # our own child's session only
-        proc.wait()
+        stop_session(proc)
         rc, wall, cpu = -9, time.perf_counter() - t0, float("nan")
         lines.append(f"\n[benchmarks] killed after {timeout:.0f}s\n")
+    except BaseException:  # Ctrl-C or SIGTERM (see benchmarks.__main__): its own session would outlive us
+        stop_session(proc)
+        raise
     busy1, steal1 = machine_cpu()
     return Timed(rc, wall, launched, "".join(lines), seen, cpu, busy1 - busy0, steal1 - steal0)
+
+
+def stop_session(proc: subprocess.Popen) -> None:
+    """Kill a child started with start_new_session=True, and its session (a study's Ray with it), and reap it.
+
+    A child in its own session gets none of the terminal's Ctrl-C, so one the suite no longer waits
+    for would train on, orphaned, in a scratch folder the suite removes on its way out.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)  # our own child's session only
+    proc.wait()
 
 
 def machine_cpu() -> tuple[float, float]:

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
-from benchmarks.common import cores, machine_cpu, run_timed
+from benchmarks.common import REPO, cores, machine_cpu, run_timed
 
 
 # The child forks a grandchild that outlives the process between them and is never reaped by the
@@ -152,3 +156,37 @@ def test_a_full_run_leaves_out_the_opt_in_groups_and_runs_them_when_named():
     for nothing in ([""], [","], ["", " "]):  # named nothing: not the whole suite
         with pytest.raises(ValueError, match="--only names no benchmark"):
             selected(nothing)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_suite_leaves_no_child_session_and_no_scratch_folder(tmp_path, sig):
+    """Its children run in their own sessions (the terminal's Ctrl-C must not reach a timed study), so
+    a suite stopped mid-study left that study training, orphaned; SIGTERM also left the scratch folder."""
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--only", "study", "--out", str(tmp_path / "r.json")],
+                            cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        child = psutil.Process(proc.pid).children()[0]
+        time.sleep(3)  # the child (a study or the plain loop) has started its own processes
+        session = [p for p in psutil.process_iter() if _session(p.pid) == child.pid]
+        assert session and list(tmp_path.glob("scaling-bench-*")), "nothing was running to stop"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) != 0
+        time.sleep(1)
+        assert [p.pid for p in session if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+        assert list(tmp_path.glob("scaling-bench-*")) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _session(pid: int) -> int:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return -1
