@@ -1,7 +1,11 @@
 """Gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, Appendix A.1).
 
-E|g_B|^2 = |G|^2 + tr(Sigma) / B for a batch-B mean gradient g_B, so squared norms measured
-at two batch sizes give unbiased estimates of |G|^2 and tr(Sigma) (see NoiseScale.update).
+E|g_B|^2 = |G|^2 + tr(Sigma) / B for a batch-B mean gradient g_B of i.i.d. samples, so squared
+norms measured at two batch sizes give unbiased estimates of |G|^2 and tr(Sigma) (see
+NoiseScale.update). The trial loop draws its batches without replacement from n training samples
+(a permutation per epoch), for which the variance term is tr(Sigma) (n - B) / (B (n - 1)): the
+i.i.d. formulas would then underestimate |G|^2 by tr(Sigma) / (n - 1), i.e. inflate B_simple by
+about B_simple / n (a third at B_simple = n / 4; no estimate at all once B_simple nears n).
 In the trial loop "small" is each micro-batch gradient and "big" their mean over the step.
 """
 from __future__ import annotations
@@ -24,20 +28,25 @@ class NoiseScale:
         self._g2 = 0.0  # raw (biased toward 0) EMA of the |G|^2 estimates
         self._s = 0.0  # raw EMA of the tr(Sigma) estimates
 
-    def update(self, small_sq_norm: float, big_sq_norm: float, b_small: int, b_big: int) -> None:
+    def update(self, small_sq_norm: float, big_sq_norm: float, b_small: int, b_big: int,
+               n: Optional[int] = None) -> None:
         """Fold in one step: small_sq_norm = mean over micro-batches of |g_micro|^2 at b_small,
-        big_sq_norm = |g_big|^2 of their mean at b_big (> b_small).
+        big_sq_norm = |g_big|^2 of their mean at b_big (> b_small); n: the size of the set both
+        were drawn from without replacement (the training set), None when drawn i.i.d.
 
         A non-finite norm (an fp16 overflow step that the GradScaler skips) is ignored rather
         than raised: it must not end the trial, nor poison the averages.
         """
         if not b_big > b_small > 0:
             raise ValueError(f"need b_big > b_small > 0, got b_small={b_small}, b_big={b_big}")
+        if n is not None and n < b_big:
+            raise ValueError(f"need n >= b_big, got n={n}, b_big={b_big}")
         if not (math.isfinite(small_sq_norm) and math.isfinite(big_sq_norm)):
             self.skipped += 1
             return
-        g2 = (b_big * big_sq_norm - b_small * small_sq_norm) / (b_big - b_small)
-        s = (small_sq_norm - big_sq_norm) / (1.0 / b_small - 1.0 / b_big)
+        w_small, w_big = _noise_weight(b_small, n), _noise_weight(b_big, n)
+        s = (small_sq_norm - big_sq_norm) / (w_small - w_big)
+        g2 = big_sq_norm - w_big * s
         self.steps += 1
         self._g2 = self.ema * self._g2 + (1.0 - self.ema) * g2
         self._s = self.ema * self._s + (1.0 - self.ema) * s
@@ -79,6 +88,12 @@ class NoiseScale:
         self.ema, self.steps = float(state["ema"]), int(state["steps"])
         self._g2, self._s = float(state["g2"]), float(state["s"])
         self.skipped = int(state.get("skipped", 0))
+
+
+def _noise_weight(b: int, n: Optional[int]) -> float:
+    """Return w with E|g_b|^2 = |G|^2 + w tr(Sigma) for a mean gradient of b samples: 1 / b when
+    drawn i.i.d., (n - b) / (b (n - 1)) when drawn without replacement from n (finite population)."""
+    return 1.0 / b if n is None else (n - b) / (b * (n - 1))
 
 
 class MicroGradNorms:

@@ -222,7 +222,7 @@ def _steps(cfg, run: _Run, reporter, device, meter, group: Group) -> TrialResult
         # ---- clip and step
         if gns:
             gns.update(*grad_norms.end_step(params, loss_scale=scaler.get_scale() if fp16 else 1.0),
-                       b_small=micro, b_big=B)
+                       b_small=micro, b_big=B, n=n_train)  # SampleStream draws without replacement
         if grad_clip is not None:
             if fp16:
                 scaler.unscale_(optimizer)

@@ -273,3 +273,36 @@ def test_micro_grad_norms_follow_parameters_that_join_late_and_steps_that_end_ea
     assert big == pytest.approx(float((micro.mean(0) ** 2).sum()), rel=1e-5)
     for p, g in zip(params, plain):
         assert torch.equal(p.grad, g)
+
+
+def test_b_simple_of_the_trial_loops_sampling_without_replacement_matches_the_population_value() -> None:
+    """The trial loop reads each epoch's permutation (SampleStream): batches drawn without replacement
+    from n. Near the least-squares optimum tr(Sigma) / |G|^2 is ~n / 4 here; the i.i.d. formulas
+    would then read |G|^2 low by tr(Sigma) / (n - 1) and B_simple a third too high."""
+    from scaling.data import SampleStream
+
+    n, b_micro, n_micro = 1000, 25, 4
+    x, y, params = _linear_problem(3, n, 4)
+    w, _, bias = params
+    with torch.no_grad():
+        fit = torch.linalg.lstsq(torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1), y[:, None]).solution[:, 0]
+        w.copy_(fit[:-1] + 0.035)
+        bias.copy_(fit[-1])
+    per = _per_sample_grads(x, y, w, bias)
+    truth = float(per.var(0, unbiased=False).sum() / (per.mean(0) ** 2).sum())
+    stream, norms, steps, mean = SampleStream(n, 0, "cpu"), MicroGradNorms(), 4000, np.zeros(2)
+    for step in range(steps):
+        idx = stream.batch(step, b_micro * n_micro)
+        for p in params:
+            p.grad = None
+        norms.begin_step(params)
+        for i in idx.chunk(n_micro):
+            (0.5 * ((x[i] @ w + bias - y[i]) ** 2).mean() / n_micro).backward()
+            norms.after_micro_backward(params)
+        mean += np.array(norms.end_step(params)) / steps
+    ns, naive = NoiseScale(ema=0.0), NoiseScale(ema=0.0)  # one update with the mean norms: no EMA noise
+    ns.update(*mean, b_micro, b_micro * n_micro, n=n)
+    naive.update(*mean, b_micro, b_micro * n_micro)
+    assert 200 < truth < 300
+    assert ns.b_simple == pytest.approx(truth, rel=0.1)
+    assert naive.b_simple > 1.2 * truth  # what the trial loop reported before it passed n
