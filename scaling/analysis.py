@@ -187,6 +187,26 @@ def critical_batch(costs: pd.DataFrame) -> tuple[Optional[fits.CriticalBatchFit]
     return fit, [f"critical batch size: {w.message}" for w in caught if "B_crit" in str(w.message)]
 
 
+def first_evaluation(trials: pd.DataFrame) -> pd.Series:
+    """Return each trial's samples at its first evaluation (NaN where not recorded), as the loop
+    schedules it: every max(1, round(eval_every x n_train / B)) steps, n_train = samples / epoch."""
+    if not {"eval_every", "samples", "epoch"} <= set(trials):
+        return pd.Series(np.nan, index=trials.index)
+    n_train = trials["samples"] / trials["epoch"].where(trials["epoch"] > 0)
+    return np.maximum(1, np.round(trials["eval_every"] * n_train / trials["batch_size"])) * trials["batch_size"]
+
+
+def first_evaluation_note(trials: pd.DataFrame, costs: pd.DataFrame) -> list[str]:
+    """Return a note naming the batch sizes whose cost to target is their first evaluation's: the
+    target was met somewhere before it, so the cost is only an upper bound, which the fit takes as exact."""
+    first = trials.assign(_first=first_evaluation(trials)).groupby("batch_size")["_first"].max()
+    early = costs[costs["reached"] & (costs["samples_to_target"] <= costs["batch_size"].map(first))]
+    if early.empty:
+        return []
+    return [f"B={_list(early['batch_size'])} reached the target at the first evaluation: the cost to target there is "
+            "only an upper bound (the critical batch size fit takes it as measured); lower eval_every"]
+
+
 def regime(batch_size: float, fit: Optional[fits.CriticalBatchFit]) -> str:
     """Return the steps-to-target regime at batch_size on the fitted curve (Shallue et al. 2019).
 
@@ -389,7 +409,7 @@ def analyze(study: Study, memory_budget_mb: Optional[float] = None, target: Opti
     lr_fit, more = lr_law(best) if trials["batch_size"].nunique() > 1 else (None, [])
     notes += more
     crit_fit, more = critical_batch(costs) if trials["batch_size"].nunique() > 1 else (None, [])
-    notes += more
+    notes += more + first_evaluation_note(costed, costs)
     rules = rule_gaps(costed)
     if rules.empty and "lr_multiplier" in trials:
         notes += rules_note(trials)
