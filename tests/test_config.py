@@ -70,6 +70,9 @@ REJECTED = [
     (["scaling.ref_lr=nan"], "scaling.ref_lr", "nan"),
     (["target.value=nan"], "target.value", "nan"),
     (["divergence.factor=nan"], "divergence.factor", "nan"),
+    # lengths a schedule cannot take at batch 128 of 19,200 samples: 0.15 steps, a 1-step cycle
+    (["schedule=step", "schedule.step_epochs=0.001"], "schedule.step_epochs", "0.001"),
+    (["schedule=cyclic", "schedule.cycle_epochs=0.005"], "schedule.cycle_epochs", "0.005"),
 ]
 
 
