@@ -287,6 +287,15 @@ def _validate_schedule(s: Any) -> None:
     _fraction("schedule.pct_start", s.pct_start, open_low=True)
     _positive("schedule.div_factor", s.div_factor)
     _positive("schedule.final_div_factor", s.final_div_factor)
+    # onecycle's max_lr is the effective LR (lr.effective): a start or an end above it would train,
+    # and not record, a higher peak
+    if s.div_factor < 1:
+        raise ConfigError("schedule.div_factor", s.div_factor, "must be at least 1: the cycle would start "
+                          "above max_lr (the effective LR), at max_lr / div_factor")
+    if s.div_factor * s.final_div_factor < 1:
+        raise ConfigError("schedule.final_div_factor", s.final_div_factor,
+                          f"must be at least 1 / schedule.div_factor={s.div_factor:g}: the cycle would end above "
+                          "max_lr (the effective LR), at max_lr / (div_factor x final_div_factor)")
     _fraction("schedule.base_lr_fraction", s.base_lr_fraction, open_low=True)
     _positive("schedule.cycle_epochs", s.cycle_epochs)
 
