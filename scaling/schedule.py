@@ -9,7 +9,9 @@ where main runs over the remaining `total_steps - warmup_steps` steps. constant,
 and cosine start at `lr`; onecycle starts at lr / div_factor and cyclic at base_lr_fraction * lr,
 as their papers define. warmup_start_lr is 0 or at most lr (scaling.config.warmup_start_lr), though
 the schedule itself would ramp down from a start above lr too. Lengths in the config are epochs; steps_per_epoch
-(n_train / batch_size, not floored) converts them to the nearest whole step. Call `schedule.step()` once after every `optimizer.step()`.
+(n_train / batch_size, not floored) converts them to the nearest whole step: step's k-th decay at
+k x step_epochs (so decays do not drift), cyclic's whole cycle, which rises for its first half (rounded
+down) and falls for the rest. Call `schedule.step()` once after every `optimizer.step()`.
 
 Everything is torch.optim.lr_scheduler: LambdaLR for the warmup, the torch class for the main
 schedule, chained by SequentialLR, so state_dict()/load_state_dict() are torch's. To resume,
@@ -35,8 +37,17 @@ def _constant(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: 
 
 
 def _step(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: float) -> Scheduler:
-    """Return StepLR: x gamma every step_epochs epochs."""
-    return sched.StepLR(opt, step_size=epochs_to_steps(cfg.step_epochs, spe), gamma=cfg.gamma)
+    """Return MultiStepLR: x gamma after every step_epochs epochs, the k-th decay at k x step_epochs
+    to the nearest step."""
+    # Not StepLR: its one rounded step_size drifts by k rounding errors by the k-th decay (step_epochs
+    # 0.25 at 9.375 steps an epoch decays every 2 steps, 18 times in 4 epochs instead of 15).
+    if cfg.step_epochs * spe < 1:  # scaling.validation.check_fits_data refuses it, naming the key
+        raise ValueError(f"step_epochs={cfg.step_epochs} is under one step at {spe:g} steps an epoch")
+    milestones, k = [], 1
+    while (at := epochs_to_steps(k * cfg.step_epochs, spe)) < steps:
+        milestones.append(at)
+        k += 1
+    return sched.MultiStepLR(opt, milestones=milestones, gamma=cfg.gamma)
 
 
 def _exponential(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: float) -> Scheduler:
@@ -60,10 +71,15 @@ def _onecycle(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: 
 
 def _cyclic(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: float) -> Scheduler:
     """Return triangular CyclicLR between base_lr_fraction * lr and lr, cycle_epochs per cycle."""
-    half = epochs_to_steps(cfg.cycle_epochs, spe) / 2  # half up, half down; CyclicLR takes float halves
+    cycle = epochs_to_steps(cfg.cycle_epochs, spe)
+    if cycle < 2:  # scaling.validation.check_fits_data refuses it, naming the key
+        raise ValueError(f"cycle_epochs={cfg.cycle_epochs} is {cycle} step at {spe:g} steps an epoch")
+    # Whole-step halves, so that every cycle trains at max_lr: float halves of an odd cycle never land
+    # on the peak (a 5-step cycle peaked at 0.85 x max_lr with base_lr_fraction 0.25).
+    up = cycle // 2
     # cycle_momentum=False: not every optimizer has momentum (Adagrad), and it is a study axis.
-    return sched.CyclicLR(opt, base_lr=cfg.base_lr_fraction * lr, max_lr=lr, step_size_up=half,
-                          step_size_down=half, mode="triangular", cycle_momentum=False)
+    return sched.CyclicLR(opt, base_lr=cfg.base_lr_fraction * lr, max_lr=lr, step_size_up=up,
+                          step_size_down=cycle - up, mode="triangular", cycle_momentum=False)
 
 
 SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, Any, float, int, float], Scheduler]] = {

@@ -117,7 +117,7 @@ class _Run:
     n_micro: int
     shard: slice  # this rank's part of every batch
     total_steps: int
-    eval_interval: int
+    eval_steps: frozenset[int]  # the steps after which it evaluates (eval_steps())
     ref_lr: Optional[float]
     info: dict[str, Any]
     s: _LoopState  # everything a checkpoint must restore besides model/optimizer/schedule
@@ -163,7 +163,7 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
                grad_norms=MicroGradNorms() if gns else None,
                params=[p for p in model.parameters() if p.requires_grad], micro=split.micro_batch,
                n_micro=split.accumulation, shard=group.shard(B), total_steps=total_steps,
-               eval_interval=epochs_to_steps(cfg.eval_every, steps_per_epoch),
+               eval_steps=eval_steps(cfg.eval_every, steps_per_epoch, total_steps),
                ref_lr=ref_lr, info=info, s=_LoopState())
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -178,6 +178,22 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
     return run
 
 
+def eval_steps(eval_every: float, steps_per_epoch: float, total_steps: int) -> frozenset[int]:
+    """Return the steps after which a trial evaluates: the k-th at k x eval_every epochs, to the
+    nearest step (at least one step apart), and the last step.
+
+    Not every round(eval_every x steps_per_epoch) steps: that interval, rounded once, drifts by k
+    rounding errors by the k-th evaluation (0.25 epoch at 9.375 steps an epoch: every 2 steps, five
+    evaluations at 0.21, 0.43, 0.64, 0.85 and 0.96 epoch instead of four at 0.21, 0.53, 0.75, 0.96).
+    """
+    per_eval = eval_every * steps_per_epoch
+    if per_eval <= 1:
+        return frozenset(range(1, total_steps + 1))
+    ks = range(1, math.ceil(total_steps / per_eval) + 1)
+    return frozenset(t for k in ks if (t := epochs_to_steps(k * eval_every, steps_per_epoch)) < total_steps) \
+        | {total_steps}
+
+
 def _steps(cfg, run: _Run, reporter, device, meter, group: Group) -> TrialResult:
     """Train from run.s.step to the budget, evaluating on schedule; return how the trial ended."""
     # hot-loop constants: an OmegaConf read costs ~10 us, a step of a small model ~300 us
@@ -187,7 +203,7 @@ def _steps(cfg, run: _Run, reporter, device, meter, group: Group) -> TrialResult
     data, net, optimizer, schedule, scaler = run.data, run.net, run.optimizer, run.schedule, run.scaler
     gns, grad_norms, params, s, info = run.gns, run.grad_norms, run.params, run.s, run.info
     B, micro, n_micro, shard, n_train = cfg.batch_size, run.micro, run.n_micro, run.shard, data.n_train
-    total_steps, eval_interval = run.total_steps, run.eval_interval
+    total_steps, evals_at = run.total_steps, run.eval_steps
     t0 = time.perf_counter() - s.elapsed_s
     stream = SampleStream(n_train, cfg.seed, device)
     while s.step < total_steps:
@@ -242,7 +258,7 @@ def _steps(cfg, run: _Run, reporter, device, meter, group: Group) -> TrialResult
             _check_memory(cfg, meter, group, device)
 
         # ---- evaluate, report, and decide whether to stop, on schedule only
-        if s.step % eval_interval == 0 or s.step == total_steps:
+        if s.step in evals_at:
             metrics, status, reason = _evaluate_and_report(cfg, run, reporter, device, meter, group, t0, lr_now)
             if status:
                 return _end(cfg, reporter, s, status, reason, info, meter, metrics)

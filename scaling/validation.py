@@ -287,6 +287,15 @@ def _validate_schedule(s: Any) -> None:
     _fraction("schedule.pct_start", s.pct_start, open_low=True)
     _positive("schedule.div_factor", s.div_factor)
     _positive("schedule.final_div_factor", s.final_div_factor)
+    # onecycle's max_lr is the effective LR (lr.effective): a start or an end above it would train,
+    # and not record, a higher peak
+    if s.div_factor < 1:
+        raise ConfigError("schedule.div_factor", s.div_factor, "must be at least 1: the cycle would start "
+                          "above max_lr (the effective LR), at max_lr / div_factor")
+    if s.div_factor * s.final_div_factor < 1:
+        raise ConfigError("schedule.final_div_factor", s.final_div_factor,
+                          f"must be at least 1 / schedule.div_factor={s.div_factor:g}: the cycle would end above "
+                          "max_lr (the effective LR), at max_lr / (div_factor x final_div_factor)")
     _fraction("schedule.base_lr_fraction", s.base_lr_fraction, open_low=True)
     _positive("schedule.cycle_epochs", s.cycle_epochs)
 
@@ -298,8 +307,9 @@ def check_batch_fits(key: str, batch_size: int, n_train: int) -> None:
 
 
 def check_fits_data(cfg: Any, n_train: int) -> None:
-    """Raise ConfigError when a trial cannot train on n_train samples: its batch is larger, or
-    warmup.epochs, in whole steps at this batch size, leaves no step after it.
+    """Raise ConfigError when a trial cannot train on n_train samples: its batch is larger,
+    warmup.epochs, in whole steps at this batch size, leaves no step after it, or a schedule length
+    is too short to take effect (_check_schedule_lengths).
 
     validate() checks this for generated data, whose size it knows; the study's driver and the
     trial check it for files. Both lengths round to whole steps on their own, so a warmup shorter
@@ -313,6 +323,20 @@ def check_fits_data(cfg: Any, n_train: int) -> None:
         raise ConfigError("warmup.epochs", cfg.warmup.epochs,
                           f"is {warmup} steps at batch_size={cfg.batch_size} ({n_train} training samples), "
                           f"which leaves no step of the {total} that epochs={cfg.epochs} gives after it")
+    _check_schedule_lengths(cfg, n_train)
+
+
+def _check_schedule_lengths(cfg: Any, n_train: int) -> None:
+    """Raise ConfigError for a step decay shorter than one step, or a cyclic cycle shorter than two
+    (up and down), at this batch size: the schedule could not do what its lengths say."""
+    s, spe = cfg.schedule, n_train / cfg.batch_size
+    where = f"at batch_size={cfg.batch_size} ({n_train} training samples)"
+    if s.name == "step" and s.step_epochs * spe < 1:
+        raise ConfigError("schedule.step_epochs", s.step_epochs,
+                          f"is {s.step_epochs * spe:.3g} steps {where}: a decay needs at least one step")
+    if s.name == "cyclic" and (cycle := epochs_to_steps(s.cycle_epochs, spe)) < 2:
+        raise ConfigError("schedule.cycle_epochs", s.cycle_epochs,
+                          f"is {cycle} step {where}: a cycle needs at least 2 (up and down)")
 
 
 DIGITS_SAMPLES = 1797  # scikit-learn's bundled digits, all of which data.py uses

@@ -48,6 +48,9 @@ CASES = [
     ("scaling-train", ["data=digits", "batch_size=4096"], "batch_size=4096"),
     ("scaling-train", ["-m", "data=digits", "batch_size=32,4096", "epochs=0.5"], "batch_size=4096"),
     ("scaling-train", ["target.value=inf"], "target.value=inf"),
+    # a cycle of one step would train at base_lr_fraction x the LR throughout
+    ("scaling-train", ["schedule=cyclic", "schedule.cycle_epochs=0.01", *SMALL],
+     "schedule.cycle_epochs=0.01: is 1 step at batch_size=128"),
     # reached at the first evaluation (val/loss >= 0.5): mode defaults to max, for val/acc
     ("scaling-train", ["target.metric=val/loss", "target.value=0.5"], "target.mode='max': judges target.metric=val/loss"),
     # an accuracy is a fraction and a loss positive: such a target is never met (or met at once)

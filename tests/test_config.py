@@ -70,6 +70,13 @@ REJECTED = [
     (["scaling.ref_lr=nan"], "scaling.ref_lr", "nan"),
     (["target.value=nan"], "target.value", "nan"),
     (["divergence.factor=nan"], "divergence.factor", "nan"),
+    # lengths a schedule cannot take at batch 128 of 19,200 samples: 0.15 steps, a 1-step cycle
+    (["schedule=step", "schedule.step_epochs=0.001"], "schedule.step_epochs", "0.001"),
+    (["schedule=cyclic", "schedule.cycle_epochs=0.005"], "schedule.cycle_epochs", "0.005"),
+    # onecycle's max_lr is the recorded effective LR: a start or an end above it would train a higher one
+    (["schedule=onecycle", "schedule.div_factor=0.5"], "schedule.div_factor", "0.5"),
+    (["schedule=onecycle", "schedule.div_factor=2", "schedule.final_div_factor=0.25"],
+     "schedule.final_div_factor", "0.25"),
 ]
 
 

@@ -94,8 +94,8 @@ def closed_form(name: str, cfg: ScheduleConfig, lr: float, k: int, steps: int, s
     """Return the main schedule's LR at its step k of `steps`, from the formulas in the docs."""
     if name == "constant":
         return lr
-    if name == "step":
-        return lr * cfg.gamma ** (k // round(cfg.step_epochs * spe))
+    if name == "step":  # the j-th decay after j x step_epochs epochs, to the nearest step
+        return lr * cfg.gamma ** sum(round(j * cfg.step_epochs * spe) <= k for j in range(1, k + 2))
     if name == "exponential":
         return lr * cfg.gamma ** (k / spe)
     if name == "cosine":
@@ -107,8 +107,8 @@ def closed_form(name: str, cfg: ScheduleConfig, lr: float, k: int, steps: int, s
                      else (lr, low / cfg.final_div_factor, (k - peak_at) / (steps - 1 - peak_at)))
         return b + (a - b) * (1 + math.cos(math.pi * pct)) / 2
     cycle = round(cfg.cycle_epochs * spe)
-    x = k % cycle
-    up = x / (cycle / 2) if x <= cycle / 2 else (cycle - x) / (cycle / 2)
+    x, half = k % cycle, cycle // 2  # an odd cycle goes down one step longer than up
+    up = x / half if x <= half else (cycle - x) / (cycle - half)
     return cfg.base_lr_fraction * lr + (1 - cfg.base_lr_fraction) * lr * up
 
 
@@ -124,6 +124,34 @@ def test_closed_form_with_config_defaults(name, warmup):
     want = [start + (lr - start) * t / warmup for t in range(warmup)]
     want += [closed_form(name, cfg, lr, k, total - warmup, spe) for k in range(total - warmup)]
     assert run(p, opt, sched, total) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_step_decays_after_whole_multiples_of_step_epochs_at_fractional_steps_per_epoch():
+    """9.375 steps an epoch (2,400 samples at batch 256): a decay every 0.25 epoch is 15 decays in
+    the 38 steps of 4 epochs, at steps 2, 5, 7, 9, 12, ..., not one every round(2.34) = 2 steps (18)."""
+    spe, total = 9.375, 38
+    p, opt, sched = make("step", 0, spe=spe, total=total, step_epochs=0.25, gamma=0.5)
+    lrs = run(p, opt, sched, total)
+    decays = [t for t in range(1, total) if lrs[t] < lrs[t - 1]]
+    assert decays == [2, 5, 7, 9, 12, 14, 16, 19, 21, 23, 26, 28, 30, 33, 35]
+    assert lrs[-1] == pytest.approx(LR * 0.5 ** 15)
+
+
+@pytest.mark.parametrize("cycle_epochs,cycle", [(0.5, 5), (1.0, 9), (0.25, 2)])
+def test_every_cycle_reaches_max_lr_and_base_lr(cycle_epochs, cycle):
+    """At 9.375 steps an epoch a cycle of 5 or 9 steps is odd: each must still train at max_lr once."""
+    spe, total = 9.375, 38
+    p, opt, sched = make("cyclic", 0, spe=spe, total=total, cycle_epochs=cycle_epochs, base_lr_fraction=0.25)
+    lrs = run(p, opt, sched, total)
+    for start in range(0, total - cycle + 1, cycle):
+        one = lrs[start:start + cycle]
+        assert max(one) == pytest.approx(LR) and one[0] == pytest.approx(0.25 * LR), one
+
+
+@pytest.mark.parametrize("name,key", [("step", "step_epochs"), ("cyclic", "cycle_epochs")])
+def test_a_length_shorter_than_the_schedule_can_take_is_refused(name, key):
+    with pytest.raises(ValueError, match=key):
+        make(name, 0, spe=9.375, total=38, **{key: 0.05})
 
 
 @pytest.mark.parametrize("name", SCHEDULE_NAMES)

@@ -49,7 +49,7 @@ def test_every_evaluation_reports_the_metrics(trial):
     info = rec.info
     assert info["steps_per_epoch"] == 1600 // 32 == 50 and info["total_steps"] == 50
     assert info["lr"] == pytest.approx(0.05 * 32 / 128)
-    assert len(rec.history) == 4 + 1  # every round(12.5) = 12 steps, and at the last step (50)
+    assert len(rec.history) == 4  # after round(k x 12.5) steps: 12, 25, 38 and the last step (50)
     for h in rec.history:
         assert EVAL_KEYS <= set(h), EVAL_KEYS - set(h)
         assert all(isinstance(h[k], (int, float)) and math.isfinite(h[k]) for k in EVAL_KEYS)
@@ -57,11 +57,21 @@ def test_every_evaluation_reports_the_metrics(trial):
         assert h["epoch"] == pytest.approx(h["step"] / 50)
         assert 0 <= h["val/acc"] <= 1 and h["time/samples_per_s"] > 0 and h["mem/peak_mb"] >= 0
         assert h["lr"] == pytest.approx(info["lr"])
-    assert [h["step"] for h in rec.history] == [12, 24, 36, 48, 50]
+    assert [h["step"] for h in rec.history] == [12, 25, 38, 50]
     times = [h["time/elapsed_s"] for h in rec.history]
     assert times == sorted(times)
     assert result.metrics["step"] == 50 and result.metrics["epoch"] == 1.0
     assert curves([result.metrics]) == curves([rec.history[-1]])
+
+
+def test_evaluations_fall_at_whole_multiples_of_eval_every(trial):
+    """6.25 steps an epoch (batch 256 of 1,600): the k-th evaluation comes after k x 0.25 epoch to the
+    nearest step, not after k x round(1.5625) = 2k steps, which drifts to 0.32, 0.64, 0.96 epoch."""
+    _, rec, _ = trial("batch_size=256", "epochs=1", "eval_every=0.25")
+    half_step = 0.5 / 6.25
+    assert [h["step"] for h in rec.history] == [2, 3, 5, 6]
+    for k, h in enumerate(rec.history[:-1], start=1):
+        assert abs(h["epoch"] - 0.25 * k) <= half_step, (k, h["epoch"])
 
 
 def test_gradient_accumulation_matches_full_batch(trial):
@@ -181,8 +191,8 @@ def test_early_stopping(trial):
     result, rec, _ = trial("eval_every=0.25", "early_stopping.patience=1", "early_stopping.min_delta=10")
     assert result.status == "early_stopped"
     assert "did not improve for 1 evaluations" in result.reason
-    assert [h["step"] for h in rec.history] == [12, 24]
-    assert result.metrics["step"] == 24 < 50
+    assert [h["step"] for h in rec.history] == [12, 25]
+    assert result.metrics["step"] == 25 < 50
 
 
 @pytest.mark.parametrize("overrides", [("memory.limit_mb=1", "model.width=512"),
@@ -314,15 +324,15 @@ def test_resume_from_checkpoint_matches_uninterrupted(trial, tiny_data):
 
     full, full_rec, cfg = trial(*overrides)
     assert full.status == "completed"
-    capture = Capture(at_step=36)
+    capture = Capture(at_step=38)
     first = run_trial(cfg, capture, dataset=tiny_data)
-    assert capture.state is not None and capture.state["loop"]["step"] == 36
+    assert capture.state is not None and capture.state["loop"]["step"] == 38
     assert curves(capture.history) == curves(full_rec.history)  # the capturing run itself is unchanged
 
     resumed_rec = RecordingReporter()
     resumed = run_trial(cfg, resumed_rec, dataset=tiny_data, resume=capture.state)
     assert resumed.status == "completed"
-    assert [h["step"] for h in resumed_rec.history] == [h["step"] for h in full_rec.history if h["step"] > 36]
+    assert [h["step"] for h in resumed_rec.history] == [h["step"] for h in full_rec.history if h["step"] > 38]
     for got, want in zip(curves(resumed_rec.history), curves(full_rec.history)[-len(resumed_rec.history):]):
         assert got.keys() == want.keys()
         for k in want:
