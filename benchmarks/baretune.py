@@ -39,7 +39,10 @@ def train(config: dict, trials: list[dict], data_path: str) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
     B, n = t["batch_size"], len(y)
     per_epoch = n / B  # the trial loop's budget: e epochs are e x n samples, to the nearest step
-    total, every = (max(1, round(e * per_epoch)) for e in (t["epochs"], t["eval_every"]))
+    total, per_eval = max(1, round(t["epochs"] * per_epoch)), t["eval_every"] * per_epoch
+    # the trial loop's evaluations (scaling.train.eval_steps): the k-th after k x eval_every epochs, to the
+    # nearest step, and the last step
+    evals = {min(total, max(1, round(k * per_eval))) for k in range(1, math.ceil(total / per_eval) + 1)} | {total}
     best, perms = math.inf, {}
 
     def perm(epoch: int) -> torch.Tensor:  # the trial loop's data order (a function of seed and epoch),
@@ -55,7 +58,7 @@ def train(config: dict, trials: list[dict], data_path: str) -> None:
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-        if (step + 1) % every == 0 or step + 1 == total:
+        if step + 1 in evals:
             with torch.no_grad():
                 val = F.cross_entropy(model(x_val), y_val).item()
             if not math.isfinite(val):

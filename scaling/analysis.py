@@ -189,7 +189,8 @@ def critical_batch(costs: pd.DataFrame) -> tuple[Optional[fits.CriticalBatchFit]
 
 def first_evaluation(trials: pd.DataFrame) -> pd.Series:
     """Return each trial's samples at its first evaluation (NaN where not recorded), as the loop
-    schedules it: every max(1, round(eval_every x n_train / B)) steps, n_train = samples / epoch."""
+    schedules it (train.eval_steps): after max(1, round(eval_every x n_train / B)) steps, n_train =
+    samples / epoch."""
     if not {"eval_every", "samples", "epoch"} <= set(trials):
         return pd.Series(np.nan, index=trials.index)
     n_train = trials["samples"] / trials["epoch"].where(trials["epoch"] > 0)
