@@ -14,7 +14,7 @@ import psutil
 import pytest
 from cluster_procs import MlflowServer
 from procs import BIN, start_group, stop_group, wait_for_text
-from records import study_records
+from records import evaluated_samples, study_records
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +55,7 @@ def test_mlflow_server_lost_mid_study_loses_nothing(tmp_path):
         for t in trials:
             bs = int(t.data.params["batch_size"])
             spe = 2400 / bs  # 1 epoch of 2,400 samples, to the nearest step; an evaluation every 0.25
-            total, every = round(spe), max(1, round(0.25 * spe))
-            expected = sorted({s * bs for s in range(every, total + 1, every)} | {total * bs})
+            expected = evaluated_samples(bs, spe, round(spe))
             assert [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")] == expected
         assert not list(tmp_path.glob(".studies/*/mlflow_journal.jsonl")), "the journal was not drained"
         assert "not-for-logs" not in (tmp_path / "study.log").read_text()

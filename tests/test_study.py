@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 from procs import stop_group, wait_for_text
-from records import client_for, study_records
+from records import client_for, evaluated_samples, study_records
 
 from scaling.tracking import UI_COMMAND
 
@@ -104,8 +104,8 @@ def test_metric_step_axis_is_samples_seen(small_study):
         assert all(samples[s] == s for s in steps)
         if t.data.tags["trial.status"] == "completed":  # every evaluation, including those a trial
             total = int(t.data.params["derived.total_steps"])  # held back from Tune between rungs
-            every = round(0.25 * float(t.data.params["derived.steps_per_epoch"]))
-            assert steps == [k * bs for k in range(every, total, every)] + [total * bs], (bs, steps)
+            spe = float(t.data.params["derived.steps_per_epoch"])
+            assert steps == evaluated_samples(bs, spe, total), (bs, steps)
 
 
 def test_short_trials_skip_checkpoints_younger_than_the_interval(small_study, tmp_path):
@@ -115,8 +115,8 @@ def test_short_trials_skip_checkpoints_younger_than_the_interval(small_study, tm
     proc = run_cli(["-m", "batch_size=256", "hydra.sweeper.checkpoint_interval_s=0", *TINY], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kept = list(tmp_path.glob(".studies/*/tune-0/trial_00000/checkpoint_*"))
-    # 9 steps of 256 per epoch, evaluations at steps 2, 4, 6, 8 and 9: five checkpoints, the newest kept
-    assert len(kept) == 1 and kept[0].name == "checkpoint_000004", kept
+    # 9.375 steps of 256 per epoch, 9 trained, evaluations at steps 2, 5, 7 and 9: four checkpoints, the newest kept
+    assert len(kept) == 1 and kept[0].name == "checkpoint_000003", kept
 
 
 def test_bare_multirun_sweeps_only_the_given_axes(tmp_path):
@@ -226,8 +226,7 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
         if t.data.tags["trial.status"] == "completed":
             bs = int(t.data.params["batch_size"])
             spe = 2400 / bs  # one epoch of the 80% training split, to the nearest step
-            total, every = round(spe), max(1, round(0.25 * spe))
-            expected = sorted({s * bs for s in range(every, total + 1, every)} | {total * bs})
+            expected = evaluated_samples(bs, spe, round(spe))
             assert steps == expected, f"{t.info.run_name}: lost points {steps} != {expected}"
 
 
