@@ -124,3 +124,18 @@ def test_b_simple_is_reported_per_batch_size(tracking_uri, compose_cfg):
     _, text = report_text(tracking_uri)
     assert "B_simple (gradient noise scale, the median over each batch size's trials): 16: 153, 64: 178" in \
         " ".join(text.split()), text
+
+
+# ---------------------------------------------------------------- the recommendation
+def test_the_recommendation_names_the_configuration_beside_its_lr(tracking_uri, compose_cfg):
+    """Over an optimizer axis the recommendation said "batch size 64, ..., lr 0.025", the LR of adam at
+    half the rule's, and named neither: an LR with no optimizer is no configuration to run."""
+    trials = [([f"batch_size={b}", f"optimizer={o}", f"lr_multiplier={m}"],
+               [0.8, 0.7] if (o, m) == ("adam", 0.5) else [1.2, 0.85])  # target val/acc >= 0.7: loss <= 0.9
+              for b in (16, 64) for o in ("sgd", "adam") for m in (0.5, 1)]
+    record_study(tracking_uri, compose_cfg, trials,
+                 {"batch_size": [16, 64], "optimizer": ["sgd", "adam"], "lr_multiplier": [0.5, 1]})
+    a, text = report_text(tracking_uri)
+    assert a.recommendation["optimizer.name"] == "adam" and a.recommendation["lr_multiplier"] == 0.5
+    assert "(optimizer.name=adam, lr_multiplier=0.5):" in a.verdict, a.verdict
+    assert "(optimizer.name=adam, lr_multiplier=0.5):" in " ".join(text.split()), text
