@@ -293,8 +293,12 @@ def memory_table(trials: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def recommend(memory: pd.DataFrame, budget_mb: Optional[float]) -> tuple[Optional[pd.Series], str]:
-    """Return the row fastest to target within `budget_mb` (any memory when None), and a one-line verdict."""
+def recommend(memory: pd.DataFrame, budget_mb: Optional[float], axes: Sequence[str] = ()) -> tuple[Optional[pd.Series], str]:
+    """Return the row fastest to target within `budget_mb` (any memory when None), and a one-line verdict.
+
+    The verdict also names the row's value of each of `axes` (`lr_multiplier=0.5, optimizer.name=adam`):
+    an LR alone is no configuration to run once the grid has other axes.
+    """
     ok = memory[np.isfinite(memory["time_to_target_s"])]
     within = ok if budget_mb is None else ok[ok["peak_mb"] <= budget_mb]
     if ok.empty:
@@ -306,7 +310,16 @@ def recommend(memory: pd.DataFrame, budget_mb: Optional[float]) -> tuple[Optiona
     return row, (f"fastest to target {where}: batch size {row['batch_size']:g}"
                  + (f", micro-batch {row['micro_batch_size']:g}" if "micro_batch_size" in row else "")
                  + (f", {row['precision']}" if "precision" in row else "")
-                 + f", lr {row[LR]:.3g}: {row['time_to_target_s']:.3g} s, {row['peak_mb']:.0f} MB peak")
+                 + f", lr {row[LR]:.3g}" + _setting(row, axes)
+                 + f": {row['time_to_target_s']:.3g} s, {row['peak_mb']:.0f} MB peak")
+
+
+def _setting(row: pd.Series, axes: Sequence[str]) -> str:
+    """Return ` (key=value, ...)` for the row's other axes, or "" when it has none."""
+    named = [a for a in axes if a in row and a not in ("batch_size", "micro_batch_size", "precision", LR, "lr")]
+    values = [f"{a}={'null' if pd.isna(row[a]) else format(row[a], 'g') if isinstance(row[a], float) else row[a]}"
+              for a in named]
+    return f" ({', '.join(values)})" if values else ""
 
 
 def b_simple(trials: pd.DataFrame) -> Optional[pd.DataFrame]:
@@ -415,7 +428,7 @@ def analyze(study: Study, memory_budget_mb: Optional[float] = None, target: Opti
     if rules.empty and "lr_multiplier" in trials:
         notes += rules_note(trials)
     memory = memory_table(costed)
-    rec, verdict = recommend(memory, memory_budget_mb)
+    rec, verdict = recommend(memory, memory_budget_mb, config_columns(costed, []))
     return Analysis(tgt, costed, costs, grid, best, lr_fit, crit_fit, rules, divergence_map(costed), memory,
                     rec, verdict, b_simple(costed), notes)
 

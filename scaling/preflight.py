@@ -25,7 +25,10 @@ def hydra_argv(argv: Sequence[str]) -> list[str]:
     """Return argv with Hydra's flags, each with its value, ahead of the overrides (both in their order).
 
     Hydra's argparse takes the overrides as one run of positionals: `a=1 -m b=2` is refused, and so
-    was scaling-study's own `experiment=` put ahead of a user's `-cn NAME`.
+    was scaling-study's own `experiment=` put ahead of a user's `-cn NAME`. A bare `--info` gets its
+    default value (`all`) spelled out, so that argparse does not read the first override as it.
+    With `--hydra-help` only the overrides of Hydra's own config are kept: Hydra composes its help
+    from that config alone, where any other override fails (a traceback; scaling-study adds one).
     """
     from hydra._internal.utils import get_args_parser
 
@@ -41,8 +44,10 @@ def hydra_argv(argv: Sequence[str]) -> list[str]:
         # `-cn NAME` takes the next word; `--info` only when it is one of its choices
         if action is not None and action.nargs is None and rest:
             flags.append(rest.pop(0))
-        elif action is not None and action.nargs == "?" and rest and rest[0] in (action.choices or ()):
-            flags.append(rest.pop(0))
+        elif action is not None and action.nargs == "?":
+            flags.append(rest.pop(0) if rest and rest[0] in (action.choices or ()) else action.const)
+    if "--hydra-help" in flags:
+        overrides = [o for o in overrides if re.match(r"[+~]*hydra[./=]", o)]
     return flags + overrides
 
 

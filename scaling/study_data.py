@@ -108,8 +108,21 @@ def trials_frame(records: Sequence[dict], axes: Sequence[str] = ()) -> pd.DataFr
     if "micro_batch_size" in df and "batch_size" in df:  # null means "the whole batch"
         df["micro_batch_size"] = pd.to_numeric(df["micro_batch_size"]).fillna(df["batch_size"]).astype("int64")
     df = df.sort_values([c for c in ("batch_size", LR, "seed") if c in df]).reset_index(drop=True)
-    df.attrs["axes"] = [a for a in axes if a in df]
+    df.attrs["axes"] = list(dict.fromkeys(c for a in axes for c in _axis_of(df, a)))
     return df
+
+
+def _axis_of(df: pd.DataFrame, axis: str) -> list[str]:
+    """Return the columns of one swept axis: its own, or for a config group (`model`) the columns that tell its
+    options apart: `model.name` where it does, else every `model.*` column that varies (a user's two configs
+    of one architecture, `name: mlp` in both, differ only in their width or depth)."""
+    if axis in df:
+        return [axis]
+    varying = [c for c in df if c.startswith(f"{axis}.") and df[c].nunique(dropna=False) > 1]
+    name = f"{axis}.name"
+    if name in df and (not varying or df.groupby(varying, dropna=False).ngroups == df[name].nunique(dropna=False)):
+        return [name]
+    return varying
 
 
 def rule_bypassed(trials: pd.DataFrame) -> pd.Series:
@@ -118,16 +131,12 @@ def rule_bypassed(trials: pd.DataFrame) -> pd.Series:
     return (trials["lr"].notna() if "lr" in trials else pd.Series(False, index=trials.index)) | flag
 
 
-def _axis_columns(grid_json: Optional[str], columns: Sequence[str]) -> list[str]:
-    """Return the trial columns of the study's swept axes (group axes by their `.name`)."""
+def _axis_keys(grid_json: Optional[str]) -> list[str]:
+    """Return the config keys of the study's swept axes (a group's as its name: `model`)."""
     if not grid_json:
         return []
     grid = json.loads(grid_json)
-    out = []
-    for key in [*grid.get("axes", {}), *grid.get("sampled", {})]:
-        bare = key.lstrip("+~").split("@")[0]
-        out += [c for c in (bare, f"{bare}.name") if c in columns][:1]
-    return out
+    return [key.lstrip("+~").split("@")[0] for key in [*grid.get("axes", {}), *grid.get("sampled", {})]]
 
 
 def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
@@ -158,8 +167,7 @@ def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
                 "reason": r.data.tags.get("trial.reason", ""), "same_as": r.data.tags.get(SAME_AS_TAG, ""),
                 "params": r.data.params, "metrics": r.data.metrics}
                for r in runs]
-    columns = {k for r in records for k in r["params"]}
-    trials = trials_frame(records, _axis_columns(run.data.params.get("grid"), columns))
+    trials = trials_frame(records, _axis_keys(run.data.params.get("grid")))
 
     def fetch(trial: str, metric: str) -> list:
         return [(m.step, m.value) for m in client.get_metric_history(trial, metric)]

@@ -124,3 +124,40 @@ def test_b_simple_is_reported_per_batch_size(tracking_uri, compose_cfg):
     _, text = report_text(tracking_uri)
     assert "B_simple (gradient noise scale, the median over each batch size's trials): 16: 153, 64: 178" in \
         " ".join(text.split()), text
+
+
+# ---------------------------------------------------------------- the recommendation
+def test_the_recommendation_names_the_configuration_beside_its_lr(tracking_uri, compose_cfg):
+    """Over an optimizer axis the recommendation said "batch size 64, ..., lr 0.025", the LR of adam at
+    half the rule's, and named neither: an LR with no optimizer is no configuration to run."""
+    trials = [([f"batch_size={b}", f"optimizer={o}", f"lr_multiplier={m}"],
+               [0.8, 0.7] if (o, m) == ("adam", 0.5) else [1.2, 0.85])  # target val/acc >= 0.7: loss <= 0.9
+              for b in (16, 64) for o in ("sgd", "adam") for m in (0.5, 1)]
+    record_study(tracking_uri, compose_cfg, trials,
+                 {"batch_size": [16, 64], "optimizer": ["sgd", "adam"], "lr_multiplier": [0.5, 1]})
+    a, text = report_text(tracking_uri)
+    assert a.recommendation["optimizer.name"] == "adam" and a.recommendation["lr_multiplier"] == 0.5
+    assert "(optimizer.name=adam, lr_multiplier=0.5):" in a.verdict, a.verdict
+    assert "(optimizer.name=adam, lr_multiplier=0.5):" in " ".join(text.split()), text
+
+
+# ---------------------------------------------------------------- a group axis over a user's own configs
+def test_a_group_axis_over_configs_of_one_architecture_keeps_them_apart(tracking_uri, compose_cfg, tmp_path):
+    """`model=small,big`, a user's two configs with `name: mlp`: the report told the options apart by model.name
+    alone, so at each LR it took the median of the two models as if they were seeds, and gave a best val/loss
+    (1.25 here) that no trial had."""
+    conf = tmp_path / "conf" / "model"
+    conf.mkdir(parents=True)
+    for name, depth in (("small", 1), ("big", 3)):
+        (conf / f"{name}.yaml").write_text(f"name: mlp\nwidth: 32\ndepth: {depth}\n")
+    search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    loss = {("small", 1): 1.0, ("small", 2): 1.1, ("big", 1): 1.5, ("big", 2): 1.4}
+    trials = [([search, f"model={m}", f"batch_size={b}", f"lr_multiplier={k}"], [v + 0.1, v])
+              for b in BATCHES for (m, k), v in loss.items()]
+    record_study(tracking_uri, compose_cfg, trials,
+                 {"model": ["small", "big"], "batch_size": list(BATCHES), "lr_multiplier": [1, 2]})
+    a, _ = report_text(tracking_uri)
+    assert "model.depth" in a.trials.attrs["axes"], a.trials.attrs["axes"]
+    assert (a.grid["n_seeds"] == 1).all(), a.grid
+    assert a.best["best"].tolist() == pytest.approx([1.0] * 3) and a.best["edge"].tolist() == ["low"] * 3
+    assert "model.depth=1" in a.verdict, a.verdict

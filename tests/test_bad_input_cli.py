@@ -94,6 +94,26 @@ def test_basic_sweeper_runs_with_flags_among_the_overrides(tmp_path):
     assert proc.stdout.count("trial completed") == 2, proc.stdout
 
 
+INFO_CASES = [
+    # (script, args, a text of the answer): a bare --info after an override, and scaling-study's own
+    # experiment=, were read as --info's value; --hydra-help failed on any override of the job's config
+    ("scaling-study", ["--info"], "experiment/default_study"),
+    ("scaling-study", ["-i", "defaults"], "experiment/default_study"),
+    ("scaling-train", ["model.width=64", "--info"], "width: 64"),
+    ("scaling-lr-find", ["model.width=64", "--info", "config"], "width: 64"),
+    ("scaling-study", ["--hydra-help"], "Hydra (1."),
+    ("scaling-train", ["--hydra-help", "optimizer=adam", "hydra.job.name=x"], "Hydra (1."),
+]
+
+
+@pytest.mark.parametrize("script, args, needle", INFO_CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in INFO_CASES])
+def test_hydras_information_flags_answer_wherever_they_stand(tmp_path, script, args, needle):
+    proc = run(script, args, tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert needle in proc.stdout, proc.stdout[-2000:]
+    assert _left_behind(tmp_path) == []
+
+
 def test_a_preset_composition_error_keeps_its_reason(tmp_path):
     """Hydra words an error in a config file over two lines ("In 'experiment/x': ValidationError raised while
     composing config:", then the reason); the one line keeps the reason and the key."""
