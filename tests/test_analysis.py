@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from scaling import analysis as an
+from scaling import costs as co
 from scaling.analysis import LR, Study, StudyError, Target
 
 INF = math.inf
@@ -73,7 +74,7 @@ def test_cost_to_target_is_min_over_lr_of_the_seed_median():
         {"batch_size": 64, "lr_multiplier": 1.0, "seed": 2}, {"batch_size": 64, "lr_multiplier": 2.0, "seed": 0},
         {"batch_size": 64, "lr_multiplier": 2.0, "seed": 1}, {"batch_size": 64, "lr_multiplier": 2.0, "seed": 2}),
         [10, 12, 30, 9, INF, 14, 8, 9, 40, 2, INF, INF])
-    costs = an.cost_to_target(df).set_index("batch_size")
+    costs = co.cost_to_target(df).set_index("batch_size")
     assert costs.loc[32, "steps_to_target"] == 12 and costs.loc[32, "lr_multiplier"] == 1.0  # 12 < median(9, 14, inf)
     assert costs.loc[32, "samples_to_target"] == 12 * 32 and costs.loc[32, "n_seeds"] == 3
     assert costs.loc[64, "steps_to_target"] == 9 and costs.loc[64, "lr_multiplier"] == 1.0
@@ -83,8 +84,8 @@ def test_cost_to_target_is_min_over_lr_of_the_seed_median():
 def test_cost_to_target_ignores_diverged_and_error_trials_and_flags_unreached():
     df = with_costs(trials({"status": "diverged"}, {"status": "error"}, {"lr_multiplier": 0.5},
                            {"batch_size": 64}), [1, 1, 20, INF])
-    df = an._unreached_is_inf(df)
-    costs = an.cost_to_target(df).set_index("batch_size")
+    df = co._unreached_is_inf(df)
+    costs = co.cost_to_target(df).set_index("batch_size")
     assert costs.loc[32, "steps_to_target"] == 20
     assert not costs.loc[64, "reached"] and costs.loc[64, "steps_to_target"] == INF
 
@@ -93,10 +94,10 @@ def test_common_target_is_the_weakest_batch_sizes_best_with_every_seed():
     df = trials({"seed": 0}, {"seed": 1}, {"lr_multiplier": 2.0}, {"batch_size": 64, "seed": 0},
                 {"batch_size": 64, "seed": 1})
     best = pd.Series([0.50, 0.60, 0.55, 0.80, 0.70], index=df.index)  # val/loss: lower is better
-    t = an.common_target(df, best, "val/loss", "min")
+    t = co.common_target(df, best, "val/loss", "min")
     # B=32: configs' worst seeds 0.60 (x1) and 0.55 (x2) -> 0.55; B=64: worst seed 0.80 -> target 0.80
     assert (t.value, t.mode, t.source) == (0.80, "min", "common")
-    assert an.common_target(df, 1 - best, "val/acc", "max").value == pytest.approx(0.20)
+    assert co.common_target(df, 1 - best, "val/acc", "max").value == pytest.approx(0.20)
 
 
 def fake_study(df: pd.DataFrame, histories: dict) -> Study:
@@ -114,7 +115,7 @@ def test_unreached_configured_target_falls_back_to_a_common_one_and_says_so():
         b = int(df.loc[df["trial"] == t, "batch_size"].iloc[0])
         hist[(t, "val/acc")] = [(b * (i + 1), v) for i, v in enumerate(values)]
         hist[(t, "time/elapsed_s")] = [(b * (i + 1), float(i + 1)) for i in range(len(values))]
-    target, costed, notes = an.targeted(fake_study(df, hist))
+    target, costed, notes = co.targeted(fake_study(df, hist))
     assert target == Target("val/acc", 0.6, "max", "common")
     assert costed.set_index("batch_size")["samples_to_target"].to_dict() == {32: 32, 64: 128, 128: 256}
     assert costed.set_index("batch_size")["steps_to_target"].to_dict() == {32: 1, 64: 2, 128: 2}
@@ -124,7 +125,7 @@ def test_unreached_configured_target_falls_back_to_a_common_one_and_says_so():
 def test_configured_target_reached_everywhere_uses_the_logged_costs():
     df = trials({"batch_size": 32}, {"batch_size": 64})
     df["target/steps"], df["target/samples"], df["target/time_s"] = [4.0, 3.0], [128.0, 192.0], [0.4, 0.3]
-    target, costed, notes = an.targeted(fake_study(df, {}))
+    target, costed, notes = co.targeted(fake_study(df, {}))
     assert target.source == "configured" and notes == []
     assert costed["steps_to_target"].tolist() == [4.0, 3.0]
 
@@ -188,10 +189,10 @@ def test_lr_law_recovers_linear_scaling_and_needs_three_batch_sizes():
 def test_critical_batch_fit_and_regimes_from_a_perfect_hyperbola():
     bs = np.array([16, 32, 64, 128, 256, 512, 1024, 2048])
     costs = pd.DataFrame({"batch_size": bs, "steps_to_target": 100 * (1 + 128 / bs), "reached": True})
-    fit, notes = an.critical_batch(costs)
+    fit, notes = co.critical_batch(costs)
     assert fit.b_crit == pytest.approx(128, rel=1e-3) and notes == []
-    assert [an.regime(b, fit) for b in (16, 128, 1024)] == ["perfect scaling", "diminishing returns", "plateau"]
-    fit, notes = an.critical_batch(costs.head(2))
+    assert [co.regime(b, fit) for b in (16, 128, 1024)] == ["perfect scaling", "diminishing returns", "plateau"]
+    fit, notes = co.critical_batch(costs.head(2))
     assert fit is None and "3 or more" in notes[0]
 
 
@@ -213,7 +214,7 @@ def test_a_target_met_at_the_first_evaluation_is_named_as_a_bound():
     df = trials(*({"batch_size": b, "eval_every": 0.25, "samples": 1600.0, "epoch": 1.0} for b in (32, 64, 128)))
     df["target/steps"] = [12.0, 12.0, 9.0]
     df["target/samples"], df["target/time_s"] = df["target/steps"] * df["batch_size"], df["target/steps"]
-    assert an.first_evaluation(df).tolist() == [384.0, 384.0, 384.0]
+    assert co.first_evaluation(df).tolist() == [384.0, 384.0, 384.0]
     notes = an.analyze(fake_study(df, {})).notes
     assert [n for n in notes if "first evaluation" in n] == [
         "B=32 reached the target at the first evaluation: the cost to target there is only an upper bound "
@@ -240,16 +241,16 @@ def memory_trials() -> pd.DataFrame:
 
 
 def test_memory_frontier_and_recommendation_under_a_budget():
-    mem = an.memory_table(memory_trials())
+    mem = co.memory_table(memory_trials())
     front = {(r.batch_size, r.micro_batch_size, r.precision) for r in mem[mem["on_frontier"]].itertuples()}
     assert front == {(32, 32, "fp32"), (128, 32, "fp32"), (128, 128, "fp32"), (512, 512, "bf16"), (512, 512, "fp32")}
-    row, verdict = an.recommend(mem, 1000)
+    row, verdict = co.recommend(mem, 1000)
     assert (row["batch_size"], row["precision"]) == (512, "bf16") and "within 1000 MB" in verdict
-    row, _ = an.recommend(mem, 350)
+    row, _ = co.recommend(mem, 350)
     assert (row["batch_size"], row["micro_batch_size"]) == (128, 32)
-    row, _ = an.recommend(mem, None)
+    row, _ = co.recommend(mem, None)
     assert (row["batch_size"], row["precision"]) == (512, "fp32")
-    row, verdict = an.recommend(mem, 50)
+    row, verdict = co.recommend(mem, 50)
     assert row is None and "smallest needs 100 MB" in verdict
 
 
@@ -259,9 +260,9 @@ def test_a_batch_size_that_ran_out_of_memory_holds_that_peak_in_the_memory_table
     df = with_costs(trials({"batch_size": 32, "mem/peak_mb": 27.0}, {"batch_size": 512, "mem/peak_mb": 29.0},
                            {"batch_size": 512, "lr_multiplier": 2.0, "mem/peak_mb": 38.0, "status": "oom"}),
                     [12, 1, np.inf])
-    mem = an.memory_table(df).set_index("batch_size")
+    mem = co.memory_table(df).set_index("batch_size")
     assert mem.loc[512, "peak_mb"] == 38.0 and mem.loc[32, "peak_mb"] == 27.0
-    row, _ = an.recommend(an.memory_table(df), 33)
+    row, _ = co.recommend(co.memory_table(df), 33)
     assert row["batch_size"] == 32
 
 
