@@ -7,7 +7,7 @@ Separate `make bench` runs cannot resolve a second of a ~14 s study on a shared 
 benchmarks/README.md, "Noise"), so a change that moves a study is measured here: the same study,
 alternating A B, B A, ... between a git worktree of REV and this tree. The base side runs with that
 worktree first on PYTHONPATH, so its driver, and the Ray workers that inherit its environment,
-import the base's `scaling` and compose the base's `conf/`; everything else (the venv, the
+import the base's `scaling` and compose the base's configs; everything else (the venv, the
 benchmark's own code and command line) is this tree's. Each metric is reported as this tree / the
 base, median [min-max] over the pairs, with how many pairs came out lower; both sides' best
 val/loss per batch size are compared, so a change that alters what a study trains shows it.
@@ -62,7 +62,7 @@ def worktree(commit: str) -> Iterator[Path]:
 
 
 def base_env(tree: Path) -> dict[str, str]:
-    """The variables that make a study import `scaling` (and compose `conf/`) from `tree`: it goes first
+    """The variables that make a study import `scaling` (and compose its configs) from `tree`: it goes first
     on PYTHONPATH, ahead of this tree's editable install, in the driver and in Ray's workers."""
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
 

@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 from benchmarks.common import REPO, Ctx, log, run_timed, script
 
 BATCH_SIZES = (16, 64, 256, 1024)
-# The default study's LR sweep (conf/experiment/default_study.yaml): 8 log-spaced multipliers around
+# The default study's LR sweep (scaling/conf/experiment/default_study.yaml): 8 log-spaced multipliers around
 # the rule's LR. With 6, async ASHA has too few LRs per stratum to prune: its first arrivals always go on.
 LR_MULTIPLIERS = (0.125, 0.25, 0.5, 1, 2, 4, 8, 16)
 # eval_every = grace_period = 0.1 gives ASHA rungs at 0.1, 0.3 and 0.9 epochs (reduction factor 3).

@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 from scaling.config import ConfigError, redact_url, register_configs
 from scaling.validation import plan_split, validate
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# In the package, so that a wheel (`pip install .`, not only `-e`) carries it (pyproject package-data)
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "-sc", "--shell-completion",
               "-p", "--package", "--resolve"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}

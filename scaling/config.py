@@ -1,7 +1,7 @@
 """Typed config schemas, registered in Hydra's ConfigStore, and the LR the scaling rule gives.
 
 Hydra rejects unknown keys and wrong types when the config is composed, because
-`conf/config.yaml` extends the `trial_schema` node registered here. `scaling.validation` then
+`scaling/conf/config.yaml` extends the `trial_schema` node registered here. `scaling.validation` then
 checks the values (signs, ranges, names, cross-field rules) before anything is imported or
 trained, so a bad value costs a second, not a Ray start-up.
 
@@ -309,7 +309,7 @@ class TrialConfig:
 
 
 def register_configs() -> None:
-    """Register the schema so `conf/config.yaml` can extend it (`defaults: [trial_schema]`)."""
+    """Register the schema so `scaling/conf/config.yaml` can extend it (`defaults: [trial_schema]`)."""
     from hydra.core.config_store import ConfigStore
 
     _share_config_store(ConfigStore)

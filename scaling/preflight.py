@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str]) -> Any:
 
 
 def main_hydra(args: Any) -> Any:
-    """Return the Hydra instance hydra.main would build for `args`: conf/, or -cp, plus -cd."""
+    """Return the Hydra instance hydra.main would build for `args`: scaling/conf/, or -cp, plus -cd."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_automatic_config_search_path, detect_task_name
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from scaling.config import redact_url
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # conf/config.yaml mlflow.tracking_uri (a test checks they agree)
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # scaling/conf/config.yaml mlflow.tracking_uri (a test checks they agree)
 LR = "lr.effective"
 
 

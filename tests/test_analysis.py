@@ -11,6 +11,7 @@ import pytest
 from scaling import analysis as an
 from scaling import costs as co
 from scaling.analysis import LR, Study, StudyError, Target
+from scaling.cli import CONF_DIR
 
 INF = math.inf
 
@@ -60,7 +61,7 @@ def test_trials_frame_types_params_and_keeps_metrics_apart():
 def test_default_tracking_uri_is_the_configs():
     from omegaconf import OmegaConf
 
-    conf = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "config.yaml")
+    conf = OmegaConf.load(CONF_DIR / "config.yaml")
     assert an.DEFAULT_TRACKING_URI == conf.mlflow.tracking_uri
 
 

@@ -3,7 +3,7 @@
 - cluster/ray/cluster.yaml against Ray's own schema and `ray up`'s own config preparation;
 - cluster/k8s/rayjob.yaml by structure (KubeRay's RayJob: ray.io/v1, head and GPU workers);
 - cluster/slurm: the sbatch script parses, submit.py renders the allocation from slurm.yaml;
-- conf/hydra/launcher: the submitit launchers compose;
+- scaling/conf/hydra/launcher: the submitit launchers compose;
 - every server the project starts or documents binds to 127.0.0.1 (no 0.0.0.0 anywhere).
 """
 from __future__ import annotations
@@ -271,7 +271,7 @@ def test_submitit_launchers_compose(launcher, target):
 
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "scaling" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["hydra/sweeper=basic", f"hydra/launcher={launcher}",
                                            "hydra.launcher.timeout_min=5"], return_hydra_config=True)
     GlobalHydra.instance().clear()
@@ -289,7 +289,7 @@ def project_files() -> list[Path]:
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                          capture_output=True, text=True)
     if out.returncode != 0:  # not a git checkout (an sdist): scan the usual folders
-        names = [str(p.relative_to(ROOT)) for d in ("cluster", "conf", "scaling", "notebooks") for p in (ROOT / d).rglob("*")]
+        names = [str(p.relative_to(ROOT)) for d in ("cluster", "scaling", "notebooks") for p in (ROOT / d).rglob("*")]
         names += ["README.md", "Makefile", "pyproject.toml"]
     else:
         names = out.stdout.splitlines()

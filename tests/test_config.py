@@ -11,7 +11,7 @@ from scaling.cli import CONF_DIR, compose, one_line
 from scaling.config import ConfigError, effective_lr, warmup_start_lr
 from scaling.validation import validate
 
-# Every option of every config group, discovered from conf/ so a new preset is covered as it lands.
+# Every option of every config group, discovered from scaling/conf/ so a new preset is covered as it lands.
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 PRESETS = [(group, f.stem) for group in GROUPS for f in sorted((CONF_DIR / group).glob("*.yaml"))]
 
@@ -19,7 +19,7 @@ PRESETS = [(group, f.stem) for group in GROUPS for f in sorted((CONF_DIR / group
 def test_presets_discovered():
     assert {"data", "model", "optimizer", "schedule", "experiment"} <= set(GROUPS)
     for group in ("data", "model", "optimizer", "schedule", "experiment"):
-        assert any(g == group for g, _ in PRESETS), f"no preset found in conf/{group}"
+        assert any(g == group for g, _ in PRESETS), f"no preset found in scaling/conf/{group}"
 
 
 @pytest.mark.parametrize("group,name", PRESETS, ids=[f"{g}={n}" for g, n in PRESETS])

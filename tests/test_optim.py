@@ -13,16 +13,17 @@ import torch
 from omegaconf import OmegaConf
 
 import scaling.config
+from scaling.cli import CONF_DIR
 from scaling.config import OPTIMIZERS as OPTIMIZER_NAMES, ConfigError, ModelConfig, OptimizerConfig
 from scaling.models import build_model
 from scaling.optim import OPTIMIZERS, build_optimizer, effective_lr, lr_exponent
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "optimizer"
+CONF = CONF_DIR / "optimizer"
 LRS = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01, "adagrad": 0.05, "rmsprop": 0.003}
 
 
 def preset(name: str, **kw):
-    """Return conf/optimizer/<name>.yaml on top of the schema, as Hydra composes it."""
+    """Return scaling/conf/optimizer/<name>.yaml on top of the schema, as Hydra composes it."""
     cfg = OmegaConf.merge(OmegaConf.structured(OptimizerConfig), OmegaConf.load(CONF / f"{name}.yaml"))
     return OmegaConf.merge(cfg, kw)
 

@@ -1,4 +1,4 @@
-"""Study presets (conf/experiment): each is documented, every grid point validates, and each runs as a study.
+"""Study presets (scaling/conf/experiment): each is documented, every grid point validates, and each runs as a study.
 
 The smoke runs drive the real `scaling-train -m experiment=<name>` (Hydra, the Ray Tune sweeper,
 MLflow) with every grid axis pinned to one value, so each is a one-trial study of half an epoch.

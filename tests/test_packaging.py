@@ -1,0 +1,42 @@
+"""The project as a wheel (`pip install .`, not `-e`): what it carries must be enough to compose and check a study."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_a_wheel_carries_the_configs_and_composes_a_study_outside_the_checkout(tmp_path):
+    """The Hydra configs lay beside the package, not in it: an installed wheel had no conf/ to compose."""
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ there
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("scaling", "hydra_plugins"):
+        shutil.copytree(REPO / folder, src / folder, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("scaling-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    run = tmp_path / "run"
+    run.mkdir()
+    code = ("import sys, scaling.cli as c\n"
+            "print('module', c.__file__)\n"
+            "sys.argv = ['scaling-study', '--cfg', 'job', 'model.width=8']\n"
+            "c.study_entry()\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=run, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"module {tmp_path / 'site' / 'scaling' / 'cli.py'}" in proc.stdout  # the wheel's, not the checkout's
+    # the default study's preset (scaling/conf/experiment) and the groups it selects composed
+    assert "width: 8" in proc.stdout and "name: mnist1d" in proc.stdout, proc.stdout[-2000:]
+    assert sorted(p.name for p in run.iterdir()) == []
