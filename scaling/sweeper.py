@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -350,12 +351,29 @@ def _abandon(ray_started: Any, wait_s: float = 120.0) -> None:
 
 
 def _interrupted(ray_started: Any) -> None:
-    """End a study interrupted (Ctrl-C) before its MLflow run existed: Ray stopped, one line, exit 130.
-    The wait for Ray's start is short: a Ctrl-C mid-import can deadlock that start (abandon_ray)."""
+    """End a study interrupted (Ctrl-C) before its MLflow run existed: one line, Ray stopped, exit 130.
+
+    Nothing here may wait unbounded. A Ctrl-C mid-import can leave an import lock held, and Ray's start
+    thread, or Ray's own exit handler (`ray.shutdown` imports as it starts), then waits on it for ever:
+    CI saw the driver hang here past 120 s. So the line comes first, a second Ctrl-C is ignored, Ray is
+    stopped from a thread given 15 s, and the process ends with os._exit, skipping the exit handlers;
+    what Ray started dies with it (PR_SET_PDEATHSIG, local_ray.start_ray). Nothing was written to keep.
+    """
+    import signal
+    import threading
+
     from scaling.cli import fail
 
-    _abandon(ray_started, wait_s=10.0)
-    fail("interrupted before the study started: nothing was recorded", code=130)
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the traceback, as fail() gives it
+        _abandon(ray_started, wait_s=10.0)
+        fail("interrupted before the study started: nothing was recorded", code=130)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("error: interrupted before the study started: nothing was recorded", file=sys.stderr, flush=True)
+    stopper = threading.Thread(target=_abandon, args=(ray_started, 10.0), name="ray-stop", daemon=True)
+    stopper.start()
+    stopper.join(15.0)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def canonical_points(points: list[list[str]]) -> list[list[str]]:
