@@ -197,6 +197,18 @@ def _find_study_run(client, study: Optional[str], uri: str, experiment: str, kin
         return found[0]
     named = [r for r in found if r.info.run_name == study]
     if not named:
+        elsewhere = _experiments_holding(client, study, kind_tag)
+        if elsewhere:
+            hint = " or ".join(f"--experiment '{e}'" for e in elsewhere[:3])
+            raise StudyError(f"no study '{study}' in experiment '{experiment}' at {uri}; it is in {hint}")
         names = ", ".join(dict.fromkeys(r.info.run_name for r in found[:5])) or "none"
         raise StudyError(f"no study '{study}' in experiment '{experiment}' at {uri} (latest studies: {names})")
     return named[0]
+
+
+def _experiments_holding(client, study: str, kind_tag: str) -> list[str]:
+    """Return the names of the experiments that hold a study run named `study` (a study recorded under
+    mlflow.experiment=... is not in the report's default experiment)."""
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    runs = client.search_runs(list(experiments), f"tags.{kind_tag} = 'study'", max_results=1000) if experiments else []
+    return list(dict.fromkeys(experiments[r.info.experiment_id] for r in runs if r.info.run_name == study))

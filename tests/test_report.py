@@ -141,6 +141,15 @@ def test_unknown_study_or_experiment_is_one_line(tiny_study):
     cwd, _, _ = tiny_study
     assert_one_error_line(run_cli(["no-such-study"], cwd, "scaling-report"), "no study 'no-such-study'", "latest studies")
     assert_one_error_line(run_cli(["--experiment", "nope"], cwd, "scaling-report"), "no experiment 'nope'")
+    # a study recorded under another mlflow.experiment: the line names where it is
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    if client.get_experiment_by_name("elsewhere") is None:
+        client.create_experiment("elsewhere")
+    name = study_run(cwd).info.run_name
+    assert_one_error_line(run_cli([name, "--experiment", "elsewhere"], cwd, "scaling-report"),
+                          f"no study '{name}' in experiment 'elsewhere'", "it is in --experiment 'scaling'")
     assert_one_error_line(run_cli(["--memory-budget", "-3"], cwd, "scaling-report"), "must be positive")
     assert_one_error_line(run_cli(["--memory-budget", "inf"], cwd, "scaling-report"), "must be positive and finite")
     assert_one_error_line(run_cli(["--out", "/proc/nope/report"], cwd, "scaling-report"), "--out /proc/nope/report")
