@@ -97,6 +97,7 @@ def preflight(argv: Sequence[str], check: Callable[[Any], None] = validate) -> N
             or args.resolve or args.experimental_rerun):
         return  # help and config output need no check
     name = args.config_name or "config"
+    _refuse_deletions(args.overrides)
     hydra = None
     try:
         if not args.multirun:
@@ -125,6 +126,17 @@ def preflight(argv: Sequence[str], check: Callable[[Any], None] = validate) -> N
         fail(_blame(hydra, name, args, exc))
     finally:
         GlobalHydra.instance().clear()
+
+
+def _refuse_deletions(overrides: Sequence[str]) -> None:
+    """Exit with one line for `~key` outside hydra.*: every key of the trial config is required, and a
+    deleted one failed later as `Key 'seed' not in 'TrialConfig'` (a null one as Hydra's 'does not exist')."""
+    for override in overrides:
+        key = override.partition("=")[0]
+        if key.startswith("~") and not key.lstrip("~").startswith(("hydra.", "hydra/")):
+            bare = key.lstrip("~")
+            fail(f"{override}: deletes {bare}, but every key of the trial config is required: set it instead "
+                 f"({bare}=...)")
 
 
 def _refuse_axes(overrides: Sequence[str]) -> None:

@@ -58,6 +58,10 @@ CASES = [
     ("scaling-train", ["hydra.sweeper.params.batch_size=32,64", *SMALL],
      ["hydra.sweeper.params.batch_size='32,64'", "add -m"], ["data.n_samples", "epochs"]),
     ("scaling-train", ["hydra/launcher=nope"], ["hydra/launcher/nope", "options for hydra/launcher:"], []),
+    # a deleted key: every key of the trial config is required (it failed as "Key 'seed' not in 'TrialConfig'")
+    ("scaling-train", ["~seed", *SMALL], ["~seed: deletes seed", "set it instead (seed=...)"], ["TrialConfig"]),
+    ("scaling-study", ["~early_stopping.patience"], ["~early_stopping.patience: deletes"], ["does not exist"]),
+    ("scaling-lr-find", ["~model"], ["~model: deletes model"], []),
     ("scaling-train", ["-m", "batch_size=32,abc", *SMALL], ["batch_size=abc"], ["data.n_samples", "epochs"]),
     # a preset that configures the scaling sweeper, run under Hydra's basic one: which preset, which key
     *[("scaling-train", ["-m", "hydra/sweeper=basic", f"experiment={name}"],
