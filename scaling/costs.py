@@ -57,7 +57,9 @@ def cost_to_target(trials: pd.DataFrame, by: Sequence[str] = ("batch_size",), ra
     whether it is finite.
     """
     rest = [c for c in COSTS if c != rank]
-    out = best_config(usable(trials), rank, by, also=rest)
+    # steps tie often (an evaluation's step count): the faster of the tied configurations is the one shown
+    tiebreak = "time_to_target_s" if rank != "time_to_target_s" else "steps_to_target"
+    out = best_config(usable(trials), rank, by, also=rest, tiebreak=tiebreak)
     out["reached"] = np.isfinite(out[rank]) if not out.empty else []
     return out
 

@@ -7,7 +7,7 @@ worst value (never best); oom and error trials carry no result.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,10 +27,11 @@ def config_columns(trials: pd.DataFrame, by: Sequence[str]) -> list[str]:
 
 
 def best_config(trials: pd.DataFrame, rank: str, by: Sequence[str] = ("batch_size",), mode: str = "min",
-                also: Sequence[str] = ()) -> pd.DataFrame:
+                also: Sequence[str] = (), tiebreak: Optional[str] = None) -> pd.DataFrame:
     """Return per `by` the configuration whose seed-median `rank` is best, with medians of `also`.
 
-    Columns: by, the configuration's columns, rank, also, n_seeds. NaN ranks last.
+    Columns: by, the configuration's columns, rank, also, n_seeds. NaN ranks last. Configurations
+    tied on `rank` go by the lower median `tiebreak` (one of `also`), else by the grid's order.
     """
     by = list(by)
     keys = by + config_columns(trials, by)
@@ -40,9 +41,10 @@ def best_config(trials: pd.DataFrame, rank: str, by: Sequence[str] = ("batch_siz
     agg = agg.reset_index()
     if agg.empty:
         return agg
-    order = (agg[rank] if mode == "min" else -agg[rank]).fillna(np.inf)
-    winners = order.groupby([agg[b] for b in by], dropna=False).idxmin()
-    return agg.loc[winners.values].sort_values(by).reset_index(drop=True)
+    keyed = agg.assign(_order=(agg[rank] if mode == "min" else -agg[rank]).fillna(np.inf),
+                       _tie=agg[tiebreak].fillna(np.inf) if tiebreak else 0.0)
+    first = keyed.sort_values(["_order", "_tie"], kind="stable").groupby(by, dropna=False, sort=False).head(1)
+    return first.drop(columns=["_order", "_tie"]).sort_values(by).reset_index(drop=True)
 
 
 def usable(trials: pd.DataFrame) -> pd.DataFrame:

@@ -82,6 +82,16 @@ def test_cost_to_target_is_min_over_lr_of_the_seed_median():
     assert costs["reached"].all()
 
 
+def test_configurations_tied_on_steps_show_the_faster_ones_time():
+    """Two LRs at B=64 reached the target in 18 steps; the time column showed the first one's (0.053 s)
+    though the other took 0.033 s, so "time to target" was not the fastest time there."""
+    df = with_costs(trials({"batch_size": 64, "lr_multiplier": 1.0}, {"batch_size": 64, "lr_multiplier": 2.0}), [18, 18])
+    df["time_to_target_s"] = [0.0531, 0.0326]
+    costs = co.cost_to_target(df).set_index("batch_size")
+    assert costs.loc[64, "steps_to_target"] == 18 and costs.loc[64, "time_to_target_s"] == 0.0326
+    assert costs.loc[64, "lr_multiplier"] == 2.0
+
+
 def test_cost_to_target_ignores_diverged_and_error_trials_and_flags_unreached():
     df = with_costs(trials({"status": "diverged"}, {"status": "error"}, {"lr_multiplier": 0.5},
                            {"batch_size": 64}), [1, 1, 20, INF])
