@@ -105,11 +105,23 @@ def trials_frame(records: Sequence[dict], axes: Sequence[str] = ()) -> pd.DataFr
     metrics = pd.DataFrame([r.get("metrics", {}) for r in records], index=head.index, dtype=float)
     metrics = metrics.rename(columns={c: f"{c}/last" for c in metrics if c in params})
     df = pd.concat([head, params, metrics], axis=1)
-    if "micro_batch_size" in df and "batch_size" in df:  # null means "the whole batch"
-        df["micro_batch_size"] = pd.to_numeric(df["micro_batch_size"]).fillna(df["batch_size"]).astype("int64")
+    if "micro_batch_size" in df and "batch_size" in df:
+        df["micro_batch_size"] = _micro_batch(df)
     df = df.sort_values([c for c in ("batch_size", LR, "seed") if c in df]).reset_index(drop=True)
     df.attrs["axes"] = list(dict.fromkeys(c for a in axes for c in _axis_of(df, a)))
     return df
+
+
+def _micro_batch(df: pd.DataFrame) -> pd.Series:
+    """Return each trial's micro-batch as it ran: its split's (`derived.split`, workers x micro x accumulation),
+    which holds what parallel.max_micro_batch and parallel.workers chose; where none is recorded,
+    micro_batch_size, null meaning the whole batch. The setting alone put a max_micro_batch=16 trial at
+    batch 64 (split 1x16x4) in the memory table's row for micro-batch 64, beside the 1x64x1 trials."""
+    setting = pd.to_numeric(df["micro_batch_size"]).fillna(df["batch_size"])
+    if "derived.split" not in df:
+        return setting.astype("int64")
+    ran = pd.to_numeric(df["derived.split"].astype("string").str.split("x").str[1], errors="coerce")
+    return ran.fillna(setting).astype("int64")
 
 
 def _axis_of(df: pd.DataFrame, axis: str) -> list[str]:

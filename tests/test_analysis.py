@@ -277,6 +277,21 @@ def test_a_batch_size_that_ran_out_of_memory_holds_that_peak_in_the_memory_table
     assert row["batch_size"] == 32
 
 
+
+def test_the_memory_table_keeps_the_micro_batch_that_ran():
+    """parallel.max_micro_batch leaves micro_batch_size null, which read as the whole batch: a batch-64 trial
+    split 1x16x4 (1.7 MB) shared the row for micro-batch 64 with a 1x64x1 one (3.8 MB), whose peak it got."""
+    def record(i, max_micro, split, peak):
+        params = {"batch_size": "64", "micro_batch_size": "null", "parallel.max_micro_batch": max_micro,
+                  "derived.split": split, "precision": "fp32", "lr.effective": "0.1", "seed": "0"}
+        return {"trial": f"t{i}", "name": f"t{i}", "status": "completed", "params": params,
+                "metrics": {"mem/peak_mb": peak, "time/samples_per_s": 1e4, "target/time_s": 1.0 + i}}
+    df = an.trials_frame([record(0, "16", "1x16x4", 1.7), record(1, "256", "1x64x1", 3.8),
+                          record(2, "null", "2x32x1", 2.0)], axes=["parallel.max_micro_batch"])
+    assert df.set_index("trial")["micro_batch_size"].to_dict() == {"t0": 16, "t1": 64, "t2": 32}
+    mem = co.memory_table(co.logged_costs(df)).set_index("micro_batch_size")
+    assert mem["peak_mb"].to_dict() == {16: 1.7, 32: 2.0, 64: 3.8}
+
 # ---------------------------------------------------------------- the whole analysis
 def test_analyze_without_results_raises_one_line():
     df = trials({"status": "diverged"}, {"status": "diverged", "batch_size": 64})

@@ -47,3 +47,12 @@ def test_larger_batch_larger_peak(compose_cfg):
     # measured); batch 64: 1 MB, so the small peak is mostly parameters and evaluation (about 10 MB)
     assert p_large > 50 and p_large > 3 * p_small, (p_large, p_small)
     assert p_small > 0
+
+
+def test_a_workers_first_trial_at_a_shape_measures_what_a_later_one_does(compose_cfg, tiny, tiny_data):
+    # A reused worker runs trial after trial; torch on CPU keeps state from the first pass at each
+    # shape, which landed in the first trial's peak (bf16: 12.4 MB, then 0.34 MB for the same trial).
+    # The width and batch size are this test's own, so no earlier trial in the process warmed them.
+    cfg = compose_cfg(*tiny, "precision=bf16", "model.width=56", "batch_size=200")
+    first, again = (run_trial(cfg, dataset=tiny_data).metrics["mem/peak_mb"] for _ in range(2))
+    assert first < again + 2.0, (first, again)
