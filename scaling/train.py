@@ -330,13 +330,16 @@ def _warm_up(cfg, device: torch.device) -> None:
     _WARMED.add(key)
 
 
+EVAL_CHUNK = 4096  # validation samples per forward pass in evaluate()
+
+
 def _warm_up_shapes(cfg, data: Dataset, device: torch.device, group: Group) -> None:
     """Run the trial's model once at its micro-batch and evaluation shapes, once per process and shape,
     outside the memory window. On CPU torch keeps per-shape state after the first pass at a shape:
     a worker's first trial at a batch size measured more than a later one at the same size (MNIST-1D
     MLP, width 128: bf16 13.6 MB then 1.3 MB, fp32 4.6 then 2.8), so the peak depended on trial order."""
     micro, part = plan_split(cfg).micro_batch, group.shard(len(data.y_val))
-    n_val, chunk = part.stop - part.start, 4096
+    n_val, chunk = part.stop - part.start, EVAL_CHUNK
     key = (device.type, cfg.optimizer.name, cfg.precision, repr(cfg.model), micro, n_val)
     if device.type != "cpu" or key in _WARMED:
         return
@@ -363,7 +366,7 @@ def _progress(s: _LoopState, B: int, n_train: int, optimizer, t0: float, train_l
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Dataset, amp_dtype=None, chunk: int = 4096,
+def evaluate(model: torch.nn.Module, data: Dataset, amp_dtype=None, chunk: int = EVAL_CHUNK,
              group: Optional[Group] = None) -> dict[str, float]:
     """Return val/loss and val/acc over the whole validation split.
 
