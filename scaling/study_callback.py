@@ -127,8 +127,10 @@ def callback_class():
             finished = sum(n for status, n in done.items() if status in TERMINAL)
             waiting = len(getattr(self.scheduler, "waiting", ()))  # paused at a rung (promotion-based ASHA)
             running = f"running {len(self.running) - waiting}" + (f" waiting {waiting}" if waiting else "")
+            # failed trials too, when there are any: "done 4/4 ... pruned 0 diverged 0" hid four errors
+            failed = "".join(f" {s} {done[s]}" for s in ("oom", "error") if done.get(s))
             print(f"[{time.time() - self.t0:6.0f}s] done {finished}/{len(self.specs)} {running} "
-                  f"pruned {done.get('pruned', 0)} diverged {done.get('diverged', 0)} "
+                  f"pruned {done.get('pruned', 0)} diverged {done.get('diverged', 0)}{failed} "
                   f"| best val/loss per batch size {bests}", flush=True)
 
     return StudyCallback

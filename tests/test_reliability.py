@@ -133,6 +133,8 @@ def test_failing_trial_retries_are_bounded_and_end_as_error(tmp_path):
         assert t.data.tags["trial.failures"] == "2"  # the first attempt and its one retry
         assert "CUDA" in t.data.tags["trial.last_failure"]  # tagged when the retry was scheduled
     assert studies[0].data.metrics["trials/error"] == 2
+    progress = [line for line in log.splitlines() if re.match(r"\[\s*\d+s\] done ", line)]
+    assert "done 2/2 running 0 pruned 0 diverged 0 error 2 |" in progress[-1], progress  # errors show as they end
 
 
 def test_oom_and_divergence_end_their_trials_and_the_study_completes(tmp_path):
