@@ -6,6 +6,7 @@ Every process a test kills is one it started (or a descendant of one), found by 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -135,6 +136,42 @@ def test_failing_trial_retries_are_bounded_and_end_as_error(tmp_path):
     assert studies[0].data.metrics["trials/error"] == 2
     progress = [line for line in log.splitlines() if re.match(r"\[\s*\d+s\] done ", line)]
     assert "done 2/2 running 0 pruned 0 diverged 0 error 2 |" in progress[-1], progress  # errors show as they end
+
+
+FAIL_AT_SECOND_EVALUATION = """
+import scaling.train as train
+
+_run_trial, _evaluate, calls = train.run_trial, train.evaluate, [0]
+
+def run_trial(*args, **kwargs):
+    calls[0] = 0  # every attempt
+    return _run_trial(*args, **kwargs)
+
+def evaluate(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 2:
+        raise RuntimeError("failed at the second evaluation")
+    return _evaluate(*args, **kwargs)
+
+train.run_trial, train.evaluate = run_trial, evaluate
+"""
+
+
+def test_a_trial_that_fails_between_reports_records_the_evaluations_it_held_back(tmp_path, monkeypatch):
+    """An evaluation waits for the next report (checkpoint_interval_s); a failure lost those held back."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_AT_SECOND_EVALUATION)  # the Ray workers' too
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'inject'}:{os.environ.get('PYTHONPATH', '')}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, log = run_study(["batch_size=32", "seed=0,1", "hydra.sweeper.max_failures=0",
+                           "hydra.sweeper.asha.enabled=false", f"mlflow.tracking_uri={uri}", *SMALL], tmp_path)
+    assert code == 0, log[-3000:]
+    client, studies, trials = study_records(uri)
+    assert len(trials) == 2
+    for t in trials:
+        assert t.data.tags["trial.status"] == "error" and "second evaluation" in t.data.tags["trial.reason"]
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")] == [t.data.metrics["samples"]]
+    assert studies[0].data.metrics["samples/trained"] == sum(t.data.metrics["samples"] for t in trials) > 0
 
 
 def test_oom_and_divergence_end_their_trials_and_the_study_completes(tmp_path):
