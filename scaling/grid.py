@@ -50,8 +50,10 @@ def draw(override: Any, rng: random.Random) -> str:
     sweep = override.value()
     lo, hi = float(sweep.start), float(sweep.end)
     if "log" in sweep.tags:
-        if lo <= 0:
-            raise ConfigError(override.get_key_element(), sweep_text(override), "a log interval needs a positive start")
+        for end, name in ((lo, "start"), (hi, "end")):  # log(0) raised a bare "math domain error"
+            if end <= 0:
+                raise ConfigError(override.get_key_element(), sweep_text(override),
+                                  f"a log interval needs a positive {name}")
         value = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     else:
         value = rng.uniform(lo, hi)

@@ -122,6 +122,18 @@ class TuneReporter(Reporter):
         else:
             tune.report(result)
 
+    def flush(self) -> None:
+        """Send the evaluations held back: an attempt that fails records its curve up to the failure."""
+        from ray import tune
+
+        if not self.pending:
+            return
+        last = self.pending.pop()
+        result = {**last, "trial_status": "running", **self._node(), **self._once(), **self._history()}
+        if self.resumed_from:
+            result["resumed_from_step"] = self.resumed_from
+        tune.report({**result, **self.extra})
+
     def finish(self, result: Any) -> None:
         from ray import tune
 
@@ -181,7 +193,11 @@ def trainable(params: dict, configs: dict) -> None:
                           checkpoints=reporter.checkpointing, cpus_per_worker=params.get("cpus", 1),
                           gpus_per_worker=params.get("gpus", 0), storage_path=tune.get_context().get_trial_dir())
         return
-    run_trial(cfg, reporter, dataset=_dataset(cfg.data), resume=resume, ref_lr=ref_lr)
+    try:
+        run_trial(cfg, reporter, dataset=_dataset(cfg.data), resume=resume, ref_lr=ref_lr)
+    except Exception:
+        reporter.flush()  # else the evaluations since the last report die with the attempt, unrecorded
+        raise
 
 
 _DATASET: dict[str, Any] = {}  # data_key -> Dataset, the last one only: a reused actor's next trial skips the load

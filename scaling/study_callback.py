@@ -33,6 +33,7 @@ def callback_class():
             self.running: set[int] = set()
             self.final: dict[int, dict] = {}
             self.resumed: set[int] = set()
+            self.retrying: set[int] = set()  # restarted after a failure, no result from the new attempt yet
             self.unpaused: dict[int, int] = {}  # trial index -> the step it last resumed from a pause
             self.ref_lrs: dict[int, float] = {}  # trial index -> ref_lr of its own range test (from_lr_find)
             self.nodes: dict[int, str] = {}  # trial index -> the Ray node id it last reported from
@@ -60,7 +61,10 @@ def callback_class():
                 derived = json.loads(result["derived"])
                 self.recorder.trial_params(i, {f"derived.{k}": str(v) for k, v in derived.items()})
             step = result.get("resumed_from_step")
-            retry = trial.num_failures > 0 and i not in self.resumed  # Tune restarted it after a failure
+            # the new attempt's first result: a retry from scratch carries no step, and a later
+            # resume from a pause must not be taken for the retry's
+            retry = i in self.retrying and i not in self.resumed
+            self.retrying.discard(i)
             if step and not retry and self._unpaused(trial, step):  # promotion-based ASHA paused it there
                 if self.unpaused.get(i) != step:
                     self.unpaused[i] = step
@@ -93,6 +97,7 @@ def callback_class():
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             """A failed attempt that Tune retries (max_failures): the run says so and stays running."""
+            self.retrying.add(self._index(trial))
             self.recorder.trial_tags(self._index(trial), {"trial.failures": str(trial.num_failures),
                                                           "trial.last_failure": _error_reason(trial)[:500]})
 
@@ -127,8 +132,10 @@ def callback_class():
             finished = sum(n for status, n in done.items() if status in TERMINAL)
             waiting = len(getattr(self.scheduler, "waiting", ()))  # paused at a rung (promotion-based ASHA)
             running = f"running {len(self.running) - waiting}" + (f" waiting {waiting}" if waiting else "")
+            # failed trials too, when there are any: "done 4/4 ... pruned 0 diverged 0" hid four errors
+            failed = "".join(f" {s} {done[s]}" for s in ("oom", "error") if done.get(s))
             print(f"[{time.time() - self.t0:6.0f}s] done {finished}/{len(self.specs)} {running} "
-                  f"pruned {done.get('pruned', 0)} diverged {done.get('diverged', 0)} "
+                  f"pruned {done.get('pruned', 0)} diverged {done.get('diverged', 0)}{failed} "
                   f"| best val/loss per batch size {bests}", flush=True)
 
     return StudyCallback

@@ -194,8 +194,9 @@ def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], worker
     except ConfigError as exc:
         fail(str(exc))
     sweep_dir = str(Path(sweeper.config.hydra.sweep.dir).resolve())
+    a = sweeper.conf.asha  # the strata ASHA judges within (_scheduler): none when unstratified or off
     study_params = {"grid": grid.describe(), "sweeper": OmegaConf.to_container(sweeper.conf, resolve=True),
-                    "strata": stratum_keys(grid.axis_names, sweeper.conf.asha.group_by)}
+                    "strata": stratum_keys(grid.axis_names, a.group_by) if a.enabled and a.stratified else []}
     recorder.start(study_params, {"scaling.sweep_dir": sweep_dir, "scaling.storage": str(storage)})
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)  # as Hydra's own sweeper does; the report goes there too
     OmegaConf.save(sweeper.config, Path(sweep_dir) / "multirun.yaml")

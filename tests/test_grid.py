@@ -45,10 +45,13 @@ def test_an_int_interval_draws_integers_log_tagged_or_not(sweep):
     assert all(d.isdigit() and 16 <= int(d) <= 2048 for d in draws) and len(set(draws)) > 10
 
 
-def test_a_log_interval_from_zero_is_an_error_naming_the_key_and_its_value_once():
+@pytest.mark.parametrize("sweep, end", [("tag(log,interval(0,1))", "start"), ("tag(log,interval(1,0))", "end"),
+                                        ("tag(log,interval(1e-3,-1))", "end")])
+def test_a_log_interval_through_zero_is_an_error_naming_the_key_and_its_value_once(sweep, end):
+    """An end at or below 0 was a bare `error: math domain error`, naming no key."""
     with pytest.raises(ConfigError) as info:
-        build_grid(parse("lr_multiplier=tag(log,interval(0,1))"))
-    assert str(info.value) == "lr_multiplier='tag(log,interval(0,1))': a log interval needs a positive start"
+        build_grid(parse(f"lr_multiplier={sweep}"))
+    assert str(info.value) == f"lr_multiplier='{sweep}': a log interval needs a positive {end}"
 
 
 def test_empty_sweep_is_an_error_naming_the_key():

@@ -6,6 +6,7 @@ Every process a test kills is one it started (or a descendant of one), found by 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -133,6 +134,84 @@ def test_failing_trial_retries_are_bounded_and_end_as_error(tmp_path):
         assert t.data.tags["trial.failures"] == "2"  # the first attempt and its one retry
         assert "CUDA" in t.data.tags["trial.last_failure"]  # tagged when the retry was scheduled
     assert studies[0].data.metrics["trials/error"] == 2
+    progress = [line for line in log.splitlines() if re.match(r"\[\s*\d+s\] done ", line)]
+    assert "done 2/2 running 0 pruned 0 diverged 0 error 2 |" in progress[-1], progress  # errors show as they end
+
+
+FAIL_AT_SECOND_EVALUATION = """
+import scaling.train as train
+
+_run_trial, _evaluate, calls = train.run_trial, train.evaluate, [0]
+
+def run_trial(*args, **kwargs):
+    calls[0] = 0  # every attempt
+    return _run_trial(*args, **kwargs)
+
+def evaluate(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 2:
+        raise RuntimeError("failed at the second evaluation")
+    return _evaluate(*args, **kwargs)
+
+train.run_trial, train.evaluate = run_trial, evaluate
+"""
+
+
+def test_a_trial_that_fails_between_reports_records_the_evaluations_it_held_back(tmp_path, monkeypatch):
+    """An evaluation waits for the next report (checkpoint_interval_s); a failure lost those held back."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_AT_SECOND_EVALUATION)  # the Ray workers' too
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'inject'}:{os.environ.get('PYTHONPATH', '')}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, log = run_study(["batch_size=32", "seed=0,1", "hydra.sweeper.max_failures=0",
+                           "hydra.sweeper.asha.enabled=false", f"mlflow.tracking_uri={uri}", *SMALL], tmp_path)
+    assert code == 0, log[-3000:]
+    client, studies, trials = study_records(uri)
+    assert len(trials) == 2
+    for t in trials:
+        assert t.data.tags["trial.status"] == "error" and "second evaluation" in t.data.tags["trial.reason"]
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")] == [t.data.metrics["samples"]]
+    assert studies[0].data.metrics["samples/trained"] == sum(t.data.metrics["samples"] for t in trials) > 0
+
+
+FAIL_FIRST_EVALUATION_ONCE = """
+import os
+import scaling.train as train
+
+_run_trial, _evaluate, marker = train.run_trial, train.evaluate, [None]
+
+def run_trial(cfg, *args, **kwargs):
+    marker[0] = os.path.join({markers!r}, f"{{cfg.lr_multiplier}}-{{cfg.batch_size}}")
+    return _run_trial(cfg, *args, **kwargs)
+
+def evaluate(*args, **kwargs):
+    if not os.path.exists(marker[0]):  # the first attempt of each trial, before its first rung
+        open(marker[0], "w").close()
+        raise RuntimeError("failed at the first evaluation")
+    return _evaluate(*args, **kwargs)
+
+train.run_trial, train.evaluate = run_trial, evaluate
+"""
+
+
+def test_a_retry_from_scratch_leaves_a_later_resume_from_a_pause_tagged_as_such(tmp_path, monkeypatch):
+    """A retried trial's first resume from a rung (promotion ASHA) was tagged trial.resumed_from_step."""
+    (tmp_path / "markers").mkdir()
+    (tmp_path / "inject").mkdir()
+    code = FAIL_FIRST_EVALUATION_ONCE.format(markers=str(tmp_path / "markers"))
+    (tmp_path / "inject" / "sitecustomize.py").write_text(code)  # the Ray workers' too
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'inject'}:{os.environ.get('PYTHONPATH', '')}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, log = run_study(["batch_size=32", "lr_multiplier=0.25,0.5,1,2", "hydra.sweeper.ray.num_cpus=1",
+                           "hydra.sweeper.asha.variant=promotion",
+                           "hydra.sweeper.asha.grace_period=0.25", "hydra.sweeper.asha.reduction_factor=2",
+                           f"mlflow.tracking_uri={uri}", *SMALL], tmp_path)
+    assert code == 0, log[-3000:]
+    _, _, trials = study_records(uri)
+    assert all(t.data.tags["trial.failures"] == "1" for t in trials)  # each retried once, from its start
+    resumed = [t.data.tags for t in trials if "asha.paused_at_steps" in t.data.tags
+               or "trial.resumed_from_step" in t.data.tags]
+    assert resumed and all("trial.resumed_from_step" not in tags for tags in resumed), resumed
 
 
 def test_oom_and_divergence_end_their_trials_and_the_study_completes(tmp_path):

@@ -128,6 +128,16 @@ def test_bare_multirun_sweeps_only_the_given_axes(tmp_path):
     assert {t.data.params["scaling.rule"] for t in trials} == {"linear"}
 
 
+@pytest.mark.parametrize("asha, strata", [([], '["batch_size"]'), (["hydra.sweeper.asha.stratified=false"], "[]"),
+                                          (["hydra.sweeper.asha.enabled=false"], "[]")])
+def test_the_study_run_records_the_strata_asha_judged_within(tmp_path, asha, strata):
+    """An unstratified ASHA (or none) was recorded with strata ["batch_size"]."""
+    proc = run_cli(["-m", "batch_size=32,64", "lr_multiplier=0.5,1", *asha, *TINY], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    studies, _ = study_runs(tmp_path)
+    assert studies[0].data.params["strata"] == strata
+
+
 @pytest.mark.parametrize("grid", ["hydra.sweeper.params.batch_size='32,64'", "+hydra.sweeper.params.batch_size='32,64'",
                                   "hydra.sweeper.params={batch_size:'32,64'}"], ids=["key", "plus", "dict"])
 def test_a_grid_given_in_hydra_sweeper_params_on_the_command_line_runs(tmp_path, grid):
