@@ -235,7 +235,7 @@ def range_test(cfg: Any, dataset: Any = None, batch_size: Optional[int] = None, 
     from scaling.data import load_dataset
     from scaling.models import build_model
     from scaling.optim import build_optimizer
-    from scaling.train import evaluate, resolve_device
+    from scaling.train import amp_dtype_of, evaluate, resolve_device
 
     B = int(batch_size or cfg.batch_size)
     cfg = at_batch_size(cfg, B)
@@ -249,7 +249,7 @@ def range_test(cfg: Any, dataset: Any = None, batch_size: Optional[int] = None, 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), f.start_lr)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    amp_dtype = amp_dtype_of(cfg.precision)
     val_fn = (lambda m: evaluate(m, data, amp_dtype)["val/loss"]) if f.val_every else None
 
     from tqdm.auto import tqdm

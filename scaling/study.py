@@ -106,11 +106,7 @@ class TuneReporter(Reporter):
             self.pending.append(dict(metrics))
             return
         self._reported_at = now
-        result = {**metrics, "trial_status": "completed" if last else "running", **self._node(), **self._once(),
-                  **self._history()}
-        if self.resumed_from:
-            result["resumed_from_step"] = self.resumed_from
-        result.update(self.extra)
+        result = self._result(metrics, "completed" if last else "running")
         due = now - self._saved_at >= self.interval_s or (rung and self.checkpoint_at_rungs)
         if self.checkpointing and checkpoint is not None and due:
             import torch
@@ -129,10 +125,14 @@ class TuneReporter(Reporter):
         if not self.pending:
             return
         last = self.pending.pop()
-        result = {**last, "trial_status": "running", **self._node(), **self._once(), **self._history()}
+        tune.report(self._result(last, "running"))
+
+    def _result(self, metrics: dict[str, float], status: str) -> dict[str, Any]:
+        """Return an evaluation as Tune gets it: with the status, the node, the held-back history and extras."""
+        result = {**metrics, "trial_status": status, **self._node(), **self._once(), **self._history()}
         if self.resumed_from:
             result["resumed_from_step"] = self.resumed_from
-        tune.report({**result, **self.extra})
+        return {**result, **self.extra}
 
     def finish(self, result: Any) -> None:
         from ray import tune

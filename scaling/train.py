@@ -160,7 +160,7 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
             "workers": split.workers, "micro_batch": split.micro_batch, "split": str(split)}
     run = _Run(data=data, model=model, net=group.wrap(model, device), optimizer=optimizer, schedule=schedule,
                scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
-               amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision), gns=gns,
+               amp_dtype=amp_dtype_of(cfg.precision), gns=gns,
                grad_norms=MicroGradNorms() if gns else None,
                params=[p for p in model.parameters() if p.requires_grad], micro=split.micro_batch,
                n_micro=split.accumulation, shard=group.shard(B), total_steps=total_steps,
@@ -311,6 +311,11 @@ class _LoopState:
 _WARMED: set = set()
 
 
+def amp_dtype_of(precision: str) -> Optional[torch.dtype]:
+    """Return autocast's dtype for `precision` (None for fp32: autocast off)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def _warm_up(cfg, device: torch.device) -> None:
     """Pay torch's one-time costs (lazy imports, kernel caches) once per process and optimizer,
     outside the memory window: on CPU they otherwise land in the first trial's peak (~80 MB
@@ -320,7 +325,7 @@ def _warm_up(cfg, device: torch.device) -> None:
         return
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), 1e-3)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    amp_dtype = amp_dtype_of(cfg.precision)
     for _ in range(2):
         with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = F.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 0, 1]))
@@ -345,15 +350,13 @@ def _warm_up_shapes(cfg, data: Dataset, device: torch.device, group: Group) -> N
         return
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), 1e-3)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    amp_dtype = amp_dtype_of(cfg.precision)
     with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
         F.cross_entropy(model(data.x_train[:micro]), data.y_train[:micro]).backward()
     optimizer.step()
-    with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-        model.eval()
-        for n in {min(chunk, n_val), n_val % chunk} - {0}:  # evaluate()'s chunk lengths
-            logits, y = model(data.x_val[part][:n]), data.y_val[part][:n]
-            F.cross_entropy(logits.float(), y, reduction="sum") + (logits.argmax(1) == y).sum()
+    model.eval()
+    for n in {min(chunk, n_val), n_val % chunk} - {0}:  # evaluate()'s chunk lengths, through its own passes
+        _eval_totals(model, data.x_val[part][:n], data.y_val[part][:n], amp_dtype, chunk)
     _WARMED.add(key)
 
 
@@ -377,18 +380,24 @@ def evaluate(model: torch.nn.Module, data: Dataset, amp_dtype=None, chunk: int =
     was_training = model.training
     model.eval()
     part = group.shard(len(data.y_val))
-    x_val, y_val = data.x_val[part], data.y_val[part]
-    totals = torch.zeros(2, device=x_val.device)  # loss sum, correct count
+    totals = _eval_totals(model, data.x_val[part], data.y_val[part], amp_dtype, chunk)
+    model.train(was_training)
+    loss, correct = group.sum_(totals).tolist()
+    n = len(data.y_val)
+    return {"val/loss": loss / n, "val/acc": correct / n}
+
+
+@torch.no_grad()
+def _eval_totals(model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, amp_dtype, chunk: int) -> torch.Tensor:
+    """Return (loss sum, correct count) of `model` over x_val in chunks: this process's part only."""
+    totals = torch.zeros(2, device=x_val.device)
     for i in range(0, len(y_val), chunk):
         x, y = x_val[i:i + chunk], y_val[i:i + chunk]
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
         totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
         totals[1] += (logits.argmax(1) == y).sum()
-    model.train(was_training)
-    loss, correct = group.sum_(totals).tolist()
-    n = len(data.y_val)
-    return {"val/loss": loss / n, "val/acc": correct / n}
+    return totals
 
 
 def _update_after_eval(cfg, s: _LoopState, metrics: dict[str, float]) -> str:
