@@ -20,7 +20,8 @@ caller's reporter (MLflow, Ray Tune...), so a data-parallel trial is recorded li
   and carries checkpoints as Train paths, so rank 0 instead sends its reporter calls through a
   `ray.util.queue.Queue` to the trial, which replays them as `tune.report` with a Tune checkpoint:
   ASHA, checkpoints, retries and resume work as for a single-worker trial. When Tune stops the trial
-  (ASHA), the trial kills the Train workers, which ends the Train run and frees its resources.
+  (ASHA), the trial removes the Train run's placement group and kills its workers, which ends the run
+  and frees its resources, also when Tune ends the trial's actor first (`_TrainRun`).
 - outside Ray (plain `scaling-train`): W local processes (torch.multiprocessing spawn) joined by gloo
   (nccl on CUDA) through a TCPStore on 127.0.0.1 with a port the OS picks, reporting through a queue.
 
@@ -30,6 +31,7 @@ the Ray launcher: train.py, which uses `Group`, stays free of it.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
@@ -318,7 +320,13 @@ def _launch_ray(job: dict, workers: int, reporter: Reporter, cpus: float, gpus: 
 
     thread = threading.Thread(target=fit, name="scaling-train-fit", daemon=True)
     thread.start()
-    actors: list = []
+    run = _TrainRun(thread, channel, storage_path if own_storage else None)
+    # Tune ends a stopped trial's actor (`__ray_terminate__`) without waiting for this thread, whose
+    # finally would then never run: Train's controller died with the actor and its placement group
+    # stayed, holding the workers' CPUs, and the next data-parallel trial waited for them forever.
+    # Train's own PlacementGroupCleaner cannot help: it asks the state API, which a local study's head
+    # does not start (local_ray._lean_head). The actor runs atexit handlers as it exits.
+    atexit.register(run.end, False)
 
     def get(timeout: float) -> Optional[tuple]:
         while True:
@@ -328,7 +336,7 @@ def _launch_ray(job: dict, workers: int, reporter: Reporter, cpus: float, gpus: 
                 return None
             if event[0] != "actor":
                 return event
-            actors.append(event[1])  # each worker's handle: how a stopped trial ends its Train run
+            run.workers.append(event[1:])  # each worker's handle and placement group: how a stopped trial ends its run
 
     def running() -> bool:
         if thread.is_alive():
@@ -343,18 +351,42 @@ def _launch_ray(job: dict, workers: int, reporter: Reporter, cpus: float, gpus: 
         done = True
         return result
     finally:
-        thread.join(timeout=60 if done else 0)  # finished: the workers are returning; give Train time to wrap up
-        if thread.is_alive():  # stopped by Tune (ASHA), failed, or slow to end: end the Train run now
-            for actor in actors:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor, no_restart=True)
-            thread.join(timeout=60)
-        with contextlib.suppress(Exception):
-            ray.kill(channel.actor)
-        if own_storage:
-            import shutil
+        run.end(done)
+        atexit.unregister(run.end)
 
-            shutil.rmtree(storage_path, ignore_errors=True)
+
+class _TrainRun:
+    """The end of a Ray Train run started from a Tune trial, run once by whichever comes first: the
+    trial's own end, or the exit of the trial's actor."""
+
+    def __init__(self, thread: threading.Thread, channel: Any, scratch: Optional[str]):
+        self.thread, self.channel, self.scratch = thread, channel, scratch
+        self.workers: list[tuple] = []  # (actor, placement group) per worker, as each announces itself
+        self._lock, self._ended = threading.Lock(), False
+
+    def end(self, finished: bool) -> None:
+        """End the run: wait for it if it `finished` (its workers are returning), else stop it now."""
+        import ray
+
+        with self._lock:  # a second caller waits here until the run has ended
+            if self._ended:
+                return
+            self._ended = True
+            self.thread.join(timeout=60 if finished else 0)  # give Train time to wrap up
+            if self.thread.is_alive():  # stopped by Tune (ASHA), failed, or slow to end: end the run now
+                for group in {id(g): g for _, g in self.workers if g is not None}.values():
+                    with contextlib.suppress(Exception):  # ends its workers and frees their resources at once
+                        ray.util.remove_placement_group(group)
+                for actor, _ in self.workers:
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor, no_restart=True)
+                self.thread.join(timeout=60)
+            with contextlib.suppress(Exception):
+                ray.kill(self.channel.actor)
+            if self.scratch is not None:
+                import shutil
+
+                shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def _ray_rank(config: dict) -> None:
@@ -363,5 +395,5 @@ def _ray_rank(config: dict) -> None:
 
     torch.set_num_threads(config["threads"])
     channel = config["channel"]
-    channel.put(("actor", ray.get_runtime_context().current_actor))
+    channel.put(("actor", ray.get_runtime_context().current_actor, ray.util.get_current_placement_group()))
     _run_rank(config, channel.put)

@@ -98,6 +98,18 @@ def _max_concurrent(sweeper, workers: dict[int, int]) -> Any:
     return max(1, int(min(fits))) if fits else None
 
 
+def _reuse_actors(workers: dict[int, int]) -> bool:
+    """Return whether Tune may run a trial in the actor of one that ended: not when any is data-parallel.
+
+    Tune hands an ended trial's actor on only if the trial's function thread returns within
+    TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s) of the stop, and otherwise ends the next trial as an error.
+    A data-parallel trial's thread is still ending its Ray Train run then (the controller tears down
+    the worker group and its placement group), so the next trial failed or waited on CPUs that run
+    still held. Without reuse Tune ends the actor, and the Train run it owns ends with it.
+    """
+    return max(workers.values()) == 1
+
+
 def _bare(key: str) -> str:
     """Return an override key without Hydra's +/~ prefixes and @package suffix."""
     return key.lstrip("+~").split("@")[0]
@@ -263,7 +275,7 @@ def _tuner(sweeper, specs: dict[int, TrialSpec], workers: dict[int, int], schedu
                      "report_at": scheduler.rungs if scheduler is not None else [],
                      # a paused trial resumes from the checkpoint at its rung
                      "checkpoint_at_rungs": getattr(scheduler, "pauses_at_rungs", False)},
-        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=True,
+        tune_config=tune.TuneConfig(scheduler=scheduler, reuse_actors=_reuse_actors(workers),
                                     max_concurrent_trials=_max_concurrent(sweeper, workers),
                                     trial_dirname_creator=lambda t: f"trial_{t.config['point']['index']:05d}"),
         run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=str(storage), callbacks=[callback],
