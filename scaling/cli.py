@@ -218,13 +218,19 @@ def train_main(argv: Optional[Sequence[str]] = None) -> None:
     _run_hydra(_train_task, argv)
 
 
-def study_main(argv: Optional[Sequence[str]] = None) -> None:
-    """`scaling-study [overrides]`: the multirun of the default study preset (or `experiment=...`)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def study_argv(argv: Sequence[str]) -> list[str]:
+    """Return scaling-study's command line as Hydra gets it: the default preset and -m added where not given."""
+    argv = list(argv)
     if not any(a.lstrip("+").startswith("experiment=") for a in argv):
         argv = ["experiment=default_study", *argv]
     if not any(a in MULTIRUN_FLAGS for a in argv) and not any(a.split("=")[0] in INFO_FLAGS for a in argv):
         argv = ["--multirun", *argv]
+    return argv
+
+
+def study_main(argv: Optional[Sequence[str]] = None) -> None:
+    """`scaling-study [overrides]`: the multirun of the default study preset (or `experiment=...`)."""
+    argv = study_argv(sys.argv[1:] if argv is None else argv)
     from scaling.preflight import preflight
 
     preflight(argv)

@@ -11,6 +11,7 @@ import copy
 import itertools
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -131,12 +132,19 @@ def preflight(argv: Sequence[str], check: Callable[[Any], None] = validate) -> N
 def _refuse_deletions(overrides: Sequence[str]) -> None:
     """Exit with one line for `~key` outside hydra.*: every key of the trial config is required, and a
     deleted one failed later as `Key 'seed' not in 'TrialConfig'` (a null one as Hydra's 'does not exist')."""
+    line = _deletion(overrides)
+    if line:
+        fail(line)
+
+
+def _deletion(overrides: Sequence[str]) -> str:
+    """Return the line refusing the first `~key` outside hydra.*, or ''."""
     for override in overrides:
         key = override.partition("=")[0]
         if key.startswith("~") and not key.lstrip("~").startswith(("hydra.", "hydra/")):
             bare = key.lstrip("~")
-            fail(f"{override}: deletes {bare}, but every key of the trial config is required: set it instead "
-                 f"({bare}=...)")
+            return f"{override}: deletes {bare}, but every key of the trial config is required: set it instead ({bare}=...)"
+    return ""
 
 
 def _refuse_axes(overrides: Sequence[str]) -> None:
@@ -281,3 +289,48 @@ def _trial(cfg: Any, point: Sequence[str], check: Callable[[Any], None] = valida
             raise
         raise ConfigError(exc.key, exc.value, f"{exc.problem} (trial {' '.join(point)})") from None
     return cfg
+
+
+
+def plan_study(argv: Sequence[str]) -> Any:
+    """Return the scaling sweeper's settings for `scaling-study argv` once its whole grid is planned and
+    every trial validated (None under another sweeper); a ValueError's one line names the key and the value.
+
+    For a study submitted to a cluster (cluster/slurm/submit.py): what its job would refuse first is
+    refused before it queues. No Ray, no MLflow and no store probe (the job's node may reach stores this
+    machine does not), and no question: the job has no terminal, so a grid above max_trials needs --yes.
+    """
+    import io
+
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.plugins import Plugins
+    from hydra.types import HydraContext, RunMode
+    from omegaconf import OmegaConf
+
+    from scaling.cli import study_argv
+    from scaling.sweeper import ScalingSweeper
+
+    args = parse_args(["hydra.sweeper.confirm=false" if a == "--yes" else a for a in study_argv(argv)])
+    name = args.config_name or "config"
+    if _deletion(args.overrides):
+        raise ValueError(_deletion(args.overrides))
+    hydra = None
+    try:
+        hydra = main_hydra(args)
+        cfg = hydra.compose_config(name, args.overrides, run_mode=RunMode.MULTIRUN)
+        context = HydraContext(config_loader=hydra.config_loader, callbacks=Callbacks(cfg))
+        sweeper = Plugins.instance().instantiate_sweeper(config=cfg, hydra_context=context, task_function=None)
+        if not isinstance(sweeper, ScalingSweeper):
+            sweep_configs(hydra, name, args.overrides)
+            return None
+        stdin, sys.stdin = sys.stdin, io.StringIO()  # no terminal, as in the job: a large grid is refused
+        try:
+            sweeper.plan(OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False))
+        finally:
+            sys.stdin = stdin
+        return sweeper.conf
+    except Exception as exc:  # noqa: BLE001 - every composition error becomes one line
+        raise ValueError(_blame(hydra, name, args, exc)) from exc
+    finally:
+        GlobalHydra.instance().clear()

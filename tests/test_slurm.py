@@ -99,6 +99,19 @@ def test_submit_hands_env_values_with_commas_to_the_job_whole(slurm, tmp_path):
     assert f"job sees RAY_START_ARGS={value}\n" in (tmp_path / f"env-{job}.out").read_text()
 
 
+def test_submit_hands_a_setup_line_with_shell_variables_to_the_job(slurm, tmp_path):
+    """`${SLURM_JOB_ID}` in env.SCALING_ENV_SETUP is expanded by the job's shell (OmegaConf took it for its own)."""
+    setup = 'echo "job ${SLURM_JOB_ID} sees ${RAY_TEMP_DIR}"; exit 0'
+    submit = [sys.executable, ROOT / "cluster" / "slurm" / "submit.py", "nodes=1", "cpus_per_task=1", "time=00:05:00",
+              f"output={tmp_path / 'setup-%j.out'}", "env.RAY_TEMP_DIR=/tmp/ray-${SLURM_JOB_ID}",
+              f"env.SCALING_ENV_SETUP={setup}", "--", "hydra.sweeper.study_name=study-${oc.env:SLURM_JOB_ID}"]
+    proc = slurm.run(*submit, cwd=tmp_path, env=job_env(slurm), timeout=60, check=False)
+    assert proc.returncode == 0 and "submitted job " in proc.stdout, proc.stdout + proc.stderr
+    job = proc.stdout.split("submitted job ")[1].split(";")[0].strip()
+    assert slurm.wait_job(job, timeout=120) == "COMPLETED"
+    assert f"job {job} sees /tmp/ray-${{SLURM_JOB_ID}}\n" in (tmp_path / f"setup-{job}.out").read_text()
+
+
 def test_submitit_launcher_runs_the_plain_grid_as_slurm_jobs(slurm, tmp_path):
     import subprocess
 

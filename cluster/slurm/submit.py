@@ -5,8 +5,9 @@
 
 The keys (nodes, cpus_per_task, gpus_per_node, time, partition, ...) are checked against a typed
 schema, so a typo fails before anything is submitted. Everything after `--` is passed to
-`scaling-study` (experiment=..., batch_size=..., hydra.sweeper.resources.gpu=1, mlflow.tracking_uri=...).
-Per-trial resources (hydra.sweeper.resources.cpu/gpu) must fit on one node; that is checked here too.
+`scaling-study` (experiment=..., batch_size=..., hydra.sweeper.resources.gpu=1, mlflow.tracking_uri=...)
+as typed, once the study is planned here as its job will plan it (scaling.preflight.plan_study): a
+value the job would refuse, or a trial that does not fit on one node, fails before anything is submitted.
 env.NAME=value goes to the job through sbatch's environment (`env NAME=value sbatch --export=ALL`),
 never in --export's own list, which sbatch splits at commas.
 """
@@ -47,30 +48,45 @@ STRINGS = {"job_name", "time", "partition", "account", "qos", "constraint", "out
 LEAST = {"nodes": 1, "cpus_per_task": 1, "gpus_per_node": 0, "mem_gb": 1}  # mem_gb: null is the partition's default
 # sbatch --time: minutes[:seconds], hours:minutes:seconds, days-hours[:minutes[:seconds]]
 TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
+SWITCHES = {"true": True, "false": False, "null": None}  # additional.exclusive=true -> --exclusive
 
 
-def load(config: Path, overrides: List[str]):
+def load(config: Path, overrides: List[str]) -> SlurmConf:
     """Return the typed config: `config` merged with key=value overrides (unknown keys fail).
 
-    String fields and env.* take the text as given: YAML would read time=12:00:00 as the
-    base-60 integer 43200.
+    Numbers are read as YAML. String fields, env.* and additional.* take the text as given: YAML
+    would read time=12:00:00 and additional.begin=16:00 as base-60 integers, additional.nodelist=010
+    as 8 and additional.hint=off as false; a `${...}` in them is the job's shell's, not OmegaConf's.
+    Only additional.FLAG=true, false or null keep their YAML meaning (a switch; left out).
     """
     import yaml
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.merge(OmegaConf.structured(SlurmConf), OmegaConf.load(config))
+    typed, text = [], []
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"'{item}' is not key=value")
-        key, text = item.split("=", 1)
-        raw = key in STRINGS or key.startswith("env.")
+        key, value = item.split("=", 1)
+        (text if key in STRINGS or key.startswith(("env.", "additional.")) else typed).append((key, value))
+    cfg = OmegaConf.merge(OmegaConf.structured(SlurmConf), OmegaConf.load(config))
+    for key, value in typed:
         try:
-            OmegaConf.update(cfg, key, text if raw else yaml.safe_load(text), merge=True)
+            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True)
         except Exception as exc:  # noqa: BLE001 - OmegaConf's message names the type, not always the key
-            raise ValueError(f"{key}={text}: {str(exc).splitlines()[0]}") from None
-    check_allocation(cfg)
-    check_env(cfg)
-    return cfg
+            raise ValueError(f"{key}={value}: {str(exc).splitlines()[0]}") from None
+    try:
+        conf = OmegaConf.to_object(cfg)  # the config file's own ${...} resolved here, or one line naming its key
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{getattr(exc, 'full_key', '') or config}: {str(exc).splitlines()[0]}") from None
+    for key, value in text:
+        group, _, name = key.partition(".")
+        if name:
+            getattr(conf, group)[name] = SWITCHES.get(value, value) if group == "additional" else value
+        else:
+            setattr(conf, key, value)
+    check_allocation(conf)
+    check_env(conf)
+    return conf
 
 
 def check_env(cfg) -> None:
@@ -86,8 +102,9 @@ def check_env(cfg) -> None:
 def check_allocation(cfg) -> None:
     """Fail unless every number of the allocation is in range and `time` is in one of sbatch's formats."""
     for key, least in LEAST.items():
-        if cfg[key] is not None and cfg[key] < least:
-            raise ValueError(f"{key}={cfg[key]}: must be at least {least}")
+        value = getattr(cfg, key)
+        if value is not None and value < least:
+            raise ValueError(f"{key}={value}: must be at least {least}")
     if not TIME.fullmatch(cfg.time) and cfg.time.upper() not in ("INFINITE", "UNLIMITED"):
         raise ValueError(f"time={cfg.time!r}: must be minutes, minutes:seconds, hours:minutes:seconds, "
                          "days-hours, days-hours:minutes or days-hours:minutes:seconds (0: no limit)")
@@ -106,13 +123,52 @@ def trial_resource(key: str, text: str) -> float:
     return value
 
 
-def check_fit(cfg, study: List[str]) -> None:
-    """Fail if one trial asks for more CPUs or GPUs than one node has."""
+def check_trial_resources(study: List[str]) -> None:
+    """Fail if a study override gives a per-trial resource that is not a number of at least 0."""
     given = dict(a.lstrip("+").split("=", 1) for a in study if "=" in a and not a.startswith("-"))
-    for key, have, what in (("hydra.sweeper.resources.cpu", cfg.cpus_per_task, "cpus_per_task"),
-                            ("hydra.sweeper.resources.gpu", cfg.gpus_per_node, "gpus_per_node")):
-        if key in given and trial_resource(key, given[key]) > have:
-            raise ValueError(f"{key}={given[key]} does not fit on one node ({what}={have})")
+    for key in ("hydra.sweeper.resources.cpu", "hydra.sweeper.resources.gpu"):
+        if key in given and "${" not in given[key]:  # an interpolation is Hydra's to resolve
+            trial_resource(key, given[key])
+
+
+def job_environment(cfg: SlurmConf) -> Dict[str, str]:
+    """Return what the study's driver will see beyond this environment (which sbatch hands on), as far as
+    it is known before the job exists: what SLURM sets for every job (its id a placeholder), then env.*."""
+    slurm = {"SLURM_JOB_ID": "0", "SLURM_JOBID": "0", "SLURM_JOB_NAME": cfg.job_name, "SLURM_SUBMIT_DIR": os.getcwd(),
+             "SLURM_JOB_NUM_NODES": str(cfg.nodes), "SLURM_NNODES": str(cfg.nodes),
+             "SLURM_CPUS_PER_TASK": str(cfg.cpus_per_task), "SLURM_GPUS_PER_NODE": str(cfg.gpus_per_node)}
+    return {**slurm, **cfg.env}
+
+
+def check_study(cfg: SlurmConf, study: List[str]) -> None:
+    """Fail unless the study's job would start it: the grid composes and validates, as scaling-study plans
+    it on the allocation's Ray (the address study.sbatch adds), and one trial fits on one node.
+
+    A `${oc.env:NAME}` that only the job's node has (its setup line exports it) cannot be checked
+    here: the study is then submitted as given, with a note.
+    """
+    from scaling.preflight import plan_study
+
+    check_trial_resources(study)
+    environ = dict(os.environ)
+    os.environ.update(job_environment(cfg))
+    try:
+        sweeper = plan_study(["hydra.sweeper.ray.address=127.0.0.1:6379", *study])
+    except ValueError as exc:
+        unset = re.search(r"Environment variable '(\w+)' not found", str(exc))
+        if not unset:
+            raise
+        print(f"note: the study was not checked here: {unset[1]} is not set here (is it the job's?)", file=sys.stderr)
+        return
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    if sweeper is None:  # another sweeper: no Ray, no per-trial resources
+        return
+    for key, need, have, what in (("cpu", sweeper.resources.cpu, cfg.cpus_per_task, "cpus_per_task"),
+                                  ("gpu", sweeper.resources.gpu, cfg.gpus_per_node, "gpus_per_node")):
+        if need > have:
+            raise ValueError(f"hydra.sweeper.resources.{key}={need:g} does not fit on one node ({what}={have})")
 
 
 def sbatch_command(cfg, study: List[str], wait: bool = False) -> List[str]:
@@ -155,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load(args.config, args.overrides)
-        check_fit(cfg, study)
+        check_study(cfg, study)
     except Exception as exc:  # noqa: BLE001 - one line naming the key
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -163,7 +219,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(" ".join(shlex.quote(c) for c in cmd), flush=True)
     if args.dry_run:
         return 0
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ)
+    except OSError as exc:  # no SLURM client on this machine's PATH
+        print(f"error: {cmd[0] if cmd[0] != 'env' else 'sbatch'}: {exc.strerror} (run this on a SLURM login node)",
+              file=sys.stderr)
+        return 1
     job = proc.stdout.strip().split(";")[0]
     if job:
         print(f"submitted job {job}; log: {cfg.output.replace('%j', job)}", flush=True)
