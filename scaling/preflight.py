@@ -291,7 +291,6 @@ def _trial(cfg: Any, point: Sequence[str], check: Callable[[Any], None] = valida
     return cfg
 
 
-
 def plan_study(argv: Sequence[str]) -> Any:
     """Return the scaling sweeper's settings for `scaling-study argv` once its whole grid is planned and
     every trial validated (None under another sweeper); a ValueError's one line names the key and the value.
