@@ -173,6 +173,10 @@ def _blame(hydra: Any, config_name: str, args: Any, exc: Exception) -> str:
     preset = _SWEEPER_ONLY.match(line)
     if preset:
         return _scaling_sweeper_only(preset["path"], preset["key"], overrides)
+    unknown = _UNKNOWN_KEY.match(line)  # Hydra's "Could not override 'k': ..." names the key, not the value
+    culprit = next((o for o in overrides if unknown and o.partition("=")[0].lstrip("+~") == unknown["key"]), None)
+    if culprit is not None:
+        return f"{culprit}: {unknown['reason']}"
     if hydra is None or isinstance(exc, ConfigError) or any(o.split("=", 1)[0].lstrip("+~") in line for o in overrides):
         return line
     mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
@@ -184,6 +188,8 @@ def _blame(hydra: Any, config_name: str, args: Any, exc: Exception) -> str:
     return line
 
 
+# Hydra's line for a key the schema lacks, with one_line's "(key: ...)" when it repeats the key
+_UNKNOWN_KEY = re.compile(r"^Could not override '(?P<key>[^']+)': (?P<reason>.*?)(?: \(key: (?P=key)\))?$")
 # A preset's hydra.sweeper.* key composed under hydra/sweeper=basic, as scaling.cli.one_line words it
 _SWEEPER_ONLY = re.compile(r"^In '(?P<path>[^']+)': Key '\w+' not in 'BasicSweeperConf' \(key: (?P<key>[\w.]+)\)$")
 
@@ -232,7 +238,7 @@ def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> lis
 
         points = BasicSweeper.split_arguments(parsed, None)[0]
         return [_trial(loader.load_sweep_config(master, p), p) for p in points]
-    from scaling.grid import is_value_key, merge_values
+    from scaling.grid import is_value_key
 
     base = copy.deepcopy(master)
     with open_dict(base):
@@ -244,10 +250,23 @@ def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> lis
             continue
         for value in _axis_values(o):
             if is_value_key(loader, key):  # merged as Hydra merges it, into the copy (a millisecond)
-                merge_values(base, [f"{key}={value}"])
+                _merge_value(base, f"{key}={value}")
             else:  # a group choice: its own composition
                 loader.load_sweep_config(master, [f"{key}={value}"])
     return []
+
+
+def _merge_value(base: Any, override: str) -> None:
+    """Merge one axis value into base; a failure names the override (an axis of hydra.sweeper.params
+    is on no command line that `_blame` could search for it)."""
+    from scaling.grid import blamed, merge_values
+
+    try:
+        merge_values(base, [override])
+    except Exception as exc:  # noqa: BLE001 - any merge error: one line naming key and value
+        if override in one_line(exc):  # Hydra's "Error merging override k=v: ..." names both already
+            raise
+        raise blamed(exc, [override], lambda some: merge_values(copy.deepcopy(base), some)) from None
 
 
 def _merge_draw(override: Any, loader: Any, base: Any) -> None:

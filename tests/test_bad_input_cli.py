@@ -63,6 +63,12 @@ CASES = [
     ("scaling-study", ["~early_stopping.patience"], ["~early_stopping.patience: deletes"], ["does not exist"]),
     ("scaling-lr-find", ["~model"], ["~model: deletes model"], []),
     ("scaling-train", ["-m", "batch_size=32,abc", *SMALL], ["batch_size=abc"], ["data.n_samples", "epochs"]),
+    # a key the schema lacks: Hydra's "Could not override 'k'" named the key but not the value
+    ("scaling-train", ["batch_sze=32", *SMALL], ["batch_sze=32: Key 'batch_sze' not in"], ["Could not override"]),
+    ("scaling-lr-find", ["model.widht=3", *SMALL], ["model.widht=3: Key 'widht' not in"], ["Could not override"]),
+    ("scaling-train", ["-m", "batch_sze=32,64", *SMALL], ["batch_sze='32'"], ["Could not override"]),
+    ("scaling-train", ["-m", "hydra.sweeper.params={batch_sze:'32,64'}", *SMALL], ["batch_sze='32'"],
+     ["Could not override"]),
     # a preset that configures the scaling sweeper, run under Hydra's basic one: which preset, which key
     *[("scaling-train", ["-m", "hydra/sweeper=basic", f"experiment={name}"],
        [f"experiment={name}: sets hydra.sweeper.{key}", "scaling sweeper", "without hydra/sweeper=basic"],
