@@ -5,7 +5,7 @@ Pure numpy/scipy (no torch, ray or mlflow) so reports and notebooks can import i
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -47,8 +47,10 @@ class LrExponentFit:
     alpha_boot_interval: Optional[tuple[float, float]]  # percentile bootstrap, for reference only
     verdict: str  # a key of RULES
     consistent: tuple[str, ...]  # every rule whose exponent lies inside alpha_interval
-    up_to: Optional[float]
+    up_to: Optional[float]  # holds_up_to[verdict]
     n_points: int
+    # consistent_up_to per rule: where linear stops holding when the verdict is sqrt, and the reverse
+    holds_up_to: dict[str, Optional[float]] = field(default_factory=dict)
 
 
 def _as_positive(name: str, values: Sequence[float]) -> np.ndarray:
@@ -192,8 +194,9 @@ def fit_lr_exponent(batch_sizes: Sequence[float], best_lrs: Sequence[float], *, 
     it alone decides `consistent` (rules whose exponent it contains) and `verdict` (the
     consistent rule nearest alpha, or the rule nearest alpha when none is consistent).
     `alpha_boot_interval` is a percentile bootstrap over `n_boot` case resamples (None if
-    n_boot = 0), reported for comparison. `up_to` is consistent_up_to(..., verdict's exponent):
-    the largest measured B_k such that the fit restricted to B <= B_k admits that exponent.
+    n_boot = 0), reported for comparison. `holds_up_to[rule]` is consistent_up_to(..., rule's exponent):
+    the largest measured B_k such that the fit restricted to B <= B_k admits that exponent; `up_to`
+    is the verdict's.
     """
     b, lr = _paired(batch_sizes, best_lrs, "best_lrs", 2)
     if b.size < 3:
@@ -215,9 +218,10 @@ def fit_lr_exponent(batch_sizes: Sequence[float], best_lrs: Sequence[float], *, 
     pool = consistent or tuple(RULES)
     verdict = min(pool, key=lambda r: abs(RULES[r] - alpha))
 
+    holds = {r: consistent_up_to(b, lr, e, level=level) for r, e in RULES.items()}
     return LrExponentFit(alpha=alpha, c=float(np.exp(intercept)), alpha_interval=ci,
                          alpha_boot_interval=boot_ci, verdict=verdict, consistent=consistent,
-                         up_to=consistent_up_to(b, lr, RULES[verdict], level=level), n_points=int(b.size))
+                         up_to=holds[verdict], n_points=int(b.size), holds_up_to=holds)
 
 
 def consistent_up_to(batch_sizes: Sequence[float], best_lrs: Sequence[float], exponent: float, *,

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 from scaling.analysis import DEFAULT_TRACKING_URI, Analysis, Study, StudyError, analyze, load_study
 from scaling.config import redact_url
+from scaling.fits import RULES
 from scaling.tables import console_for, print_table
 
 ARTIFACT_DIR = "report"
@@ -142,7 +143,9 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
 
     f = a.lr_fit
     if f is not None:
-        up_to = f"; {f.verdict} holds up to B={f.up_to:g}" if f.up_to else ""
+        # every rule's reach, the steepest first: "linear holds up to B=512; sqrt holds up to B=4096"
+        up_to = "".join(f"; {rule} holds up to B={f.holds_up_to[rule]:g}"
+                        for rule in sorted(f.holds_up_to, key=RULES.get, reverse=True) if f.holds_up_to[rule])
         console.print(f"[bold]LR scaling[/bold]: best LR ~ B^alpha, alpha = {f.alpha:.2f} "
                       f"(95% CI {f.alpha_interval[0]:.2f} to {f.alpha_interval[1]:.2f}, {f.n_points} batch sizes) -> [bold]{f.verdict}[/bold]; "
                       f"consistent with {', '.join(f.consistent) or 'no rule'}{up_to}")

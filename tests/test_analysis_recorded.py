@@ -7,6 +7,7 @@ size) costs a second, not a study; `load_study` and `analyze` then read it back 
 from __future__ import annotations
 
 import io
+import math
 import json
 
 import pytest
@@ -161,3 +162,21 @@ def test_a_group_axis_over_configs_of_one_architecture_keeps_them_apart(tracking
     assert (a.grid["n_seeds"] == 1).all(), a.grid
     assert a.best["best"].tolist() == pytest.approx([1.0] * 3) and a.best["edge"].tolist() == ["low"] * 3
     assert "model.depth=1" in a.verdict, a.verdict
+
+
+def test_the_lr_law_line_says_how_far_each_rule_holds(tracking_uri, compose_cfg):
+    """Linear up to B=256, the same LR past it: the line named only the verdict's reach ("sqrt holds up
+    to B=4096"), never where linear scaling stops, which is what the study was run to find."""
+    mults = [1 / 64, 1 / 16, 1 / 4, 1, 4]
+    batches = [16 * 2 ** k for k in range(9)]  # 16 ... 4096
+    best_m = {b: min(1, 256 / b) for b in batches}  # the best LR is the rule's up to 256, then flat
+    trials = [([f"batch_size={b}", f"lr_multiplier={m}"], [1.5 + 0.1 * abs(math.log(m / bm, 2))] * 2)
+              for b, bm in best_m.items() for m in mults]
+    record_study(tracking_uri, compose_cfg, trials, {"batch_size": batches, "lr_multiplier": mults})
+    a, text = report_text(tracking_uri)
+    f = a.lr_fit
+    assert f.n_points == 9 and f.verdict != "linear" and f.up_to == f.holds_up_to[f.verdict]
+    assert f.holds_up_to["linear"] in (256, 512)  # one point past the break is not yet evidence against it
+    line = " ".join(text.split()).split("LR scaling: ")[1].split(" Critical batch size")[0]
+    assert f"; linear holds up to B={f.holds_up_to['linear']:g}" in line, line
+    assert f"{f.verdict} holds up to B={f.up_to:g}" in line, line
