@@ -91,11 +91,12 @@ def typed(column: pd.Series) -> pd.Series:
     return pd.to_numeric(raw, errors="coerce").astype(float)
 
 
-HEAD = ("trial", "name", "status", "reason", "same_as")  # same_as: a twin's source (scaling.twins), else ""
+# run_name, not name: the config's own `name` (the preset's) is a param column of the same frame
+HEAD = ("trial", "run_name", "status", "reason", "same_as")  # same_as: a twin's source (scaling.twins), else ""
 
 
 def trials_frame(records: Sequence[dict], axes: Sequence[str] = ()) -> pd.DataFrame:
-    """Return one row per trial from dicts with trial, name, status, reason, same_as, params and metrics.
+    """Return one row per trial from dicts with trial, run_name, status, reason, same_as, params and metrics.
 
     Params become typed columns under their config keys; metrics keep their names (their last
     logged value), except one named like a param (`lr`), which becomes `lr/last`.
@@ -175,7 +176,7 @@ def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,
         token = page.token
         if not token:
             break
-    records = [{"trial": r.info.run_id, "name": r.info.run_name, "status": r.data.tags.get(STATUS_TAG, "running"),
+    records = [{"trial": r.info.run_id, "run_name": r.info.run_name, "status": r.data.tags.get(STATUS_TAG, "running"),
                 "reason": r.data.tags.get("trial.reason", ""), "same_as": r.data.tags.get(SAME_AS_TAG, ""),
                 "params": r.data.params, "metrics": r.data.metrics}
                for r in runs]

@@ -49,13 +49,16 @@ def test_typed_params_become_int_float_bool_or_str():
 
 
 def test_trials_frame_types_params_and_keeps_metrics_apart():
-    df = an.trials_frame([{"trial": "a", "name": "bs=32", "status": "completed",
-                           "params": {"batch_size": "32", "lr": "null", "micro_batch_size": "null", "lr.effective": "0.1"},
+    df = an.trials_frame([{"trial": "a", "run_name": "bs=32", "status": "completed",
+                           "params": {"batch_size": "32", "lr": "null", "micro_batch_size": "null", "lr.effective": "0.1",
+                                      "name": "default_study"},
                            "metrics": {"lr": 0.05, "val/loss": 1.2}}], axes=["batch_size", "nope"])
     row = df.iloc[0]
     assert row["batch_size"] == 32 and row["micro_batch_size"] == 32  # null micro-batch = the whole batch
     assert row["lr/last"] == 0.05 and pd.isna(row["lr"]) and row["val/loss"] == 1.2
     assert df.attrs["axes"] == ["batch_size"]
+    # the run's name and the config's `name` are two columns (trials.csv had two called name)
+    assert df.columns.is_unique and (row["run_name"], row["name"]) == ("bs=32", "default_study")
 
 
 def test_default_tracking_uri_is_the_configs():
@@ -284,7 +287,7 @@ def test_the_memory_table_keeps_the_micro_batch_that_ran():
     def record(i, max_micro, split, peak):
         params = {"batch_size": "64", "micro_batch_size": "null", "parallel.max_micro_batch": max_micro,
                   "derived.split": split, "precision": "fp32", "lr.effective": "0.1", "seed": "0"}
-        return {"trial": f"t{i}", "name": f"t{i}", "status": "completed", "params": params,
+        return {"trial": f"t{i}", "run_name": f"t{i}", "status": "completed", "params": params,
                 "metrics": {"mem/peak_mb": peak, "time/samples_per_s": 1e4, "target/time_s": 1.0 + i}}
     df = an.trials_frame([record(0, "16", "1x16x4", 1.7), record(1, "256", "1x64x1", 3.8),
                           record(2, "null", "2x32x1", 2.0)], axes=["parallel.max_micro_batch"])
