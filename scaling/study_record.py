@@ -130,6 +130,22 @@ class StudyRecorder:
         """Return the trial indices already recorded with a terminal status."""
         return {i for i, s in self.status.items() if s in TERMINAL}
 
+    def reopen_errored(self) -> list[int]:
+        """Make the trials recorded as `error` unfinished again, as a killed study leaves its running ones,
+        so this run trains them (each from its last checkpoint); return their indices. The failure's
+        `trial.reason` becomes the run's `trial.last_failure`, which a retry also writes."""
+        errored = sorted(i for i, s in self.status.items() if s == "error")
+        for i in errored:
+            self.status[i] = "running"
+            if self.enabled and i in self.trial_runs:
+                run = self.trial_runs[i]
+                reason = self.client.get_run(run).data.tags.get("trial.reason")
+                moved = {"trial.last_failure": reason} if reason else {}
+                log_batch(self.client, run, tags={STATUS_TAG: "running", **moved})
+                if reason is not None:
+                    self.client.delete_tag(run, "trial.reason")
+        return errored
+
     def metric_history(self, index: int, keys: Sequence[str]) -> list[dict[str, float]]:
         """Return a recorded trial's evaluations in step order, each as {key: value} over `keys`
         (one request per key: for a resume, not for the hot path)."""

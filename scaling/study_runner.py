@@ -218,8 +218,10 @@ def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], worker
     recorder.flush()
     _log_range_tests(tests, recorder)
     if state:
+        again = recorder.reopen_errored() if sweeper.conf.resume_errored else []
         print(f"resuming study {name} (mlflow run {recorder.run_id}); "
-              f"{len(recorder.finished_indices())}/{len(specs)} trials already finished", flush=True)
+              f"{len(recorder.finished_indices())}/{len(specs)} trials already finished"
+              + (f"; {len(again)} that ended in error train again" if again else ""), flush=True)
     else:
         where = f"mlflow run {recorder.run_id}" if recorder.enabled else "not recorded (mlflow.enabled=false)"
         print(f"study {name}: {len(specs)} trials | {where} | sweep dir {sweep_dir}", flush=True)

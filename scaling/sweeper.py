@@ -93,6 +93,9 @@ class ScalingSweeperConf:
     """Ray Tune's storage (checkpoints, experiment state); null: .studies in the folder the study starts from."""
     resume: bool = False
     """Finish the unfinished trials of the last run of this study."""
+    resume_errored: bool = False
+    """With resume: train again the trials that ended in error, each from its last checkpoint (Ray
+    Tune's `resume_errored`), say after the bug or the full disk that failed them is fixed."""
     checkpoint: bool = True
     """Checkpoint at evaluations, so a lost worker or a killed study resumes its trials mid-way."""
     checkpoint_interval_s: float = 10.0
@@ -197,6 +200,9 @@ class ScalingSweeper(Sweeper):
         if not c.checkpoint_interval_s >= 0:
             raise ConfigError("hydra.sweeper.checkpoint_interval_s", c.checkpoint_interval_s,
                               "must be 0 (every evaluation) or more seconds")
+        if c.resume_errored and not c.resume:
+            raise ConfigError("hydra.sweeper.resume_errored", True, "needs hydra.sweeper.resume=true: it says which "
+                                                                    "finished trials a resume trains again")
         self._check_ray()
         if c.study_name is not None:
             safe_name("hydra.sweeper.study_name", c.study_name)

@@ -45,6 +45,7 @@ CASES = [
     ([*STUDY, "hydra.sweeper.resources.cpu=nan"], "hydra.sweeper.resources.cpu=nan"),
     ([*STUDY, "hydra.sweeper.resources.gpu=nan"], "hydra.sweeper.resources.gpu=nan"),
     ([*STUDY, "hydra.sweeper.max_failures=-1"], "hydra.sweeper.max_failures=-1"),
+    ([*STUDY, "hydra.sweeper.resume_errored=true"], "hydra.sweeper.resume_errored=True: needs hydra.sweeper.resume=true"),
     ([*STUDY, "hydra.sweeper.max_concurrent=0"], "hydra.sweeper.max_concurrent=0"),
     ([*STUDY, "lr_multiplier=range(0,1,0)"], "lr_multiplier='range(0,1,0)'"),
     # digits has 1,438 training samples: validation knows the size of generated data only

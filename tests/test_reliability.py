@@ -174,6 +174,37 @@ def test_a_trial_that_fails_between_reports_records_the_evaluations_it_held_back
     assert studies[0].data.metrics["samples/trained"] == sum(t.data.metrics["samples"] for t in trials) > 0
 
 
+def test_resume_errored_trains_the_failed_trials_again_in_their_own_runs(tmp_path, monkeypatch):
+    """A resume left `error` trials alone (as Tune does by default), with no way to run them again once the
+    cause was fixed; `hydra.sweeper.resume_errored=true` does, from each one's last checkpoint."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_AT_SECOND_EVALUATION)  # the Ray workers' too
+    plain = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path / 'inject'}:{plain}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["batch_size=32", "seed=0,1", "hydra.sweeper.max_failures=0", "hydra.sweeper.asha.enabled=false",
+            "hydra.sweeper.checkpoint_interval_s=0", f"mlflow.tracking_uri={uri}", *SMALL]
+    code, log = run_study(args, tmp_path)
+    assert code == 0, log[-3000:]
+    client, _, failed = study_records(uri)
+    assert sorted(t.data.tags["trial.status"] for t in failed) == ["error", "error"]
+    monkeypatch.setenv("PYTHONPATH", plain)  # the cause fixed
+    code, log = run_study([*args, "hydra.sweeper.resume=true", "hydra.sweeper.resume_errored=true"], tmp_path,
+                          log_name="resume.log")
+    assert code == 0, log[-3000:]
+    assert "0/2 trials already finished; 2 that ended in error train again" in log, log[-3000:]
+    _, studies, trials = study_records(uri)
+    assert {t.info.run_id for t in trials} == {t.info.run_id for t in failed}  # reopened, not new runs
+    for t in trials:
+        assert t.data.tags["trial.status"] == "completed" and t.info.status == "FINISHED"
+        # the failure is kept where a retry would put it; no stale reason beside `completed`
+        assert "trial.reason" not in t.data.tags and "second evaluation" in t.data.tags["trial.last_failure"]
+        assert int(t.data.tags["trial.resumed_from_step"]) > 0  # from the checkpoint of its first evaluation
+        steps = [m.step for m in client.get_metric_history(t.info.run_id, "val/loss")]
+        assert steps == sorted(set(steps)) and len(steps) == 4, steps  # every evaluation once
+    assert studies[0].data.metrics["trials/completed"] == 2 and studies[0].data.metrics["trials/error"] == 0
+
+
 FAIL_FIRST_EVALUATION_ONCE = """
 import os
 import scaling.train as train
