@@ -116,9 +116,13 @@ def test_lr_find_cli_a_test_that_diverges_at_once_fails_and_records_no_nan(tmp_p
     """It printed `using valley=nan`, exited 0 and recorded NaN suggestions as a FINISHED run."""
     from mlflow.tracking import MlflowClient
 
+    from scaling.tracking import get_experiment_id
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    exp_id = client.create_experiment("lrf")  # the store exists: MLflow's own log lines stay out of stderr
+    # the store exists: MLflow's own log lines stay out of stderr; the artifacts go beside it, not into
+    # ./mlruns of the folder pytest runs in (MLflow's default for a database store)
+    exp_id = get_experiment_id(client, "lrf")
     proc = run_cli(["data.n_samples=2000", "model.width=32", "threads=1", *args, f"mlflow.tracking_uri={uri}",
                     "mlflow.experiment=lrf"], tmp_path)
     lines = proc.stderr.strip().splitlines()
