@@ -345,15 +345,18 @@ def _warm_up_shapes(cfg, data: Dataset, device: torch.device, group: Group) -> N
     MLP, width 128: bf16 13.6 MB then 1.3 MB, fp32 4.6 then 2.8), so the peak depended on trial order."""
     micro, part = plan_split(cfg).micro_batch, group.shard(len(data.y_val))
     n_val, chunk = part.stop - part.start, EVAL_CHUNK
-    key = (device.type, cfg.optimizer.name, cfg.precision, repr(cfg.model), micro, n_val)
+    # the same on every rank (not n_val): all of them run the warm-up's collectives, or none
+    key = (device.type, cfg.optimizer.name, cfg.precision, repr(cfg.model), micro, len(data.y_val), group.world)
     if device.type != "cpu" or key in _WARMED:
         return
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    net = group.wrap(model, device)  # DDP and gloo's first collectives: ~70 MB of one-time buffers per rank
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), 1e-3)
     amp_dtype = amp_dtype_of(cfg.precision)
     with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-        F.cross_entropy(model(data.x_train[:micro]), data.y_train[:micro]).backward()
+        F.cross_entropy(net(data.x_train[:micro]), data.y_train[:micro]).backward()
     optimizer.step()
+    group.max(group.sum(0.0, device), device)  # the step's loss and the memory check's all-reduces
     model.eval()
     for n in {min(chunk, n_val), n_val % chunk} - {0}:  # evaluate()'s chunk lengths, through its own passes
         _eval_totals(model, data.x_val[part][:n], data.y_val[part][:n], amp_dtype, chunk)
