@@ -373,7 +373,9 @@ class _TrainRun:
                 return
             self._ended = True
             self.thread.join(timeout=60 if finished else 0)  # give Train time to wrap up
-            if self.thread.is_alive():  # stopped by Tune (ASHA), failed, or slow to end: end the run now
+            # stopped by Tune (ASHA), failed, or slow to end: end the run now. A failed run's thread may have
+            # ended already while its placement group stays (a dead controller's does: see _launch_ray)
+            if not finished or self.thread.is_alive():
                 for group in {id(g): g for _, g in self.workers if g is not None}.values():
                     with contextlib.suppress(Exception):  # ends its workers and frees their resources at once
                         ray.util.remove_placement_group(group)
