@@ -393,7 +393,11 @@ class StudyRecorder:
     # ---------------------------------------------------------------- end of study
     def finish(self, n_trials: int, samples_full_grid: int, samples_trained: int, best_per_batch: dict,
                interrupted: bool = False) -> dict[str, int]:
-        """Record counts by status, samples trained vs the full grid, and the best trial per batch size."""
+        """Record counts by status, samples trained vs the full grid, and the best trial per batch size.
+        Interrupted, a trial stopped mid-way ends `interrupted` (its run KILLED; a resume reopens it)."""
+        stopped = [i for i, s in self.status.items() if s == "running"] if interrupted else []
+        for i in stopped:  # not "running" for ever, in the summary's table or the run's tag
+            self.status[i] = "interrupted"
         counts = Counter(self.status.values())
         if not self.enabled:
             return dict(counts)
@@ -407,10 +411,10 @@ class StudyRecorder:
         log_batch(self.client, self.run_id, metrics=metric_list(metrics, 0, int(time.time() * 1000)),
                   tags={STATUS_TAG: "interrupted" if interrupted else "completed"})
         end = int(time.time() * 1000)
-        if interrupted:  # the trials stopped mid-way: not RUNNING in the UI for ever (a resume reopens them)
-            for i, status in self.status.items():
-                if status == "running" and i in self.trial_runs:
-                    self.client.set_terminated(self.trial_runs[i], status="KILLED", end_time=end)
+        for i in stopped:  # not RUNNING in the UI for ever
+            if i in self.trial_runs:
+                self.client.set_tag(self.trial_runs[i], STATUS_TAG, "interrupted")
+                self.client.set_terminated(self.trial_runs[i], status="KILLED", end_time=end)
         self.client.set_terminated(self.run_id, status="KILLED" if interrupted else "FINISHED", end_time=end)
         return dict(counts)
 

@@ -260,6 +260,11 @@ def test_ctrl_c_ends_a_study_as_interrupted_and_a_resume_finishes_it(tmp_path):
     studies, trials = study_runs(tmp_path)
     assert (studies[0].info.status, studies[0].data.tags["trial.status"]) == ("KILLED", "interrupted")
     assert len(trials) < 6 and all(t.info.status != "RUNNING" for t in trials), [t.info.status for t in trials]
+    # a trial it stopped (when one ran at the Ctrl-C) reads interrupted, in its run and in the summary's table
+    statuses = [(t.info.status, t.data.tags["trial.status"]) for t in trials]
+    assert all(tag == "interrupted" for run, tag in statuses if run == "KILLED"), statuses
+    assert all(tag != "running" for _, tag in statuses), statuses
+    assert "running" not in text.split("best trial per batch size")[-1].split("trials in")[0], text[-3000:]
     proc = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path)
     assert proc.returncode == 0 and "resuming study" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     studies, trials = study_runs(tmp_path)

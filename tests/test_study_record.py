@@ -68,6 +68,25 @@ def test_queued_writes_land_complete_and_in_order(tracking_uri, compose_cfg):
     assert [m.step for m in rec.client.get_metric_history(run.info.run_id, "mem/peak_mb")] == [1280]
 
 
+def test_an_interrupted_study_ends_its_stopped_trials_as_interrupted_and_a_resume_reopens_them(tracking_uri,
+                                                                                               compose_cfg):
+    """A trial stopped by a Ctrl-C kept trial.status=running, in its run and in the summary's table."""
+    rec = StudyRecorder(tracking_uri, "scaling", study_name="s")
+    study_id = rec.start({}, {})
+    for i in (0, 1):
+        rec.trial_started(i, compose_cfg(f"batch_size={32 * (i + 1)}"))
+        rec.trial_metrics(i, {"samples": 64.0, "val/loss": 2.0, "best/val_loss": 2.0})
+    rec.trial_finished(0, "completed")
+    assert rec.finish(2, 200, 128, {}, interrupted=True) == {"completed": 1, "interrupted": 1}
+    assert rec.status == {0: "completed", 1: "interrupted"}
+    stopped = rec.client.get_run(rec.trial_runs[1])
+    assert (stopped.info.status, stopped.data.tags["trial.status"]) == ("KILLED", "interrupted")
+
+    again = StudyRecorder(tracking_uri, "scaling", study_name="s", run_id=study_id)
+    again.start({}, {})
+    assert again.finished_indices() == {0}  # the interrupted trial is trained again
+
+
 def test_disabled_recorder_keeps_the_bookkeeping_and_writes_nothing(tmp_path, compose_cfg):
     rec = StudyRecorder(f"sqlite:///{tmp_path}/mlflow.db", "scaling", study_name="s", enabled=False)
     rec.start({}, {})
