@@ -227,8 +227,9 @@ def check_cluster(sweeper, started: Future, most_workers: int = 1, needs_gpu: bo
     lacking = [ConfigError(f"hydra.sweeper.resources.{kind.lower()}", n, f"exceeds the cluster's {res.get(kind, 0):g} {kind}s")
                for kind, n in want.items() if not n <= res.get(kind, 0)]
     if most_workers > 1:
-        lacking += [ConfigError("parallel.workers", most_workers, f"x hydra.sweeper.resources.{kind.lower()}={n:g} "
-                                f"exceeds the cluster's {res.get(kind, 0):g} {kind}s")
+        lacking += [ConfigError("parallel.workers", most_workers, f"{most_workers} workers of "
+                                f"hydra.sweeper.resources.{kind.lower()}={n:g} each need {most_workers * n:g} {kind}s, "
+                                f"more than the cluster's {res.get(kind, 0):g}")
                     for kind, n in sorted(want.items()) if not most_workers * n <= res.get(kind, 0)]
     if needs_gpu and not res.get("GPU", 0):
         lacking.append(ConfigError("device", "cuda", "needs a GPU, and the Ray cluster has none"))

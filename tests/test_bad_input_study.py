@@ -46,6 +46,9 @@ CASES = [
     ([*STUDY, "hydra.sweeper.resources.gpu=nan"], "hydra.sweeper.resources.gpu=nan"),
     ([*STUDY, "hydra.sweeper.max_failures=-1"], "hydra.sweeper.max_failures=-1"),
     ([*STUDY, "hydra.sweeper.resume_errored=true"], "hydra.sweeper.resume_errored=True: needs hydra.sweeper.resume=true"),
+    # a data-parallel trial larger than the cluster (here a local Ray of 2 CPUs): Ray Train would wait for ever
+    ([*STUDY, "parallel.workers=2", "hydra.sweeper.resources.cpu=2", "hydra.sweeper.ray.num_cpus=2"],
+     "parallel.workers=2: 2 workers of hydra.sweeper.resources.cpu=2 each need 4 CPUs, more than the cluster's 2"),
     ([*STUDY, "hydra.sweeper.max_concurrent=0"], "hydra.sweeper.max_concurrent=0"),
     ([*STUDY, "lr_multiplier=range(0,1,0)"], "lr_multiplier='range(0,1,0)'"),
     # digits has 1,438 training samples: validation knows the size of generated data only
