@@ -106,6 +106,20 @@ def _num(v, spec: str = ".3g", inf: str = "not reached") -> str:
     return format(v, spec)
 
 
+def _reach(holds_up_to: dict) -> str:
+    """Return how far each rule holds, the steepest first and rules of one reach together:
+    "; linear holds up to B=512; sqrt and none hold up to B=4096" ("" where none holds)."""
+    by_reach: dict[float, list[str]] = {}
+    for rule in sorted(holds_up_to, key=RULES.get, reverse=True):
+        if holds_up_to[rule]:
+            by_reach.setdefault(holds_up_to[rule], []).append(rule)
+    parts = []
+    for b, rules in by_reach.items():
+        names = rules[0] if len(rules) == 1 else f"{', '.join(rules[:-1])} and {rules[-1]}"
+        parts.append(f"; {names} {'holds' if len(rules) == 1 else 'hold'} up to B={b:g}")
+    return "".join(parts)
+
+
 def _interval(lo: float, hi: float, n_batch: int, spec: str = ".3g") -> str:
     if hi - lo <= 1e-9 * max(abs(lo), 1.0):  # the bootstrap had nothing to resample
         return f"no interval from {n_batch} batch sizes"
@@ -143,9 +157,7 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
 
     f = a.lr_fit
     if f is not None:
-        # every rule's reach, the steepest first: "linear holds up to B=512; sqrt holds up to B=4096"
-        up_to = "".join(f"; {rule} holds up to B={f.holds_up_to[rule]:g}"
-                        for rule in sorted(f.holds_up_to, key=RULES.get, reverse=True) if f.holds_up_to[rule])
+        up_to = _reach(f.holds_up_to)
         console.print(f"[bold]LR scaling[/bold]: best LR ~ B^alpha, alpha = {f.alpha:.2f} "
                       f"(95% CI {f.alpha_interval[0]:.2f} to {f.alpha_interval[1]:.2f}, {f.n_points} batch sizes) -> [bold]{f.verdict}[/bold]; "
                       f"consistent with {', '.join(f.consistent) or 'no rule'}{up_to}")

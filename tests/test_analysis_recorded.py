@@ -180,3 +180,13 @@ def test_the_lr_law_line_says_how_far_each_rule_holds(tracking_uri, compose_cfg)
     line = " ".join(text.split()).split("LR scaling: ")[1].split(" Critical batch size")[0]
     assert f"; linear holds up to B={f.holds_up_to['linear']:g}" in line, line
     assert f"{f.verdict} holds up to B={f.up_to:g}" in line, line
+
+
+def test_rules_of_one_reach_are_named_together():
+    """With a wide interval every rule held to the largest B, and the line said so three times over."""
+    from scaling.report import _reach
+
+    assert _reach({"none": 2048.0, "sqrt": 2048.0, "linear": 2048.0}) == "; linear, sqrt and none hold up to B=2048"
+    assert _reach({"none": 1024.0, "sqrt": 4096.0, "linear": 1024.0}) == \
+        "; linear and none hold up to B=1024; sqrt holds up to B=4096"
+    assert _reach({"none": None, "sqrt": None, "linear": None}) == ""
