@@ -100,7 +100,7 @@ def _task(cfg: Any) -> None:
     from scaling.lr_finder import range_test, usable_lr
 
     data = _checked_data(cfg)
-    client, exp_id, group = _open_record(cfg)
+    store = _Record(cfg)
     progress = sys.stderr.isatty() or os.environ.get("SCALING_PROGRESS") == "1"
     results, runs = [], []
     for b in tested_batch_sizes(cfg)[1]:
@@ -108,18 +108,18 @@ def _task(cfg: Any) -> None:
         try:  # before its run is created: a test that diverged at once records no NaN suggestions
             usable_lr(result, "lr_find.start_lr", cfg.lr_find.start_lr)
         except ConfigError as exc:
-            _say_recorded(cfg, group, runs)  # the batch sizes tested before it are real results: kept, FINISHED
+            _say_recorded(cfg, store.group, runs)  # the batch sizes tested before it are real results: kept, FINISHED
             fail(str(exc))
-        run_id = record(cfg, result, client, exp_id, group) if client is not None else None
+        run_id = store.record(result)
         results.append(result)
         runs.append(run_id)
         print(result.describe() + (f" | mlflow run {run_id}" if run_id else ""), flush=True)
     line, alpha = fit_line([r.batch_size for r in results], [r.lr for r in results], cfg.lr_find.suggestion)
     if line:
         print(line, flush=True)
-    for run_id in runs if client is not None and alpha is not None else []:
-        client.set_tag(run_id, "lr_find.alpha", f"{alpha:.4g}")
-    _say_recorded(cfg, group, runs)
+    for run_id in runs if store.client is not None and alpha is not None else []:
+        store.client.set_tag(run_id, "lr_find.alpha", f"{alpha:.4g}")
+    _say_recorded(cfg, store.group, runs)
 
 
 def _checked_data(cfg: Any) -> Any:
@@ -138,20 +138,40 @@ def _checked_data(cfg: Any) -> Any:
     return data
 
 
-def _open_record(cfg: Any) -> tuple[Any, Optional[str], Optional[str]]:
-    """Return (MLflow client, experiment id, a new lr_find.group), or Nones with MLflow off; before any test runs."""
-    from scaling.cli import fail
+class _Record:
+    """Where the range tests go. The store is checked before any test runs (one line, and nothing made,
+    if it cannot be written or names a deleted experiment), and opened at the first result: a first
+    test that fails leaves no empty store or experiment behind."""
 
-    if not cfg.mlflow.enabled:
-        return None, None, None
-    from scaling.store import make_client
-    from scaling.tracking import get_experiment_id
+    def __init__(self, cfg: Any):
+        from scaling.cli import fail
+        from scaling.store import check_tracking_uri, make_client, sqlite_path
+        from scaling.tracking import get_experiment_id
 
-    client = make_client(cfg.mlflow.tracking_uri)
-    try:
-        return client, get_experiment_id(client, cfg.mlflow.experiment), uuid.uuid4().hex[:12]
-    except ConfigError as exc:
-        fail(str(exc))
+        self.cfg, self.client, self.exp_id = cfg, None, None
+        self.group = uuid.uuid4().hex[:12] if cfg.mlflow.enabled else None
+        if not cfg.mlflow.enabled:
+            return
+        uri = cfg.mlflow.tracking_uri
+        try:
+            check_tracking_uri(uri)
+            db = sqlite_path(uri)
+            if db is None or db.exists():  # an existing store: its experiment is looked up, not created
+                get_experiment_id(make_client(uri), cfg.mlflow.experiment, create=False)
+        except ConfigError as exc:
+            fail(str(exc))
+
+    def record(self, result: Any) -> Optional[str]:
+        """Record one batch size's test (opening the store and the experiment the first time); its run id."""
+        if not self.cfg.mlflow.enabled:
+            return None
+        if self.client is None:
+            from scaling.store import make_client
+            from scaling.tracking import get_experiment_id
+
+            self.client = make_client(self.cfg.mlflow.tracking_uri)
+            self.exp_id = get_experiment_id(self.client, self.cfg.mlflow.experiment)
+        return record(self.cfg, result, self.client, self.exp_id, self.group)
 
 
 def _say_recorded(cfg: Any, group: Optional[str], runs: Sequence[Optional[str]]) -> None:

@@ -182,3 +182,12 @@ def test_train_with_ref_lr_auto_records_the_found_lr(tmp_path, tiny):
     ref = float(r.data.tags["lr_find.lr"])
     assert float(r.data.params["lr.base"]) == pytest.approx(ref)
     assert float(r.data.params["lr.effective"]) == pytest.approx(ref * 32 / 128)
+
+
+def test_lr_find_cli_whose_first_test_fails_leaves_no_store(tmp_path):
+    """The store and its experiment were made before the first test ran: one that diverged at once left an
+    empty mlflow.db (and experiment) behind. They are made at the first result now."""
+    proc = run_cli(["data.n_samples=2000", "model.width=32", "threads=1", "batch_size=8", "lr_find.start_lr=3",
+                    "lr_find.end_lr=300", "lr_find.num_iters=20", "mlflow.experiment=lrf"], tmp_path)
+    assert proc.returncode == 2 and "diverged after" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
