@@ -376,7 +376,7 @@ class _TrainRun:
             # stopped by Tune (ASHA), failed, or slow to end: end the run now. A failed run's thread may have
             # ended already while its placement group stays (a dead controller's does: see _launch_ray)
             if not finished or self.thread.is_alive():
-                for group in {id(g): g for _, g in self.workers if g is not None}.values():
+                for group in {g for _, g in self.workers if g is not None}:  # the one group of the run
                     with contextlib.suppress(Exception):  # ends its workers and frees their resources at once
                         ray.util.remove_placement_group(group)
                 for actor, _ in self.workers:
