@@ -88,9 +88,10 @@ def check_store_exists(uri: str, run_id: str) -> None:
     create an empty one)."""
     db = sqlite_path(uri)
     if db is not None and not db.exists():
-        raise ConfigError("hydra.sweeper.resume", True, f"the study's MLflow run {run_id} was recorded in "
-                          f"{redact_url(uri)}, which no longer exists; resume with mlflow.tracking_uri where "
-                          "the study was recorded, or start it afresh without resume")
+        raise ConfigError("hydra.sweeper.resume", True, f"the study's MLflow run {run_id} cannot be read: "
+                          f"mlflow.tracking_uri={redact_url(uri)} names no existing store (moved, deleted, or not "
+                          "the one the study was recorded in); resume with mlflow.tracking_uri where the study was "
+                          "recorded, or start it afresh without resume")
 
 
 def check_study_run(client, uri: str, experiment: str, run_id: str) -> None:
