@@ -5,7 +5,7 @@ Pure numpy/scipy (no torch, ray or mlflow) so reports and notebooks can import i
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -47,10 +47,14 @@ class LrExponentFit:
     alpha_boot_interval: Optional[tuple[float, float]]  # percentile bootstrap, for reference only
     verdict: str  # a key of RULES
     consistent: tuple[str, ...]  # every rule whose exponent lies inside alpha_interval
-    up_to: Optional[float]  # holds_up_to[verdict]
     n_points: int
     # consistent_up_to per rule: where linear stops holding when the verdict is sqrt, and the reverse
-    holds_up_to: dict[str, Optional[float]] = field(default_factory=dict)
+    holds_up_to: dict[str, Optional[float]]
+
+    @property
+    def up_to(self) -> Optional[float]:
+        """How far the verdict's rule holds."""
+        return self.holds_up_to[self.verdict]
 
 
 def _as_positive(name: str, values: Sequence[float]) -> np.ndarray:
@@ -218,10 +222,9 @@ def fit_lr_exponent(batch_sizes: Sequence[float], best_lrs: Sequence[float], *, 
     pool = consistent or tuple(RULES)
     verdict = min(pool, key=lambda r: abs(RULES[r] - alpha))
 
-    holds = {r: consistent_up_to(b, lr, e, level=level) for r, e in RULES.items()}
     return LrExponentFit(alpha=alpha, c=float(np.exp(intercept)), alpha_interval=ci,
-                         alpha_boot_interval=boot_ci, verdict=verdict, consistent=consistent,
-                         up_to=holds[verdict], n_points=int(b.size), holds_up_to=holds)
+                         alpha_boot_interval=boot_ci, verdict=verdict, consistent=consistent, n_points=int(b.size),
+                         holds_up_to={r: consistent_up_to(b, lr, e, level=level) for r, e in RULES.items()})
 
 
 def consistent_up_to(batch_sizes: Sequence[float], best_lrs: Sequence[float], exponent: float, *,

@@ -174,9 +174,10 @@ def _blame(hydra: Any, config_name: str, args: Any, exc: Exception) -> str:
     if preset:
         return _scaling_sweeper_only(preset["path"], preset["key"], overrides)
     unknown = _UNKNOWN_KEY.match(line)  # Hydra's "Could not override 'k': ..." names the key, not the value
-    culprit = next((o for o in overrides if unknown and o.partition("=")[0].lstrip("+~") == unknown["key"]), None)
-    if culprit is not None:
-        return f"{culprit}: {unknown['reason']}"
+    if unknown:
+        culprit = next((o for o in overrides if o.partition("=")[0].lstrip("+~") == unknown["key"]), None)
+        if culprit is not None:
+            return f"{culprit}: {unknown['reason']}"
     if hydra is None or isinstance(exc, ConfigError) or any(o.split("=", 1)[0].lstrip("+~") in line for o in overrides):
         return line
     mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
@@ -331,8 +332,9 @@ def plan_study(argv: Sequence[str]) -> Any:
 
     args = parse_args(["hydra.sweeper.confirm=false" if a == "--yes" else a for a in study_argv(argv)])
     name = args.config_name or "config"
-    if _deletion(args.overrides):
-        raise ValueError(_deletion(args.overrides))
+    deletion = _deletion(args.overrides)
+    if deletion:
+        raise ValueError(deletion)
     hydra = None
     try:
         hydra = main_hydra(args)
