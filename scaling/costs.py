@@ -130,12 +130,13 @@ def critical_batch(costs: pd.DataFrame) -> tuple[Optional[fits.CriticalBatchFit]
 
 def first_evaluation(trials: pd.DataFrame) -> pd.Series:
     """Return each trial's samples at its first evaluation (NaN where not recorded), as the loop
-    schedules it (train.eval_steps): after max(1, round(eval_every x n_train / B)) steps, n_train =
-    samples / epoch."""
+    schedules it (train.eval_steps): after the first step at or past eval_every epochs, at least one,
+    n_train = samples / epoch."""
     if not {"eval_every", "samples", "epoch"} <= set(trials):
         return pd.Series(np.nan, index=trials.index)
     n_train = trials["samples"] / trials["epoch"].where(trials["epoch"] > 0)
-    return np.maximum(1, np.round(trials["eval_every"] * n_train / trials["batch_size"])) * trials["batch_size"]
+    steps = np.ceil(trials["eval_every"] * n_train / trials["batch_size"] - 1e-9)
+    return np.maximum(1, steps) * trials["batch_size"]
 
 
 def first_evaluation_note(trials: pd.DataFrame, costs: pd.DataFrame) -> list[str]:

@@ -180,19 +180,21 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
 
 
 def eval_steps(eval_every: float, steps_per_epoch: float, total_steps: int) -> frozenset[int]:
-    """Return the steps after which a trial evaluates: the k-th at k x eval_every epochs, to the
-    nearest step (at least one step apart), and the last step.
+    """Return the steps after which a trial evaluates: the k-th at the first step at or past k x
+    eval_every epochs, and the last step; every step where eval_every is a step or less.
 
-    Not every round(eval_every x steps_per_epoch) steps: that interval, rounded once, drifts by k
-    rounding errors by the k-th evaluation (0.25 epoch at 9.375 steps an epoch: every 2 steps, five
-    evaluations at 0.21, 0.43, 0.64, 0.85 and 0.96 epoch instead of four at 0.21, 0.53, 0.75, 0.96).
+    At or past, not nearest: ASHA records a trial at a rung (a multiple of eval_every when
+    grace_period is) by its first report at or past it, so an evaluation rounded down to just
+    before the rung (0.3 epoch at 37.5 steps an epoch: step 11, 0.293 epoch) left the rung to the
+    next one, a whole eval_every later (0.4). Not every round(eval_every x steps_per_epoch) steps
+    either: that interval, rounded once, drifts by k rounding errors by the k-th evaluation.
     """
     per_eval = eval_every * steps_per_epoch
     if per_eval <= 1:
         return frozenset(range(1, total_steps + 1))
     ks = range(1, math.ceil(total_steps / per_eval) + 1)
-    return frozenset(t for k in ks if (t := epochs_to_steps(k * eval_every, steps_per_epoch)) < total_steps) \
-        | {total_steps}
+    # 1e-9: k x eval_every x steps_per_epoch lands a float error above a whole step (3 x 0.1 x 10)
+    return frozenset(t for k in ks if (t := math.ceil(k * per_eval - 1e-9)) < total_steps) | {total_steps}
 
 
 def _steps(cfg, run: _Run, reporter, device, meter, group: Group) -> TrialResult:

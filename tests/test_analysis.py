@@ -222,13 +222,13 @@ def test_rule_gaps_compare_multiplier_one_with_the_tuned_lr_per_warmup():
 
 
 def test_a_target_met_at_the_first_evaluation_is_named_as_a_bound():
-    """1,600 training samples, an evaluation every quarter epoch: B=32 first evaluates after round(12.5) = 12
-    steps, B=64 after 6, B=128 after 3 (384 samples each). B=32 met the target there, somewhere in its first
-    384 samples; B=64 and 128 at their second and third evaluations, each within one interval."""
+    """1,600 training samples, an evaluation every quarter epoch: B=32 first evaluates after ceil(12.5) = 13
+    steps, B=64 after 7, B=128 after 4 (416, 448 and 512 samples). B=32 met the target before then, somewhere
+    in its first 416 samples; B=64 and 128 at later evaluations, each within one interval."""
     df = trials(*({"batch_size": b, "eval_every": 0.25, "samples": 1600.0, "epoch": 1.0} for b in (32, 64, 128)))
     df["target/steps"] = [12.0, 12.0, 9.0]
     df["target/samples"], df["target/time_s"] = df["target/steps"] * df["batch_size"], df["target/steps"]
-    assert co.first_evaluation(df).tolist() == [384.0, 384.0, 384.0]
+    assert co.first_evaluation(df).tolist() == [416.0, 448.0, 512.0]
     notes = an.analyze(fake_study(df, {})).notes
     assert [n for n in notes if "first evaluation" in n] == [
         "B=32 reached the target at the first evaluation: the cost to target there is only an upper bound "
