@@ -113,6 +113,9 @@ INFO_CASES = [
     ("scaling-lr-find", ["model.width=64", "--info", "config"], "width: 64"),
     ("scaling-study", ["--hydra-help"], "Hydra (1."),
     ("scaling-train", ["--hydra-help", "optimizer=adam", "hydra.job.name=x"], "Hydra (1."),
+    # the tool's own help header, not Hydra's "cli is powered by Hydra" (the module's name)
+    ("scaling-train", ["--help"], "scaling-study [overrides]      the default study"),
+    ("scaling-lr-find", ["--help"], "scaling-lr-find [overrides]    the LR range test"),
 ]
 
 
