@@ -18,10 +18,18 @@ XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist l
 
 .PHONY: install study train test test-fast bench bench-ab report ui clean
 
-$(STAMP): pyproject.toml Makefile
+# One stamp per torch spec, so `make install TORCH_SPEC=...` on an existing venv installs that build
+# (before, the venv's stamp was up to date and nothing ran). --force-reinstall: pip keeps an
+# installed torch of the same version whatever its build (+cpu for +cu124).
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
+
+$(TORCH_STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q --force-reinstall $(TORCH_SPEC)
+	rm -f $(VENV)/.torch-* && touch $@
+
+$(STAMP): $(TORCH_STAMP) pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev,slurm]"
 	touch $(STAMP)
 

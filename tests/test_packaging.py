@@ -40,3 +40,30 @@ def test_a_wheel_carries_the_configs_and_composes_a_study_outside_the_checkout(t
     # the default study's preset (scaling/conf/experiment) and the groups it selects composed
     assert "width: 8" in proc.stdout and "name: mnist1d" in proc.stdout, proc.stdout[-2000:]
     assert sorted(p.name for p in run.iterdir()) == []
+
+
+def _make_install_plan(venv: Path, *args: str) -> list[str]:
+    """Return the commands `make -n install VENV=venv` would run (not as make's child: no MAKEFLAGS)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "install", f"VENV={venv}", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return [line for line in dry.splitlines() if line.strip() and not line.startswith("make: ")]
+
+
+def test_make_install_with_another_torch_spec_installs_it_into_an_existing_venv(tmp_path):
+    """The venv's stamp once made `make install TORCH_SPEC=...` (the README's CUDA line) a no-op on a venv
+    that `make test` had built: the CPU build stayed. Each spec has its own stamp now."""
+    venv = tmp_path / "venv"
+    fresh = _make_install_plan(venv)
+    assert any("pip install -q --force-reinstall torch==2.13.0" in c for c in fresh), fresh
+    assert any('pip install -q -e ".[dev,slurm]"' in c for c in fresh), fresh
+    venv.mkdir()
+    for line in fresh:  # what the install leaves: the stamps, by the plan's own touch commands
+        for word in line.split():
+            if word.startswith(str(venv) + "/."):
+                Path(word).touch()
+    assert _make_install_plan(venv) == [], "an installed venv reinstalls"
+    cuda = "torch --index-url https://download.pytorch.org/whl/cu124"
+    plan = _make_install_plan(venv, f"TORCH_SPEC={cuda}")
+    assert any(f"pip install -q --force-reinstall {cuda}" in c for c in plan), plan
+    assert any('pip install -q -e ".[dev,slurm]"' in c for c in plan), plan  # the project again, on that torch
