@@ -352,6 +352,13 @@ def lr_from_range_test(cfg: Any) -> bool:
     return bool(cfg.schedule.from_lr_find) and cfg.lr is None
 
 
+def warmup_steps_of(cfg: Any, steps_per_epoch: float) -> int:
+    """Return warmup.epochs in whole steps at this batch size, at least one where a warmup is asked for:
+    to the nearest step, 0.02 epoch at 9.4 steps an epoch (B = 2048 of 19,200) was no warmup at all,
+    silently, while the run's params said warmup.epochs=0.02."""
+    return epochs_to_steps(cfg.warmup.epochs, steps_per_epoch, at_least=1 if cfg.warmup.epochs > 0 else 0)
+
+
 def warmup_start_lr(cfg: Any, ref_lr: Optional[float] = None) -> float:
     """Return the LR the warmup starts from: 0, or (`ref`, Goyal et al.) the LR the scaling rule gives
     the reference batch, i.e. the trained LR x (B_ref / B) ** alpha, and never above the trained LR.

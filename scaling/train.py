@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from scaling.config import effective_lr, epochs_to_steps, warmup_start_lr
+from scaling.config import effective_lr, epochs_to_steps, warmup_start_lr, warmup_steps_of
 from scaling.data import Dataset, SampleStream, load_dataset
 from scaling.distributed import Group
 from scaling.memory import PeakMemory
@@ -149,7 +149,7 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
     check_fits_data(cfg, data.n_train)  # validate() knows only a generated dataset's size
     steps_per_epoch = data.n_train / B  # not floored: see scaling.data.SampleStream
     total_steps = epochs_to_steps(cfg.epochs, steps_per_epoch)
-    warmup_steps = epochs_to_steps(cfg.warmup.epochs, steps_per_epoch, at_least=0)
+    warmup_steps = warmup_steps_of(cfg, steps_per_epoch)
     lr = effective_lr(cfg, ref_lr)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr)
     schedule = build_schedule(optimizer, cfg.schedule, lr=lr, warmup_start_lr=warmup_start_lr(cfg, ref_lr),

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from scaling.config import (ACTIVATIONS, BACKENDS, DATASETS, DEVICES, INITS, LR_FIND_MIN_ITERS, LR_FIND_MODES,
                             LR_FIND_SUGGESTIONS, METRIC_DIRECTIONS, METRIC_RANGES, MODELS, MODES, OPTIMIZERS,
                             PRECISIONS, REPORTED_METRICS, RULE_EXPONENTS, SCHEDULES, WARMUP_STARTS, ConfigError, Split,
-                            TrialConfig, epochs_to_steps)
+                            TrialConfig, epochs_to_steps, warmup_steps_of)
 
 
 MAX_SEED = 2**32 - 1
@@ -318,7 +318,7 @@ def check_fits_data(cfg: Any, n_train: int) -> None:
     """
     check_batch_fits("batch_size", cfg.batch_size, n_train)
     spe = n_train / cfg.batch_size
-    total, warmup = epochs_to_steps(cfg.epochs, spe), epochs_to_steps(cfg.warmup.epochs, spe, at_least=0)
+    total, warmup = epochs_to_steps(cfg.epochs, spe), warmup_steps_of(cfg, spe)
     if cfg.warmup.epochs > 0 and warmup >= total:
         raise ConfigError("warmup.epochs", cfg.warmup.epochs,
                           f"is {warmup} steps at batch_size={cfg.batch_size} ({n_train} training samples), "

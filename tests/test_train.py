@@ -292,6 +292,16 @@ def test_budget_is_samples_at_a_batch_size_that_does_not_divide_the_training_set
     assert result.metrics["samples"] == 3072 and result.metrics["epoch"] == pytest.approx(3072 / 1600)
 
 
+def test_a_warmup_shorter_than_half_a_step_still_takes_one(trial):
+    """0.2 epoch at 1.5625 steps an epoch (B=1024 of 1,600) is 0.31 steps: to the nearest step that was no
+    warmup at all, while the run's params said warmup.epochs=0.2. It takes one step, at the start LR."""
+    result, rec, _ = trial("batch_size=1024", "epochs=2", "eval_every=0.5", "warmup.epochs=0.2")
+    peak = 0.05 * 1024 / 128
+    assert rec.info["warmup_steps"] == 1 and rec.info["total_steps"] == 3
+    assert [h["lr"] for h in rec.history] == pytest.approx([peak * 128 / 1024, peak, peak])  # `ref`: B_ref's LR
+    assert result.status == "completed"
+
+
 def test_sample_stream_reads_each_epoch_once_across_boundaries():
     """Concatenated, the batches are one permutation per epoch; any step's batch is the same
     whether the stream got there step by step or was built fresh there (as after a resume)."""
