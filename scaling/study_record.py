@@ -5,22 +5,12 @@ store, and SQLite never sees concurrent writers). Writes are idempotent by step:
 or below the highest `samples` already logged for a trial is skipped, so a resumed study
 neither loses nor doubles a metric point.
 
-If the tracking server goes away mid-study, nothing is lost: every trial write is an intent
-queued in order; intents that cannot be applied stay queued (and journaled to a local file
-beside the study's checkpoints) and are retried every few seconds while training goes on.
-A study that ends, or is killed, while the server is still down keeps the journal, and the
-next run with `hydra.sweeper.resume=true` replays it first.
-
-Writes are applied by a background thread, in order within each trial. Tune calls the study's
-callback on its controller thread, and a trial's `report` waits until that thread has taken the
-result: a synchronous SQLite write (5-25 ms of CPU here) there stalls every running trial.
-
-The thread also coalesces: a trial's writes are held until it finishes, or for at most `hold_s`,
-and then sent together (its run's creation, its config, then one `log_batch` of params, every
-held evaluation's metrics and its tags, then its end). MLflow's cost is mostly per request, and
-the driver shares the CPUs with the trials: for the 32 trials of benchmark row 4, one write per
-trial instead of one per evaluation and tag takes 1.9 s of the driver's CPU instead of 4.5 s.
-Metrics keep the time they were reported at, so a write retried after a failure is idempotent.
+Every trial write is an intent, queued, coalesced and applied off Tune's controller thread, and
+journaled beside the study's checkpoints while the tracking server is down (scaling.write_queue:
+nothing is lost, and the next run with `hydra.sweeper.resume=true` replays the journal first). A
+trial's held writes go out together: its run's creation, its config, then one `log_batch` of
+params, every held evaluation's metrics and its tags, then its end. Metrics keep the time they
+were reported at, so a write retried after a failure is idempotent.
 
 With `mlflow.enabled=false` the recorder keeps the same bookkeeping in memory and writes nothing
 (a study then cannot be resumed).
@@ -30,29 +20,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import threading
 import time
-from collections import Counter, deque
-from pathlib import Path
+from collections import Counter
 from typing import Any, Optional, Sequence
 
-from scaling.config import redact_url
 from scaling.recorded import LAST_TRIAL_PARAM, config_yaml, recorded_config, trial_params, trial_run_name
 from scaling.store import make_client
 from scaling.tracking import (KIND_TAG, STATUS_TAG, STUDY_TAG, check_store_exists, check_study_run, get_experiment_id,
                               log_batch, log_params, metric_list, not_logged, provenance_tags)
+from scaling.write_queue import QueuedWriter
 
 TRIAL_INDEX_TAG = "scaling.trial_index"
 TERMINAL = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
 
 
-class StudyRecorder:
+class StudyRecorder(QueuedWriter):
     """Creates (or reopens) the study run and records every trial under it."""
 
     def __init__(self, tracking_uri: str, experiment: str, *, study_name: str, run_id: Optional[str] = None,
                  enabled: bool = True):
-        self.uri, self.experiment, self.study_name, self.enabled = tracking_uri, experiment, study_name, enabled
+        super().__init__(enabled)
+        self.uri, self.experiment, self.study_name = tracking_uri, experiment, study_name
         if enabled and run_id is not None:
             check_store_exists(tracking_uri, run_id)  # before opening it would create an empty one
         self.client = make_client(tracking_uri) if enabled else None
@@ -66,33 +54,18 @@ class StudyRecorder:
         self.best: dict[int, float] = {}
         self._ready: set[int] = set()  # trial runs created and filled with params
         self._creating: set[int] = set()  # trial runs whose create_run was sent and did not answer
-        self.pending: deque = deque()  # trial writes not yet applied to MLflow, in order
-        self.journal: Optional[Path] = None
-        self.retry_s = 5.0
-        # A running trial's writes wait at most this long to be sent together: the MLflow UI (and whoever
-        # polls it) still sees a trial's progress live, and a busy writer coalesces more by itself.
-        self.hold_s = 0.5
         self.last_metrics: dict[int, dict[str, float]] = {}  # trial index -> its latest evaluation
-        self._retry_at = 0.0
-        self._journal_at = 0.0
-        self._warned = False
-        self._apply_lock = threading.Lock()  # one applier at a time: the writer thread or a drain
-        self._wake = threading.Event()
-        self._writer: Optional[threading.Thread] = None
         self.provenance: dict[str, str] = {}  # git revision and versions, read once by start()
         if tracking_uri.startswith("http"):  # fail fast and queue, instead of MLflow's minutes of retries
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
     def __getstate__(self) -> dict:  # Ray may pickle callbacks holding us; the client is rebuilt
-        state = dict(self.__dict__)
-        state.update(client=None, _apply_lock=None, _wake=None, _writer=None, pending=deque(self.pending))
-        return state
+        return {**super().__getstate__(), "client": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        super().__setstate__(state)
         self.client = make_client(self.uri) if self.enabled else None
-        self._apply_lock, self._wake = threading.Lock(), threading.Event()
 
     # ---------------------------------------------------------------- study run
     def start(self, params: dict[str, Any], tags: dict[str, str]) -> str:
@@ -208,112 +181,15 @@ class StudyRecorder:
         """Queue a tag on the trial's run."""
         self._submit({"op": "tag", "index": index, "key": key, "value": value})
 
-    def _submit(self, intent: dict) -> None:
-        if not self.enabled:
-            return
-        intent["ts"] = int(time.time() * 1000)  # when it happened, whenever it is written
-        self.pending.append(intent)  # deque.append is atomic; only the applier pops
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="mlflow-writer", daemon=True)
-            self._writer.start()
-        if intent["op"] == "finished":  # its trial's writes are due now; others wait for hold_s
-            self._wake.set()
-
-    def _write_loop(self) -> None:
-        while True:
-            self._wake.wait(timeout=self.hold_s / 2)
-            self._wake.clear()
-            with self._apply_lock:
-                self._flush(0.0, due_only=True)
-
-    def flush(self, wait_s: float = 0.0) -> bool:
-        """Apply every queued write; return True when none is left (retrying up to wait_s)."""
-        with self._apply_lock:
-            return self._flush(wait_s)
-
-    def _flush(self, wait_s: float, due_only: bool = False) -> bool:
-        """Apply queued writes, trial by trial (only the trials whose writes are due, if due_only)."""
-        deadline = time.time() + wait_s
-        while self.pending:
-            if time.time() < self._retry_at:  # the store failed a moment ago
-                if time.time() >= deadline:
-                    self._save_journal(every_s=1.0)  # what arrived since the failure, for a kill to keep
-                    return False
-                time.sleep(max(0.0, min(self._retry_at, deadline) - time.time()))
-                continue
-            taken = [self.pending.popleft() for _ in range(len(self.pending))]
-            by_trial: dict[int, list[dict]] = {}
-            for intent in taken:
-                by_trial.setdefault(intent["index"], []).append(intent)
-            now_ms = time.time() * 1000
-            done: set[int] = set()
-            failed = False
-            for i, intents in by_trial.items():
-                if due_only and not any(x["op"] == "finished" or x.get("ts", 0) <= now_ms - self.hold_s * 1000
-                                        for x in intents):
-                    continue
-                try:
-                    self._apply(i, intents)
-                except Exception as exc:  # noqa: BLE001 - the store is down: keep the intents, train on
-                    self._failed(exc)
-                    failed = True
-                    break
-                done.add(i)
-            # what was not applied goes back in front, in order (new intents only ever join at the end)
-            self.pending.extendleft(reversed([x for x in taken if x["index"] not in done]))
-            if failed:
-                self._save_journal()
-                if time.time() >= deadline:
-                    return False
-                continue
-            if done and self._warned:
-                print("MLflow reachable again: queued results recorded", file=sys.stderr, flush=True)
-                self._warned = False
-            if due_only:
-                break
-        if self.journal is not None and self.journal.exists():
-            self._save_journal()  # only a failure writes one; held writes are not journaled
-        return not self.pending
-
-    def _failed(self, exc: Exception) -> None:
-        self._retry_at = time.time() + self.retry_s
-        if not self._warned:
-            print(f"warning: MLflow unreachable ({redact_url(str(exc).splitlines()[0])[:200]}); "
-                  f"queueing results and retrying every {self.retry_s:g}s", file=sys.stderr, flush=True)
-            self._warned = True
-
-    def drain(self) -> None:
-        """Apply every queued write, waiting for the store (SCALING_MLFLOW_WAIT_S); else raise RuntimeError."""
-        if not self.flush(wait_s=float(os.environ.get("SCALING_MLFLOW_WAIT_S", "120"))):
-            raise RuntimeError(f"MLflow still unreachable: {len(self.pending)} results kept in {self.journal}; "
-                               "run the same command with hydra.sweeper.resume=true to record them")
-
-    def use_journal(self, path: Path) -> None:
-        """Journal unapplied writes to `path`, and queue any left there by an earlier run."""
-        self.journal = path
-        if not path.exists():
-            return
-        intents = [json.loads(line) for line in path.read_text().splitlines() if line]
-        for intent in intents:  # what the earlier run already knew, before MLflow hears of it
-            i = intent["index"]
-            if intent["op"] == "finished":
-                self.status[i] = intent["status"]
-            elif intent["op"] == "metrics":
-                self.logged_samples[i] = max(self.logged_samples.get(i, -1), int(intent["metrics"].get("samples", 0)))
-            elif i not in self.status:
-                self.status[i] = "running"
-        self.pending.extendleft(reversed(intents))
-
-    def _save_journal(self, every_s: float = 0.0) -> None:
-        if self.journal is None or time.time() < self._journal_at + every_s:
-            return
-        self._journal_at = time.time()
-        if not self.pending:
-            self.journal.unlink(missing_ok=True)
-            return
-        tmp = self.journal.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(i) + "\n" for i in list(self.pending)))
-        os.replace(tmp, self.journal)  # atomic: a kill leaves the old or the new journal, never half
+    def _absorb(self, intent: dict) -> None:
+        """What a journaled intent says the earlier run already knew, before MLflow hears of it."""
+        i = intent["index"]
+        if intent["op"] == "finished":
+            self.status[i] = intent["status"]
+        elif intent["op"] == "metrics":
+            self.logged_samples[i] = max(self.logged_samples.get(i, -1), int(intent["metrics"].get("samples", 0)))
+        elif i not in self.status:
+            self.status[i] = "running"
 
     def _apply(self, i: int, intents: list[dict]) -> None:
         """Write one trial's queued intents (in order) in as few requests as they allow.
