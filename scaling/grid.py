@@ -129,6 +129,20 @@ def stratum_keys(axis_names: Sequence[str], group_by: Sequence[str] | None) -> l
     return [a for a in axis_names if a.split("@")[0].lstrip("+~") not in LR_AXES]
 
 
+def mixed_batch_sizes_note(asha: Any, axis_names: Sequence[str], strata: Sequence[str]) -> str:
+    """Return a note when ASHA (hydra.sweeper.asha) judges trials of different batch sizes against each
+    other (group_by without batch_size, or stratified=false), else ''. It then keeps the batch sizes
+    that learn fastest per sample and prunes the others whole, so no batch size is sure of its best LR."""
+    def bare(k: str) -> str:
+        return k.split("@")[0].lstrip("+~")
+
+    if not asha.enabled or "batch_size" not in map(bare, axis_names) or "batch_size" in map(bare, strata):
+        return ""
+    why = f"group_by={list(asha.group_by)}" if asha.stratified and asha.group_by is not None else "stratified=false"
+    return (f"note: ASHA compares trials of different batch sizes at each rung (hydra.sweeper.asha.{why}): a batch "
+            "size can be pruned whole; add batch_size to group_by for the best LR of each batch size")
+
+
 def params_overrides(params: Any) -> list[str]:
     """Return hydra.sweeper.params as overrides, in order: a value is sweep text (`32,64`, `range(..)`),
     a list a choice of its elements (as Hydra's Nevergrad sweeper reads one; Hydra's basic sweeper would

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from scaling.config import ConfigError
-from scaling.grid import Grid, stratum_keys
+from scaling.grid import Grid, mixed_batch_sizes_note, stratum_keys
 from scaling.local_ray import check_cluster, count_callbacks_by_name, stop_ray_aside
 from scaling.study import TrialSpec, data_key, trainable
 from scaling.study_callback import callback_class
@@ -225,6 +225,8 @@ def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], worker
     else:
         where = f"mlflow run {recorder.run_id}" if recorder.enabled else "not recorded (mlflow.enabled=false)"
         print(f"study {name}: {len(specs)} trials | {where} | sweep dir {sweep_dir}", flush=True)
+    if note := mixed_batch_sizes_note(a, grid.axis_names, study_params["strata"]):
+        print(note, flush=True)
     return recorder
 
 

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from scaling.config import ConfigError
-from scaling.grid import build_grid, stratum_keys
+from scaling.grid import build_grid, mixed_batch_sizes_note, stratum_keys
 from scaling.sweeper import _digest
 
 
@@ -175,3 +175,23 @@ def test_an_axis_in_hydra_sweeper_params_is_the_same_study_as_on_the_command_lin
         assert given.axes == shell.axes and sweeper.study_name(given) == name
     given, sweeper = planned("hydra.sweeper.params.batch_size='32,64'", grid=("lr_multiplier=1,2", "epochs=1"))
     assert given.axes == shell.axes and sweeper.study_name(given) == name
+
+
+@pytest.mark.parametrize("asha, axes, noted", [
+    ({"group_by": ["scaling.rule"]}, ["batch_size", "lr_multiplier", "scaling.rule"], "group_by=['scaling.rule']"),
+    ({"group_by": []}, ["+batch_size", "lr_multiplier"], "group_by=[]"),
+    ({"stratified": False}, ["batch_size", "lr_multiplier"], "stratified=false"),
+    ({}, ["batch_size", "lr_multiplier"], None),  # the default strata: every axis but the LR and seed
+    ({"group_by": ["batch_size@foo"]}, ["batch_size", "lr_multiplier"], None),
+    ({"group_by": ["scaling.rule"]}, ["lr_multiplier", "scaling.rule"], None),  # one batch size: nothing to mix
+    ({"group_by": [], "enabled": False}, ["batch_size", "lr_multiplier"], None),
+])
+def test_asha_that_compares_batch_sizes_is_noted(asha, axes, noted):
+    conf = OmegaConf.create({"enabled": True, "stratified": True, "group_by": None, **asha})
+    strata = stratum_keys(axes, conf.group_by) if conf.stratified else []
+    note = mixed_batch_sizes_note(conf, axes, strata)
+    if noted is None:
+        assert note == ""
+    else:
+        assert note.startswith(f"note: ASHA compares trials of different batch sizes at each rung "
+                               f"(hydra.sweeper.asha.{noted})"), note

@@ -128,14 +128,21 @@ def test_bare_multirun_sweeps_only_the_given_axes(tmp_path):
     assert {t.data.params["scaling.rule"] for t in trials} == {"linear"}
 
 
-@pytest.mark.parametrize("asha, strata", [([], '["batch_size"]'), (["hydra.sweeper.asha.stratified=false"], "[]"),
-                                          (["hydra.sweeper.asha.enabled=false"], "[]")])
-def test_the_study_run_records_the_strata_asha_judged_within(tmp_path, asha, strata):
-    """An unstratified ASHA (or none) was recorded with strata ["batch_size"]."""
+MIXED = ("note: ASHA compares trials of different batch sizes at each rung (hydra.sweeper.asha.stratified=false): "
+         "a batch size can be pruned whole; add batch_size to group_by for the best LR of each batch size")
+
+
+@pytest.mark.parametrize("asha, strata, note", [([], '["batch_size"]', False),
+                                                (["hydra.sweeper.asha.stratified=false"], "[]", True),
+                                                (["hydra.sweeper.asha.enabled=false"], "[]", False)])
+def test_the_study_run_records_the_strata_asha_judged_within(tmp_path, asha, strata, note):
+    """An unstratified ASHA (or none) was recorded with strata ["batch_size"]. One that compares batch
+    sizes says so at the start."""
     proc = run_cli(["-m", "batch_size=32,64", "lr_multiplier=0.5,1", *asha, *TINY], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     studies, _ = study_runs(tmp_path)
     assert studies[0].data.params["strata"] == strata
+    assert (MIXED in proc.stdout) == note, proc.stdout[-3000:]
 
 
 @pytest.mark.parametrize("grid", ["hydra.sweeper.params.batch_size='32,64'", "+hydra.sweeper.params.batch_size='32,64'",
