@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 # Two test processes, each given whole files (so a module's shared study runs once): most slow
 # tests wait on servers, heartbeats and retries as much as they compute, and two at a time fill
 # 2 cores (one process 19:06, two 12:02-13:22 the same day). TEST_WORKERS=0 runs in one
-# process, for a debugger.
+# process, for a debugger. --durations: the 25 slowest tests close CI's log, for whoever keeps the
+# suite under its 15 minutes.
 TEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 
@@ -42,7 +43,7 @@ train: $(STAMP)
 	$(BIN)/scaling-train $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
