@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -211,3 +212,44 @@ def test_a_data_parallel_trial_records_its_own_peak_memory_not_the_process_group
     peak = {t.data.params["derived.split"]: t.data.metrics["mem/peak_mb"] for t in trials}
     assert set(peak) == {"1x32x2", "2x32x1"}, peak
     assert peak["2x32x1"] < peak["1x32x2"] + 10, peak  # a rank holds the same model and micro-batch
+
+
+@pytest.mark.slow
+def test_a_study_goes_on_after_a_ray_train_worker_is_killed_mid_trial(tmp_path):
+    """SIGKILL one of the first trial's 2 Ray Train workers mid-run: the study must not hang on the
+    run's placement group (it held both CPUs after Train's controller failed), Tune retries the trial
+    from its checkpoint (hydra.sweeper.max_failures=2 by default), and the next trial runs."""
+    import psutil
+    from procs import start_group, stop_group
+    from records import study_records
+
+    args = ["batch_size=64", "lr_multiplier=1,2", "parallel.workers=2", "epochs=3", "eval_every=0.25",
+            "data.n_samples=2000", "model.width=32", "hydra.sweeper.asha.enabled=false",
+            "hydra.sweeper.checkpoint_interval_s=0", "hydra.sweeper.ray.num_cpus=2", "hydra.sweeper.report=false"]
+    log = tmp_path / "study.log"
+    study = start_group([BIN / "scaling-train", "-m", *args], tmp_path, log, env={"HYDRA_FULL_ERROR": "0"})
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".studies/*/tune-0/trial_00000/checkpoint_*")):  # the trial reports
+            assert time.time() < deadline and study.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(study.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [" ".join(p.cmdline()) for p in workers]
+        killed_at = time.time()
+        workers[1].kill()  # one rank dies mid-trial; the other waits in a collective
+        try:
+            study.wait(timeout=150)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the study hung after the kill; its last lines: {log.read_text()[-1500:]}")
+        print(f"\nthe study ended {time.time() - killed_at:.0f} s after the kill")
+        assert study.returncode == 0, log.read_text()[-3000:]
+    finally:
+        if study.poll() is None:
+            stop_group(study)
+    _, studies, trials = study_records(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    by_lr = {t.data.params["lr_multiplier"]: t.data.tags for t in trials}
+    assert sorted(by_lr) == ["1.0", "2.0"] and all(t["trial.status"] == "completed" for t in by_lr.values()), by_lr
+    assert by_lr["1.0"]["trial.failures"] == "1" and by_lr["1.0"]["trial.last_failure"]  # retried once
+    assert "trial.failures" not in by_lr["2.0"]
+    assert studies[0].data.metrics["trials/total"] == 2
