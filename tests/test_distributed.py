@@ -228,7 +228,7 @@ def test_a_study_goes_on_after_a_ray_train_worker_is_killed_mid_trial(tmp_path):
     from procs import start_group, stop_group
     from records import study_records
 
-    args = ["batch_size=64", "lr_multiplier=1,2", "parallel.workers=2", "epochs=3", "eval_every=0.25",
+    args = ["batch_size=64", "lr_multiplier=1,2", "parallel.workers=2", "epochs=1.5", "eval_every=0.25",
             "data.n_samples=2000", "model.width=32", "hydra.sweeper.asha.enabled=false",
             "hydra.sweeper.checkpoint_interval_s=0", "hydra.sweeper.ray.num_cpus=2", "hydra.sweeper.report=false"]
     log = tmp_path / "study.log"
