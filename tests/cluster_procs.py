@@ -31,11 +31,30 @@ BIN = Path(sys.executable).parent
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
+_GIVEN: set[int] = set()  # ports this process has handed out
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Return a TCP port on 127.0.0.1 that was free a moment ago, and that this process has not handed out.
+
+    The OS may give the port it just gave again, once its socket is closed: a Ray node's six ports, picked
+    one after another, once held one twice (Ray refused to start: "runtime_env_agent is trying to use a
+    port number 58425 that is used by other components"). Every socket bound here stays open until a new
+    port is found, and a port is never handed out twice.
+    """
+    held = []
+    try:
+        while True:
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _GIVEN:
+                _GIVEN.add(port)
+                return port
+    finally:
+        for s in held:
+            s.close()
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str, proc: Optional[subprocess.Popen] = None,
