@@ -134,10 +134,10 @@ def trial_run_name(cfg: Any, axes: Optional[dict[str, Any]] = None) -> str:
     parts = [f"bs={cfg.batch_size}", lr]
     if cfg.micro_batch_size and cfg.micro_batch_size != cfg.batch_size:
         parts.append(f"mb={cfg.micro_batch_size}")
-    if cfg.warmup.epochs:
+    swept = {key.lstrip("+~").split("@")[0]: value for key, value in (axes or {}).items()}
+    if cfg.warmup.epochs or "warmup.epochs" in swept:  # a warmup axis names its 0 too: `warmup=0` beside `warmup=0.5`
         parts.append(f"warmup={cfg.warmup.epochs:g}")
-    for key, value in (axes or {}).items():
-        key = key.lstrip("+~").split("@")[0]
+    for key, value in swept.items():
         if key not in NAMED_KEYS:
             parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
     return " ".join(parts + [f"s{cfg.seed}"])

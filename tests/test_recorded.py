@@ -61,6 +61,15 @@ def test_a_run_name_shows_the_grid_axes_its_fields_do_not(compose_cfg):
     assert trial_run_name(cfg) == "bs=32 lr×1 linear s0"
 
 
+def test_a_warmup_axis_names_its_zero_too(compose_cfg):
+    """In the default study (warmup.epochs=0,0.5) the warmup-0 trials' names said nothing of it."""
+    axes = {"batch_size": "256", "+warmup.epochs": "0"}
+    assert trial_run_name(compose_cfg("batch_size=256"), axes) == "bs=256 lr×1 linear warmup=0 s0"
+    assert trial_run_name(compose_cfg("batch_size=256", "warmup.epochs=0.5"), axes | {"+warmup.epochs": "0.5"}) \
+        == "bs=256 lr×1 linear warmup=0.5 s0"
+    assert trial_run_name(compose_cfg("batch_size=256")) == "bs=256 lr×1 linear s0"  # not swept: no warmup, no word
+
+
 def test_as_attributes_reads_nested_keys_and_leaves_a_dictconfig_alone(compose_cfg):
     view = as_attributes({"scaling": {"rule": "sqrt", "ref_batch_size": 128}, "lr": None, "odd-key": 1})
     assert (view.scaling.rule, view.scaling.ref_batch_size, view.lr) == ("sqrt", 128, None)
