@@ -320,8 +320,9 @@ def check_fits_data(cfg: Any, n_train: int) -> None:
     spe = n_train / cfg.batch_size
     total, warmup = epochs_to_steps(cfg.epochs, spe), warmup_steps_of(cfg, spe)
     if cfg.warmup.epochs > 0 and warmup >= total:
+        steps = f"{warmup} step{'s' if warmup != 1 else ''}"
         raise ConfigError("warmup.epochs", cfg.warmup.epochs,
-                          f"is {warmup} steps at batch_size={cfg.batch_size} ({n_train} training samples), "
+                          f"is {steps} at batch_size={cfg.batch_size} ({n_train} training samples), "
                           f"which leaves no step of the {total} that epochs={cfg.epochs} gives after it")
     _check_schedule_lengths(cfg, n_train)
 

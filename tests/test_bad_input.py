@@ -71,6 +71,10 @@ CASES = [
     ("scaling-train", ["data.n_samples=2000", "batch_size=1024", "epochs=2", "warmup.epochs=1.8"], "warmup.epochs=1.8"),
     ("scaling-train", ["-m", "batch_size=32,1024", "data.n_samples=2000", "epochs=2", "warmup.epochs=1.8"],
      "warmup.epochs=1.8"),
+    # epochs=0.5 is 1 step there, and a 0.1-epoch warmup (0.16 of a step) takes one: none is left
+    ("scaling-train", ["data.n_samples=2000", "batch_size=1024", "epochs=0.5", "warmup.epochs=0.1"],
+     "warmup.epochs=0.1: is 1 step at batch_size=1024 (1600 training samples), which leaves no step of the 1 "
+     "that epochs=0.5 gives after it"),
     ("scaling-train", ["batch_size=[1,2"], "batch_size=[1,2"),
     ("scaling-train", ["device=tpu"], "device='tpu'"),
     ("scaling-train", ["precision=fp8"], "precision='fp8'"),
