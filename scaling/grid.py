@@ -122,21 +122,23 @@ def build_grid(overrides: Sequence[Any], *, num_samples: int = 1, seed: int = 0)
     return Grid(points, axes, sampled, fixed)
 
 
+def bare_key(key: str) -> str:
+    """Return an override key without Hydra's +/~ prefixes and @package suffix (`+warmup.epochs` -> `warmup.epochs`)."""
+    return key.split("@")[0].lstrip("+~")
+
+
 def stratum_keys(axis_names: Sequence[str], group_by: Sequence[str] | None) -> list[str]:
     """Return the keys that define an ASHA stratum: group_by, or every axis but the LR and seed."""
     if group_by is not None:
         return list(group_by)
-    return [a for a in axis_names if a.split("@")[0].lstrip("+~") not in LR_AXES]
+    return [a for a in axis_names if bare_key(a) not in LR_AXES]
 
 
 def mixed_batch_sizes_note(asha: Any, axis_names: Sequence[str], strata: Sequence[str]) -> str:
     """Return a note when ASHA (hydra.sweeper.asha) judges trials of different batch sizes against each
     other (group_by without batch_size, or stratified=false), else ''. It then keeps the batch sizes
     that learn fastest per sample and prunes the others whole, so no batch size is sure of its best LR."""
-    def bare(k: str) -> str:
-        return k.split("@")[0].lstrip("+~")
-
-    if not asha.enabled or "batch_size" not in map(bare, axis_names) or "batch_size" in map(bare, strata):
+    if not asha.enabled or "batch_size" not in map(bare_key, axis_names) or "batch_size" in map(bare_key, strata):
         return ""
     why = f"group_by={list(asha.group_by)}" if asha.stratified and asha.group_by is not None else "stratified=false"
     return (f"note: ASHA compares trials of different batch sizes at each rung (hydra.sweeper.asha.{why}): a batch "

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from scaling.config import effective_lr, lr_exponent, lr_from_range_test, redact_url
+from scaling.grid import bare_key
 
 
 def as_attributes(cfg: Any) -> Any:
@@ -134,7 +135,7 @@ def trial_run_name(cfg: Any, axes: Optional[dict[str, Any]] = None) -> str:
     parts = [f"bs={cfg.batch_size}", lr]
     if cfg.micro_batch_size and cfg.micro_batch_size != cfg.batch_size:
         parts.append(f"mb={cfg.micro_batch_size}")
-    swept = {key.lstrip("+~").split("@")[0]: value for key, value in (axes or {}).items()}
+    swept = {bare_key(key): value for key, value in (axes or {}).items()}
     if cfg.warmup.epochs or "warmup.epochs" in swept:  # a warmup axis names its 0 too: `warmup=0` beside `warmup=0.5`
         parts.append(f"warmup={cfg.warmup.epochs:g}")
     for key, value in swept.items():

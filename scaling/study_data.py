@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from scaling.config import redact_url
+from scaling.grid import bare_key
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # scaling/conf/config.yaml mlflow.tracking_uri (a test checks they agree)
 LR = "lr.effective"
@@ -149,7 +150,7 @@ def _axis_keys(grid_json: Optional[str]) -> list[str]:
     if not grid_json:
         return []
     grid = json.loads(grid_json)
-    return [key.lstrip("+~").split("@")[0] for key in [*grid.get("axes", {}), *grid.get("sampled", {})]]
+    return [bare_key(key) for key in [*grid.get("axes", {}), *grid.get("sampled", {})]]
 
 
 def load_study(study: Optional[str] = None, tracking_uri: Optional[str] = None,

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from scaling.config import ConfigError
-from scaling.grid import Grid, mixed_batch_sizes_note, stratum_keys
+from scaling.grid import Grid, bare_key, mixed_batch_sizes_note, stratum_keys
 from scaling.local_ray import check_cluster, count_callbacks_by_name, stop_ray_aside
 from scaling.study import TrialSpec, data_key, trainable
 from scaling.study_callback import callback_class
@@ -65,8 +65,8 @@ def _scheduler(sweeper, grid: Grid, specs: dict[int, TrialSpec]):
     kind = PromotingASHA if a.variant == "promotion" else StratifiedASHA
     return kind(metric=a.metric, mode=a.mode, time_attr="epoch", max_t=budget,
                 grace_period=a.grace_period, reduction_factor=a.reduction_factor,
-                group_by=[f"point.{_bare(k)}" for k in stratum_keys(grid.axis_names, a.group_by)],
-                axes=[f"point.{_bare(k)}" for k in grid.axis_names], stratified=a.stratified)
+                group_by=[f"point.{bare_key(k)}" for k in stratum_keys(grid.axis_names, a.group_by)],
+                axes=[f"point.{bare_key(k)}" for k in grid.axis_names], stratified=a.stratified)
 
 
 def _trial_resources(workers: dict[int, int], res) -> Any:
@@ -108,11 +108,6 @@ def _reuse_actors(workers: dict[int, int]) -> bool:
     still held. Without reuse Tune ends the actor, and the Train run it owns ends with it.
     """
     return max(workers.values()) == 1
-
-
-def _bare(key: str) -> str:
-    """Return an override key without Hydra's +/~ prefixes and @package suffix."""
-    return key.lstrip("+~").split("@")[0]
 
 
 def _workers(config: dict) -> int:
@@ -376,7 +371,7 @@ def _point(spec: TrialSpec) -> dict:
     """Return the trial's Tune config: its index and its axis values, by key (`point.batch_size`,
     `point.optimizer.momentum`: the strata read them with asha.get_dotted). Flat, because a config
     group's choice and a key under it can both be axes (optimizer=sgd,adam optimizer.momentum=0.5,0.9)."""
-    return {"index": spec.index, **{_bare(key): value for key, value in spec.axes.items()}}
+    return {"index": spec.index, **{bare_key(key): value for key, value in spec.axes.items()}}
 
 
 def prepare_data(configs: list) -> dict[str, int]:
