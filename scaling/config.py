@@ -352,6 +352,13 @@ def lr_from_range_test(cfg: Any) -> bool:
     return bool(cfg.schedule.from_lr_find) and cfg.lr is None
 
 
+def first_step_at_or_past(steps: float) -> int:
+    """Return the first whole step at or past a length given in (fractional) steps, at least 1: where the
+    loop evaluates (train.eval_steps), so that an ASHA rung at that length is judged there. Less 1e-9, as
+    k x eval_every x steps_per_epoch lands a float error above a whole step (3 x 0.1 x 10)."""
+    return max(1, math.ceil(steps - 1e-9))
+
+
 def warmup_steps_of(cfg: Any, steps_per_epoch: float) -> int:
     """Return warmup.epochs in whole steps at this batch size, at least one where a warmup is asked for:
     to the nearest step, 0.02 epoch at 9.4 steps an epoch (B = 2048 of 19,200) was no warmup at all,

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from scaling import fits
+from scaling.config import first_step_at_or_past
 from scaling.reduction import COSTS, USABLE, batch_list, best_config, config_columns, usable
 from scaling.study_data import LR, Study, Target
 
@@ -135,8 +136,8 @@ def first_evaluation(trials: pd.DataFrame) -> pd.Series:
     if not {"eval_every", "samples", "epoch"} <= set(trials):
         return pd.Series(np.nan, index=trials.index)
     n_train = trials["samples"] / trials["epoch"].where(trials["epoch"] > 0)
-    steps = np.ceil(trials["eval_every"] * n_train / trials["batch_size"] - 1e-9)
-    return np.maximum(1, steps) * trials["batch_size"]
+    per_eval = trials["eval_every"] * n_train / trials["batch_size"]
+    return per_eval.map(lambda s: first_step_at_or_past(s) if np.isfinite(s) else np.nan) * trials["batch_size"]
 
 
 def first_evaluation_note(trials: pd.DataFrame, costs: pd.DataFrame) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from scaling.config import effective_lr, epochs_to_steps, warmup_start_lr, warmup_steps_of
+from scaling.config import effective_lr, epochs_to_steps, first_step_at_or_past, warmup_start_lr, warmup_steps_of
 from scaling.data import Dataset, SampleStream, load_dataset
 from scaling.distributed import Group
 from scaling.memory import PeakMemory
@@ -193,8 +193,7 @@ def eval_steps(eval_every: float, steps_per_epoch: float, total_steps: int) -> f
     if per_eval <= 1:
         return frozenset(range(1, total_steps + 1))
     ks = range(1, math.ceil(total_steps / per_eval) + 1)
-    # 1e-9: k x eval_every x steps_per_epoch lands a float error above a whole step (3 x 0.1 x 10)
-    return frozenset(t for k in ks if (t := math.ceil(k * per_eval - 1e-9)) < total_steps) | {total_steps}
+    return frozenset(t for k in ks if (t := first_step_at_or_past(k * per_eval)) < total_steps) | {total_steps}
 
 
 def _steps(cfg, run: _Run, reporter, device, meter, group: Group) -> TrialResult:

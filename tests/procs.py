@@ -11,6 +11,17 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+def make_dry_run(*args: str) -> str:
+    """Return what `make -n ARGS` in the checkout would run, one command a line (continuations joined),
+    without make's own "Nothing to be done" lines. Not as make's child: a suite run by `make test` must
+    not pass its MAKEFLAGS on."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    dry = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=Path(__file__).resolve().parent.parent,
+                         env=env, capture_output=True, text=True, check=True).stdout
+    lines = dry.replace("\\\n", " ").splitlines()
+    return "\n".join(line for line in lines if line.strip() and not line.startswith("make: "))
+
+
 def start_group(args, cwd, log: Path, env=None) -> subprocess.Popen:
     """Start `args` in a new process group (so it and its children can be stopped together)."""
     out = open(log, "w")

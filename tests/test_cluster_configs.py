@@ -342,12 +342,10 @@ def test_make_ui_runs_the_ui_command_that_a_study_prints():
     """`make ui` serves the UI as the study's last line says: one worker, no job runner (README)."""
     import shlex
 
+    from procs import make_dry_run
     from scaling.tracking import ui_command
 
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # not as make's child
-    dry = subprocess.run(["make", "--no-print-directory", "-n", "ui"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, check=True).stdout
-    words = shlex.split(next(line for line in dry.replace("\\\n", " ").splitlines() if " ui " in line))
+    words = shlex.split(next(line for line in make_dry_run("ui").splitlines() if " ui " in line))
     env, argv = ui_command("sqlite:///mlflow.db")
     assert words[0] == "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" and env == dict([words[0].split("=")]), words
     assert [Path(words[1]).name, *words[2:]] == argv, (words, argv)

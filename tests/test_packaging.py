@@ -43,11 +43,10 @@ def test_a_wheel_carries_the_configs_and_composes_a_study_outside_the_checkout(t
 
 
 def _make_install_plan(venv: Path, *args: str) -> list[str]:
-    """Return the commands `make -n install VENV=venv` would run (not as make's child: no MAKEFLAGS)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    dry = subprocess.run(["make", "--no-print-directory", "-n", "install", f"VENV={venv}", *args], cwd=REPO, env=env,
-                         capture_output=True, text=True, check=True).stdout
-    return [line for line in dry.splitlines() if line.strip() and not line.startswith("make: ")]
+    """Return the commands `make -n install VENV=venv` would run."""
+    from procs import make_dry_run
+
+    return make_dry_run("install", f"VENV={venv}", *args).splitlines()
 
 
 def test_make_install_with_another_torch_spec_installs_it_into_an_existing_venv(tmp_path):
