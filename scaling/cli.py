@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from scaling import interrupts
 from scaling.config import ConfigError, redact_url, register_configs
 from scaling.validation import plan_split, validate
 
@@ -163,6 +164,7 @@ def _from_launch_dir(cfg: Any) -> Any:
 
 
 def _train_task(cfg: Any) -> Optional[float]:
+    interrupts.started()  # a Ctrl-C is a KeyboardInterrupt again (the guard is the entry point's)
     cfg = _from_launch_dir(cfg)
     try:
         validate(cfg)
@@ -251,8 +253,11 @@ def lr_find_main(argv: Optional[Sequence[str]] = None) -> None:
     main(argv)
 
 
-def _console(main: Callable[[], None]) -> Callable[[], None]:
+def _console(main: Callable[[], None], starting: Optional[Callable[[list[str]], str]] = None) -> Callable[[], None]:
     """Return `main` as a console script that skips the interpreter's teardown at its end.
+
+    `starting(argv)`, where given, is the line a Ctrl-C prints before the command has anything to
+    record: until then it ends the process at once (scaling.interrupts says why).
 
     After a study, Python spends ~1.2 s (2 cores) freeing the modules of torch, Ray and MLflow
     one object at a time, memory the OS takes back at once. The script instead runs what a
@@ -262,6 +267,8 @@ def _console(main: Callable[[], None]) -> Callable[[], None]:
     Python's own path (traceback, teardown).
     """
     def entry() -> None:
+        if starting is not None:
+            interrupts.guard(starting(sys.argv[1:]))
         try:
             main()
             code: Any = 0
@@ -295,7 +302,12 @@ def _exit_now(code: Any) -> None:
 
 
 # The console scripts (pyproject.toml); the *_main functions stay plain calls for Python callers.
-train_entry, study_entry = _console(train_main), _console(study_main)
+def _train_starting(argv: list[str]) -> str:
+    return interrupts.STUDY_NOT_STARTED if MULTIRUN_FLAGS & set(argv) else interrupts.RUN_NOT_STARTED
+
+
+train_entry = _console(train_main, _train_starting)
+study_entry = _console(study_main, lambda argv: interrupts.STUDY_NOT_STARTED)
 report_entry, lr_find_entry = _console(report_main), _console(lr_find_main)
 
 

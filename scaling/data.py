@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from scaling import interrupts
 from scaling.config import DATASETS, ConfigError
 
 CACHE_FORMAT = 1  # bump when the cached arrays change meaning, so old files are not reused
@@ -204,15 +205,16 @@ def _cached_mnist1d(n_samples: int, seed: int, cache_dir: str) -> tuple[np.ndarr
     x, y = _generate_mnist1d(n_samples, seed)
     # Concurrent trials may generate at once: each writes its own temp file, and os.replace
     # swaps it in atomically, so a reader sees either no file or a complete one.
-    fd, tmp = _temp_in_cache(cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=x, y=y)
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a shared cache should be readable by all
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with interrupts.deferred():  # a Ctrl-C as a study starts waits for the file, or its removal
+        fd, tmp = _temp_in_cache(cache_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, x=x, y=y)
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a shared cache should be readable by all
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     return x, y
 
 
@@ -299,9 +301,10 @@ def check_sources(cfg: Any) -> None:
     cache_dir = os.path.expanduser(cfg.cache_dir)
     if os.path.exists(_mnist1d_cache_path(cfg.n_samples, cfg.seed, cache_dir)):
         return
-    fd, tmp = _temp_in_cache(cache_dir, cfg.cache_dir)
-    os.close(fd)
-    os.unlink(tmp)
+    with interrupts.deferred():
+        fd, tmp = _temp_in_cache(cache_dir, cfg.cache_dir)
+        os.close(fd)
+        os.unlink(tmp)
 
 
 def _missing(cfg: Any, expected: str) -> None:

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
+from scaling import interrupts
 from scaling.config import ConfigError
 
 
@@ -165,7 +166,8 @@ def _create_sqlite_store(db: Path) -> None:
     try:
         for logger in loggers:
             logger.setLevel(logging.WARNING)
-        MlflowClient(tracking_uri=f"sqlite:///{tmp.resolve()}")  # creates and migrates it
+        with interrupts.deferred():  # a Ctrl-C as a study starts is raised here, and the finally removes tmp
+            MlflowClient(tracking_uri=f"sqlite:///{tmp.resolve()}")  # creates and migrates it
         os.replace(tmp, db)
     finally:
         for logger, level in zip(loggers, levels):

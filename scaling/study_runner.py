@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from scaling import interrupts
 from scaling.config import ConfigError
 from scaling.grid import Grid, bare_key, mixed_batch_sizes_note, stratum_keys
 from scaling.local_ray import check_cluster, count_callbacks_by_name, stop_ray_aside
@@ -140,6 +141,7 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
     # until Ray has stopped.
     tuner = None
     try:  # from here on the study run exists: a Ctrl-C ends it as interrupted
+        interrupts.started()  # (raising the one that came while _open_record created the run)
         recorder, scheduler, callback, points, not_trained = _prepare_run(sweeper, grid, specs, recorder, storage,
                                                                            state)
         if points:
@@ -196,6 +198,7 @@ def _open_record(sweeper, grid: Grid, first, specs: dict[int, TrialSpec], worker
         tests = _auto_range_tests(specs)  # while Ray is still starting, and before anything is written
         check_cluster(sweeper, ray_started, max(workers.values()),
                       needs_gpu=any(s.config["device"] == "cuda" for s in specs.values()))
+        interrupts.hold()  # the study run is created next: a Ctrl-C waits for it, to end it as interrupted
         recorder = StudyRecorder(first.mlflow.tracking_uri, first.mlflow.experiment, study_name=name,
                                  run_id=state.get("study_run_id"), enabled=first.mlflow.enabled)
     except ConfigError as exc:

@@ -12,6 +12,7 @@ is stopped again if that fails), and the GPU request and device=cuda with the cl
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from typing import Any, Dict, List, Optional
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from scaling import interrupts
 from scaling.config import MODES, REPORTED_METRICS, ConfigError
 from scaling.grid import Grid, blamed, build_grid, grid_size, is_value_key, merge_values, params_overrides
 from scaling.validation import _choice, _direction, _positive, plan_split, validate
@@ -334,6 +336,7 @@ class ScalingSweeper(Sweeper):
             from scaling.study_runner import prepare_data
 
             ray_started = start_ray(self)  # ~4 s, while the driver prepares the rest
+            interrupts.on_end(functools.partial(_abandon, ray_started, 10.0))  # a Ctrl-C from here stops it
             self.n_train = prepare_data(configs)  # every dataset once, in the driver; a missing file fails here
         except KeyboardInterrupt:
             _interrupted(ray_started)
@@ -359,27 +362,16 @@ def _abandon(ray_started: Any, wait_s: float = 120.0) -> None:
 def _interrupted(ray_started: Any) -> None:
     """End a study interrupted (Ctrl-C) before its MLflow run existed: one line, Ray stopped, exit 130.
 
-    Nothing here may wait unbounded. A Ctrl-C mid-import can leave an import lock held, and Ray's start
-    thread, or Ray's own exit handler (`ray.shutdown` imports as it starts), then waits on it for ever:
-    CI saw the driver hang here past 120 s. So the line comes first, a second Ctrl-C is ignored, Ray is
-    stopped from a thread given 15 s, and the process ends with os._exit, skipping the exit handlers;
-    what Ray started dies with it (PR_SET_PDEATHSIG, local_ray.start_ray). Nothing was written to keep.
+    The KeyboardInterrupt comes from a write that finished first (interrupts.deferred), or from a
+    driver run without the entry point's guard. interrupts.end_now bounds Ray's stop and skips the exit
+    handlers: an import lock a Ctrl-C left held can block either for ever (CI saw a hang past 120 s).
     """
-    import signal
-    import threading
-
     from scaling.cli import fail
 
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the traceback, as fail() gives it
         _abandon(ray_started, wait_s=10.0)
-        fail("interrupted before the study started: nothing was recorded", code=130)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("error: interrupted before the study started: nothing was recorded", file=sys.stderr, flush=True)
-    stopper = threading.Thread(target=_abandon, args=(ray_started, 10.0), name="ray-stop", daemon=True)
-    stopper.start()
-    stopper.join(15.0)
-    sys.stdout.flush()
-    os._exit(130)
+        fail(interrupts.STUDY_NOT_STARTED, code=130)
+    interrupts.end_now(interrupts.STUDY_NOT_STARTED, [functools.partial(_abandon, ray_started, 10.0)])
 
 
 def canonical_points(points: list[list[str]]) -> list[list[str]]:

@@ -1,0 +1,121 @@
+"""A Ctrl-C while a command starts up ends it at once: one line, exit 130, nothing raised mid-import.
+
+Python turns SIGINT into a KeyboardInterrupt raised at whatever bytecode the main thread runs next.
+While a study starts that is mostly importlib's (torch, Ray, MLflow and Hydra: seconds on 2 cores),
+and there the exception does harm. Raised in the weakref callback that drops a module lock, it comes
+after the callback has taken the global import lock and before its `try` releases it, and a callback's
+exception is only printed ("Exception ignored in: <function _get_module_lock.<locals>.cb>"): the
+Ctrl-C is lost, the lock stays held, and Ray's start thread, importing, waits on it for ever; so did the
+driver (CI, 2026-11-24: no line and no exit 120 s after a Ctrl-C at 1.5 s). Raised elsewhere
+mid-import it can leave that module's own lock held (local_ray.abandon_ray).
+
+So from its entry point until a command has something to record, SIGINT runs `_end_now`, which
+raises nothing: it writes the line, runs the clean-ups registered (`on_end`: the stop of the Ray
+being started), each thread given a bound, and ends the process with os._exit. Nothing on disk
+needs keeping then; the writes of that phase (a new SQLite store, a dataset's cache file) run
+`deferred()`, where a Ctrl-C is taken at the block's end as a KeyboardInterrupt raised in plain
+code, their clean-up intact. `hold()` defers every later Ctrl-C (a study creating its MLflow run;
+a second Ctrl-C still ends it at once), and `started()` hands SIGINT back to Python (and Tune) where the command can record an interruption,
+raising the one deferred. Only the stdlib is imported here: the entry point installs it first.
+"""
+from __future__ import annotations
+
+import _thread
+import contextlib
+import os
+import signal
+import sys
+import threading
+import traceback
+from typing import Callable, Iterator, Sequence
+
+STUDY_NOT_STARTED = "interrupted before the study started: nothing was recorded"
+RUN_NOT_STARTED = "interrupted before the run started: nothing was recorded"
+_state: dict = {"guarding": False, "holds": 0, "pending": False, "message": "", "on_end": []}
+CLEANUP_WAIT_S = 15.0
+
+
+def guard(message: str) -> None:
+    """From now on (main thread only) a Ctrl-C ends the process with `error: {message}` and exit 130."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _state.update(guarding=True, holds=0, pending=False, message=message, on_end=[])
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def guarding() -> bool:
+    return _state["guarding"]
+
+
+def on_end(cleanup: Callable[[], None]) -> None:
+    """Run `cleanup` (in a thread, bounded) before a Ctrl-C at start-up ends the process."""
+    if _state["guarding"]:
+        _state["on_end"].append(cleanup)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Take a Ctrl-C that comes during the block at its end, as a KeyboardInterrupt (a write that must
+    finish, or clean up after itself, to leave nothing half-written). Nothing changes when not guarding."""
+    _state["holds"] += 1
+    try:
+        yield
+    finally:
+        _state["holds"] -= 1
+    if _state["guarding"] and _state["pending"] and not _state["holds"]:
+        _state["pending"] = False
+        raise KeyboardInterrupt
+
+
+def hold() -> None:
+    """Defer every Ctrl-C from now until `started()` (the study run is being created)."""
+    if _state["guarding"]:
+        _state["holds"] += 1
+
+
+def started() -> None:
+    """Give SIGINT back to Python's KeyboardInterrupt; raise the Ctrl-C deferred, if one came."""
+    if not _state["guarding"]:
+        return
+    pending = _state["pending"]
+    _state.update(guarding=False, holds=0, pending=False, on_end=[])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def end_now(message: str = "", cleanups: Sequence[Callable[[], None]] = ()) -> None:
+    """End the process as a Ctrl-C at start-up does: `error: {message}` (the guard's by default), the
+    clean-ups run (each in a thread, given CLEANUP_WAIT_S), exit 130 without Python's exit handlers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C changes nothing now
+    message = message or _state["message"] or "interrupted"
+    os.write(2, f"error: {message}\n".encode())  # not print: the main thread may be mid-write to stderr
+    for cleanup in [*_state["on_end"], *cleanups]:
+        # A thread of _thread's: threading.Thread takes threading's own lock, which the interrupted
+        # main thread may hold. Each is bounded: an import lock left held (see above) can block it for
+        # ever, and what Ray started dies with the process anyway (local_ray.start_ray).
+        done = _thread.allocate_lock()
+        done.acquire()
+        _thread.start_new_thread(_run_then_release, (cleanup, done))
+        done.acquire(timeout=CLEANUP_WAIT_S)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os._exit(130)
+
+
+def _on_sigint(signum: int, frame) -> None:
+    if _state["holds"] and not _state["pending"]:  # the first Ctrl-C waits; a second ends it at once
+        _state["pending"] = True
+        return
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # where it was, for whoever debugs the start-up
+        os.write(2, "".join(["Ctrl-C at start-up, in:\n", *traceback.format_stack(frame)]).encode())
+    end_now("interrupted again: ended at once" if _state["pending"] else "")
+
+
+def _run_then_release(cleanup: Callable[[], None], done) -> None:
+    try:
+        cleanup()
+    except BaseException:  # noqa: BLE001 - the process ends next either way
+        pass
+    finally:
+        done.release()
