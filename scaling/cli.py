@@ -15,13 +15,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from scaling import interrupts
 from scaling.config import ConfigError, redact_url, register_configs
+from scaling.console import MULTIRUN_FLAGS, train_starting
 from scaling.validation import plan_split, validate
 
 # In the package, so that a wheel (`pip install .`, not only `-e`) carries it (pyproject package-data)
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "-i", "-sc", "--shell-completion",
               "-p", "--package", "--resolve"}
-MULTIRUN_FLAGS = {"-m", "--multirun"}
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -302,11 +302,7 @@ def _exit_now(code: Any) -> None:
 
 
 # The console scripts (pyproject.toml); the *_main functions stay plain calls for Python callers.
-def _train_starting(argv: list[str]) -> str:
-    return interrupts.STUDY_NOT_STARTED if MULTIRUN_FLAGS & set(argv) else interrupts.RUN_NOT_STARTED
-
-
-train_entry = _console(train_main, _train_starting)
+train_entry = _console(train_main, train_starting)
 study_entry = _console(study_main, lambda argv: interrupts.STUDY_NOT_STARTED)
 report_entry, lr_find_entry = _console(report_main), _console(lr_find_main)
 

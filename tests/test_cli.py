@@ -185,3 +185,20 @@ def test_hydra_full_error_shows_traceback(tmp_path, args):
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr
     assert _leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_a_single_run_starts_is_one_line_and_leaves_nothing(tmp_path, cli_tiny):
+    """A Ctrl-C during the imports and the command line's checks (scaling.interrupts): one line, exit
+    130, no traceback and nothing written; before, Python's KeyboardInterrupt could land mid-import."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "SCALING_PROGRESS")}
+    proc = subprocess.Popen([str(SCRIPT), *cli_tiny], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # importing, before Hydra's output folder (~1 s here)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err.strip()) == (130, "", "error: interrupted before the run started: "
+                                                              "nothing was recorded"), err[-2000:]
+    assert _leftovers(tmp_path) == []

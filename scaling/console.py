@@ -1,0 +1,29 @@
+"""The console scripts of pyproject.toml. Each installs the start-up Ctrl-C guard (scaling.interrupts)
+before it imports the command: `scaling.cli` alone imports OmegaConf (~0.1 s, more on a loaded
+machine), and a Ctrl-C in that import was Python's KeyboardInterrupt, with its hazards, still."""
+from __future__ import annotations
+
+import sys
+
+from scaling import interrupts
+
+MULTIRUN_FLAGS = {"-m", "--multirun"}
+
+
+def train_starting(argv: list[str]) -> str:
+    """Return the line a Ctrl-C before `scaling-train argv` records anything prints."""
+    return interrupts.STUDY_NOT_STARTED if MULTIRUN_FLAGS & set(argv) else interrupts.RUN_NOT_STARTED
+
+
+def train() -> None:
+    interrupts.guard(train_starting(sys.argv[1:]))
+    from scaling.cli import train_entry
+
+    train_entry()
+
+
+def study() -> None:
+    interrupts.guard(interrupts.STUDY_NOT_STARTED)
+    from scaling.cli import study_entry
+
+    study_entry()
