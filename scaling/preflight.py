@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import open_dict
 
+from scaling import interrupts
 from scaling.cli import CONF_DIR, fail, one_line
 from scaling.config import ConfigError, register_configs
 from scaling.validation import validate
@@ -236,6 +237,10 @@ def sweep_configs(hydra: Any, config_name: str, overrides: Sequence[str]) -> lis
     grid_size(parsed, num_samples=sweeper.get("num_samples", 1))  # an empty axis or a zero range step, by key
     if basic:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        # No study run to create: the jobs, in this process or a launcher's (SLURM, joblib), are the
+        # command's work, and a Ctrl-C while they run is Python's KeyboardInterrupt, not a start-up's end.
+        interrupts.started()
 
         points = BasicSweeper.split_arguments(parsed, None)[0]
         return [_trial(loader.load_sweep_config(master, p), p) for p in points]
