@@ -43,10 +43,6 @@ def guard(message: str) -> None:
     signal.signal(signal.SIGINT, _on_sigint)
 
 
-def guarding() -> bool:
-    return _state["guarding"]
-
-
 def on_end(cleanup: Callable[[], None]) -> None:
     """Run `cleanup` (in a thread, bounded) before a Ctrl-C at start-up ends the process."""
     if _state["guarding"]:
