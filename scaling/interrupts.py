@@ -9,14 +9,15 @@ Ctrl-C is lost, the lock stays held, and Ray's start thread, importing, waits on
 driver (CI, 2026-11-24: no line and no exit 120 s after a Ctrl-C at 1.5 s). Raised elsewhere
 mid-import it can leave that module's own lock held (local_ray.abandon_ray).
 
-So from its entry point until a command has something to record, SIGINT runs `_end_now`, which
+So from its entry point until a command has something to record, SIGINT runs `end_now`, which
 raises nothing: it writes the line, runs the clean-ups registered (`on_end`: the stop of the Ray
-being started), each thread given a bound, and ends the process with os._exit. Nothing on disk
-needs keeping then; the writes of that phase (a new SQLite store, a dataset's cache file) run
-`deferred()`, where a Ctrl-C is taken at the block's end as a KeyboardInterrupt raised in plain
-code, their clean-up intact. `hold()` defers every later Ctrl-C (a study creating its MLflow run;
-a second Ctrl-C still ends it at once), and `started()` hands SIGINT back to Python (and Tune) where the command can record an interruption,
-raising the one deferred. Only the stdlib is imported here: the entry point installs it first.
+being started), each in a thread given a bound, and ends the process with os._exit. Nothing on disk
+needs keeping then. `deferred()` blocks (a new SQLite store, a dataset's cache file, at any time the
+study's last records) take a first Ctrl-C at their end, as a KeyboardInterrupt raised in plain code,
+their clean-up intact. `hold()` defers every later Ctrl-C (a study creating its MLflow run; a second
+still ends it at once), and `started()` hands SIGINT back to Python (and Tune) where the command can
+record an interruption, raising the one deferred; `python_handles()` takes it back from Tune after a
+run. Only the stdlib is imported here: the entry point (scaling.console) installs it first.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 STUDY_NOT_STARTED = "interrupted before the study started: nothing was recorded"
 RUN_NOT_STARTED = "interrupted before the run started: nothing was recorded"
-_state: dict = {"guarding": False, "holds": 0, "pending": False, "message": "", "on_end": []}
+_state: dict = {"guarding": False, "holding": False, "pending": False, "message": "", "on_end": []}
 CLEANUP_WAIT_S = 15.0
 
 
@@ -39,7 +40,7 @@ def guard(message: str) -> None:
     """From now on (main thread only) a Ctrl-C ends the process with `error: {message}` and exit 130."""
     if threading.current_thread() is not threading.main_thread():
         return
-    _state.update(guarding=True, holds=0, pending=False, message=message, on_end=[])
+    _state.update(guarding=True, holding=False, pending=False, message=message, on_end=[])
     signal.signal(signal.SIGINT, _on_sigint)
 
 
@@ -51,22 +52,38 @@ def on_end(cleanup: Callable[[], None]) -> None:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """Take a Ctrl-C that comes during the block at its end, as a KeyboardInterrupt (a write that must
-    finish, or clean up after itself, to leave nothing half-written). Nothing changes when not guarding."""
-    _state["holds"] += 1
+    """Take a first Ctrl-C that comes during the block at its end, as a KeyboardInterrupt raised in plain
+    code: for writes that must finish, or clean up after themselves, to leave nothing half-written. A
+    second ends the block at once, as a guarded start-up's Ctrl-C or a KeyboardInterrupt. Main thread
+    only (elsewhere the block runs as it is: Python delivers SIGINT to the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+
+    def later(signum: int, frame) -> None:
+        if not came:
+            came.append(signum)
+            return
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C: what the caller's handler does
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, later)
     try:
         yield
     finally:
-        _state["holds"] -= 1
-    if _state["guarding"] and _state["pending"] and not _state["holds"]:
-        _state["pending"] = False
+        signal.signal(signal.SIGINT, previous)
+    if came:
         raise KeyboardInterrupt
 
 
 def hold() -> None:
     """Defer every Ctrl-C from now until `started()` (the study run is being created)."""
     if _state["guarding"]:
-        _state["holds"] += 1
+        _state["holding"] = True
 
 
 def started() -> None:
@@ -74,10 +91,19 @@ def started() -> None:
     if not _state["guarding"]:
         return
     pending = _state["pending"]
-    _state.update(guarding=False, holds=0, pending=False, on_end=[])
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _state.update(guarding=False, holding=False, pending=False, on_end=[])
+    python_handles()
     if pending:
         raise KeyboardInterrupt
+
+
+def python_handles() -> None:
+    """Make a Ctrl-C Python's KeyboardInterrupt again (from the main thread; elsewhere nothing changes).
+
+    Ray Tune sets its own handler for a run and puts the old one back only when a Ctrl-C stops the
+    run: after a run that ended by itself, a Ctrl-C only set a flag that nothing read any more."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def end_now(message: str = "", cleanups: Sequence[Callable[[], None]] = ()) -> None:
@@ -100,7 +126,7 @@ def end_now(message: str = "", cleanups: Sequence[Callable[[], None]] = ()) -> N
 
 
 def _on_sigint(signum: int, frame) -> None:
-    if _state["holds"] and not _state["pending"]:  # the first Ctrl-C waits; a second ends it at once
+    if _state["holding"] and not _state["pending"]:  # the first Ctrl-C waits; a second ends it at once
         _state["pending"] = True
         return
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # where it was, for whoever debugs the start-up

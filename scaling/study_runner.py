@@ -147,6 +147,7 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
         if points:
             tuner = _tuner(sweeper, specs, workers, scheduler, callback, storage, points)
             tuner.fit()
+            interrupts.python_handles()  # Tune leaves its handler: the study's end must hear a Ctrl-C
             # Tune takes the first Ctrl-C (SIGINT) itself: it stops the trials and returns as if the run
             # had ended. A trial it stopped never reported an end, and one it never started has no status.
             interrupted = any(recorder.status.get(p["index"]) not in TERMINAL for p in points)

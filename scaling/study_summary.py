@@ -5,11 +5,26 @@ from __future__ import annotations
 import math
 import sys
 
+from scaling import interrupts
 from scaling.config import effective_lr, epochs_to_steps, redact_url
 from scaling.recorded import as_attributes
 from scaling.study import TrialSpec, data_key
 from scaling.study_callback import best_per_batch_size
 from scaling.tracking import ui_hint
+
+
+RESUME = "run the same command with hydra.sweeper.resume=true to finish the study"
+
+
+def _report(recorder) -> None:
+    """Build the study's report; a failure is one line (the study is recorded either way)."""
+    try:
+        from scaling.report import report_study
+
+        report_study(recorder.uri, recorder.run_id)
+    except Exception as exc:  # noqa: BLE001 - the study is recorded; a failed report must not hide that
+        error = f"error: the report failed ({type(exc).__name__}: {exc}); run scaling-report {recorder.run_id}"
+        print(redact_url(error), file=sys.stderr, flush=True)
 
 
 def finish_study(sweeper, recorder, specs, ref_lrs: dict[int, float], wall: float, interrupted: bool,
@@ -20,26 +35,31 @@ def finish_study(sweeper, recorder, specs, ref_lrs: dict[int, float], wall: floa
     full = sum(_budget_samples(s, n_train.get(data_key(s.config["data"]), 0)) for s in specs.values())
     # all attempts, from MLflow; a twin's samples were its source's (scaling.twins)
     trained = sum(max(v, 0) for i, v in recorder.logged_samples.items() if i not in not_trained)
+    recorded = False
     try:
-        recorder.drain()  # every trial run exists before the summary names them
-        best = best_per_batch_size(recorder, specs)
-        counts = recorder.finish(len(specs), full, trained, best, interrupted=interrupted)
+        with interrupts.deferred():  # a Ctrl-C is taken once every record is written (a second: at once)
+            recorder.drain()  # every trial run exists before the summary names them
+            best = best_per_batch_size(recorder, specs)
+            counts = recorder.finish(len(specs), full, trained, best, interrupted=interrupted)
+        recorded = True
+        print_summary(recorder, specs, best, counts, wall, full, trained, ref_lrs)
+        if sweeper.conf.report and recorder.enabled and not interrupted:
+            _report(recorder)
     except RuntimeError as exc:  # the tracking server is still down: the journal keeps everything
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(3)
-    print_summary(recorder, specs, best, counts, wall, full, trained, ref_lrs)
-    if sweeper.conf.report and recorder.enabled and not interrupted:
-        try:
-            from scaling.report import report_study
-
-            report_study(recorder.uri, recorder.run_id)
-        except Exception as exc:  # noqa: BLE001 - the study is recorded; a failed report must not hide that
-            error = f"error: the report failed ({type(exc).__name__}: {exc}); run scaling-report {recorder.run_id}"
-            print(redact_url(error), file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # after the trials: Tune no longer takes it (study_runner)
+        if not recorded:
+            print(f"error: interrupted while the study's record was written: {RESUME}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        if not interrupted:
+            later = f": scaling-report {recorder.run_id} prints its summary and report" if recorder.enabled else ""
+            print(f"error: interrupted after the study was recorded{later}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
     if recorder.enabled:  # the study run in the MLflow UI, after its report, so that it is what a user sees
         print(ui_hint(recorder.uri, recorder.exp_id, recorder.run_id), flush=True)
     if interrupted:
-        print("interrupted: run the same command with hydra.sweeper.resume=true to finish the study", flush=True)
+        print(f"interrupted: {RESUME}", flush=True)
         raise SystemExit(130)
     return {"study_run_id": recorder.run_id, "counts": counts, "best": best}
 

@@ -106,17 +106,41 @@ assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert (proc.returncode, proc.stdout, proc.stderr.strip()) == (130, "", "error: interrupted again: ended at once")
 
 
-def test_unguarded_the_helpers_change_nothing():
-    """In a Ray worker or a test (no entry point's guard) deferred() and started() are no-ops."""
+def test_unguarded_hold_and_started_change_nothing_and_deferred_still_defers():
+    """In a Ray worker or a test (no entry point's guard) hold() and started() are no-ops; deferred() takes
+    the Ctrl-C at its end and gives Python its handler back."""
     body = """
-with interrupts.deferred():
-    pass
 interrupts.hold(); interrupts.started()
 assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+try:
+    with interrupts.deferred():
+        os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)
+        print("block finished", flush=True)
+except KeyboardInterrupt:
+    print("raised at its end", flush=True)
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+try:
+    with interrupts.deferred():
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)
+        print("not reached", flush=True)
+except KeyboardInterrupt:
+    print("a second ends it at once", flush=True)
+"""
+    proc = run_py(body, guarded=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["block finished", "raised at its end", "a second ends it at once"]
+
+
+def test_python_handles_a_ctrl_c_again_after_a_handler_left_behind():
+    """Ray Tune leaves its SIGINT handler after a run that ended by itself, and a Ctrl-C only set its flag."""
+    body = """
+signal.signal(signal.SIGINT, lambda signum, frame: print("a flag nothing reads", flush=True))
+interrupts.python_handles()
 try:
     os.kill(os.getpid(), signal.SIGINT); time.sleep(1)
 except KeyboardInterrupt:
     print("python's own", flush=True)
 """
     proc = run_py(body, guarded=False)
-    assert proc.returncode == 0 and proc.stdout == "python's own\n", proc.stderr[-2000:]
+    assert proc.returncode == 0 and proc.stdout == "python's own\n", proc.stdout + proc.stderr[-2000:]

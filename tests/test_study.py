@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -296,6 +297,38 @@ def test_ctrl_c_while_a_study_starts_is_one_line_and_leaves_nothing(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in out + err, err[-3000:]
     assert lines == ["error: interrupted before the study started: nothing was recorded"], err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_the_report_is_built_ends_with_the_study_recorded(tmp_path):
+    """The report comes ~2 s after the summary here. Ray Tune left its SIGINT handler after the trials
+    had ended, so a Ctrl-C there set a flag nothing read and the report went on; a second raised in
+    the sweeper, which said nothing was recorded. Now the study run is complete and the line says so."""
+    args = [a for a in TINY if a != "hydra.sweeper.report=false"]
+    proc = subprocess.Popen([str(BIN / "scaling-train"), "-m", "batch_size=32,256", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"})
+    watchdog = threading.Timer(240, stop_group, (proc,))  # a study that hangs without printing
+    watchdog.start()
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if " trials in " in line:  # the summary's last line: the report is next
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=60)
+        out = "".join(seen) + out
+    finally:
+        watchdog.cancel()
+        stop_group(proc)
+    studies, trials = study_runs(tmp_path)
+    run_id = studies[0].info.run_id
+    assert proc.returncode == 130 and "Traceback" not in out + err, err[-3000:]
+    assert f"error: interrupted after the study was recorded: scaling-report {run_id} prints its summary " \
+           "and report" in err.splitlines(), err[-2000:]
+    assert "Figures and tables" not in out and "resume" not in out + err, out[-2000:]
+    assert (studies[0].info.status, studies[0].data.tags["trial.status"]) == ("FINISHED", "completed")
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
 
 
 @pytest.mark.parametrize("stuck", ["", "import atexit, time; atexit.register(time.sleep, 600)"],
