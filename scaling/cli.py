@@ -121,6 +121,10 @@ def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str
         result = TrialResult("error", reason=redact_url(f"{type(exc).__name__}: {exc}"))
         reporter.finish(result)
         raise
+    except KeyboardInterrupt:  # the run ends KILLED and `interrupted`, as a study's trials do, not running for ever
+        with interrupts.deferred():
+            reporter.finish(TrialResult("interrupted", reason="Ctrl-C"))
+        raise
     return result, (mlflow_reporter.run_id if mlflow_reporter else None)
 
 

@@ -19,6 +19,7 @@ from scaling.reporters import Reporter
 from scaling.store import make_client, sqlite_path
 
 STATUS_TAG = "trial.status"
+RUN_STATUS = {"error": "FAILED", "interrupted": "KILLED"}  # MLflow's run status per trial.status; else FINISHED
 KIND_TAG = "scaling.kind"  # "trial" | "study" | "lr_find"
 STUDY_TAG = "scaling.study_id"
 PACKAGES = ("scaling", "torch", "ray", "mlflow", "hydra-core", "numpy")
@@ -247,7 +248,7 @@ class MlflowTrialReporter(Reporter):
         self.client.set_tag(self.run_id, STATUS_TAG, result.status)
         if result.reason:
             self.client.set_tag(self.run_id, "trial.reason", result.reason[:5000])
-        self.client.set_terminated(self.run_id, status="FAILED" if result.status == "error" else "FINISHED")
+        self.client.set_terminated(self.run_id, status=RUN_STATUS.get(result.status, "FINISHED"))
 
 
 def runs_of(client, experiment: str, filter_string: str = "") -> Iterable[Any]:
