@@ -20,6 +20,7 @@ import tempfile
 import uuid
 from typing import Any, Optional, Sequence
 
+from scaling import interrupts
 from scaling.config import ConfigError, redact_url
 from scaling.validation import at_batch_size, check_batch_fits, validate
 
@@ -210,13 +211,14 @@ def record(cfg: Any, result: Any, client: Any, exp_id: str, group: str) -> str:
     from scaling.tracking import KIND_TAG, log_params, provenance_tags
 
     tags = {KIND_TAG: "lr_find", "lr_find.group": group, **provenance_tags()}
-    run_id = client.create_run(exp_id, run_name=f"lr_find bs={result.batch_size}", tags=tags).info.run_id
-    params = config_params(cfg)
-    params["batch_size"] = str(result.batch_size)
-    params.update(param_values(result.params()))
-    log_params(client, run_id, params)
-    log_range_test(client, run_id, result)
-    client.set_terminated(run_id, status="FINISHED")
+    with interrupts.deferred():  # a Ctrl-C waits for the whole record: no run left RUNNING, half-logged
+        run_id = client.create_run(exp_id, run_name=f"lr_find bs={result.batch_size}", tags=tags).info.run_id
+        params = config_params(cfg)
+        params["batch_size"] = str(result.batch_size)
+        params.update(param_values(result.params()))
+        log_params(client, run_id, params)
+        log_range_test(client, run_id, result)
+        client.set_terminated(run_id, status="FINISHED")
     return run_id
 
 
