@@ -108,11 +108,12 @@ def python_handles() -> None:
 
 def end_now(message: str = "", cleanups: Sequence[Callable[[], None]] = ()) -> None:
     """End the process as a Ctrl-C at start-up does: `error: {message}` (the guard's by default), the
-    clean-ups run (each in a thread, given CLEANUP_WAIT_S), exit 130 without Python's exit handlers."""
+    clean-ups run (`cleanups`, else those given to on_end; each in a thread, given CLEANUP_WAIT_S),
+    exit 130 without Python's exit handlers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a further Ctrl-C changes nothing now
     message = message or _state["message"] or "interrupted"
     os.write(2, f"error: {message}\n".encode())  # not print: the main thread may be mid-write to stderr
-    for cleanup in [*_state["on_end"], *cleanups]:
+    for cleanup in cleanups or _state["on_end"]:
         # A thread of _thread's: threading.Thread takes threading's own lock, which the interrupted
         # main thread may hold. Each is bounded: an import lock left held (see above) can block it for
         # ever, and what Ray started dies with the process anyway (local_ray.start_ray).
