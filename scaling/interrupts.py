@@ -1,4 +1,5 @@
-"""A Ctrl-C while a command starts up ends it at once: one line, exit 130, nothing raised mid-import.
+"""Ctrl-C: at start-up it ends the command at once (one line, exit 130, nothing raised mid-import);
+later, records that must land whole (a new store, a study's last writes) take it when they are done.
 
 Python turns SIGINT into a KeyboardInterrupt raised at whatever bytecode the main thread runs next.
 While a study starts that is mostly importlib's (torch, Ray, MLflow and Hydra: seconds on 2 cores),
