@@ -156,9 +156,13 @@ def make_client(uri: str):
 def _create_sqlite_store(db: Path) -> None:
     """Create and migrate a new SQLite store beside `db`, then rename it into place: a Ctrl-C or a kill
     mid-migration (~2 s, a few dozen alembic steps) leaves no half-migrated `db`, on which every later
-    command failed ("duplicate column name"), only the temporary file, removed on the way out."""
+    command failed ("duplicate column name"), only the temporary file, removed on the way out. A kill -9
+    (or a second Ctrl-C) skips that removal: such files are removed here, under make_client's lock on
+    the folder, which every creator holds, so none of them is still being written."""
     from mlflow.tracking import MlflowClient
 
+    for stale in db.parent.glob(f".{db.name}.creating-*"):
+        stale.unlink(missing_ok=True)
     tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
     # MLflow logs two INFO lines to stderr for it (and alembic its steps): noise before a study's first line
     loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]

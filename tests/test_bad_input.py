@@ -211,6 +211,26 @@ def test_a_store_left_with_a_hot_journal_is_used_not_refused(tmp_path):
         check_tracking_uri(f"sqlite:///{tmp_path}/other.db")
 
 
+def test_a_store_creation_killed_leaves_a_temporary_file_that_the_next_creation_removes(tmp_path):
+    """A kill -9 mid-migration skips the clean-up that removes the temporary store; the next command
+    that creates the store removes it (under the folder's lock no other creator is writing one)."""
+    from mlflow.tracking import MlflowClient
+
+    from scaling.store import make_client
+
+    code = ("import os, signal, threading\n"
+            "import mlflow.store.tracking.sqlalchemy_store\n"  # imported first: the kill lands mid-migration
+            "from scaling.store import make_client\n"
+            "threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()\n"
+            "make_client('sqlite:///new.db')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, "the migration ended before the kill: " + proc.stderr[-2000:]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left and all(name.startswith(".new.db.creating-") for name in left), left
+    assert isinstance(make_client(f"sqlite:///{tmp_path}/new.db"), MlflowClient)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.db"]
+
+
 def test_a_store_creation_cut_short_leaves_no_half_migrated_store(tmp_path):
     """Ctrl-C while MLflow migrates a new SQLite store (~1.5 s of alembic steps) left a file that every
     later command refused ("duplicate column name"). It is made under another name and renamed."""
