@@ -11,12 +11,50 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from scaling.reporters import Reporter
+
+
+STAGING_PREFIX = "scaling-ckpt-"
+
+
+def checkpoint_staging() -> str:
+    """Return this process's folder for a checkpoint on its way to the study's storage, empty, after
+    removing those of processes that are gone (see remove_stale_staging).
+
+    tune.report persists the folder to storage, then waits for the driver; a trial that ASHA pauses or
+    stops at a rung is ended while it waits, and a TemporaryDirectory there was never removed: /tmp
+    held a state.pt per pause (63 folders after a day of test runs). One folder per process, named by
+    its pid, bounds that, and the next checkpoint on the node, or the study's end, removes it."""
+    remove_stale_staging()
+    mine = os.path.join(tempfile.gettempdir(), f"{STAGING_PREFIX}{os.getpid()}")
+    shutil.rmtree(mine, ignore_errors=True)
+    os.makedirs(mine)
+    return mine
+
+
+def remove_stale_staging() -> None:
+    """Remove the checkpoint staging folders of this node's processes that have ended."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(STAGING_PREFIX):] if name.startswith(STAGING_PREFIX) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 @dataclass
@@ -112,9 +150,10 @@ class TuneReporter(Reporter):
             import torch
 
             self._saved_at = now
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(checkpoint(), os.path.join(tmp, "state.pt"))
-                tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
+            folder = checkpoint_staging()
+            torch.save(checkpoint(), os.path.join(folder, "state.pt"))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(folder))  # persisted to storage first
+            shutil.rmtree(folder, ignore_errors=True)
         else:
             tune.report(result)
 

@@ -16,7 +16,7 @@ from scaling import interrupts
 from scaling.config import ConfigError
 from scaling.grid import Grid, bare_key, mixed_batch_sizes_note, stratum_keys
 from scaling.local_ray import check_cluster, count_callbacks_by_name, stop_ray_aside
-from scaling.study import TrialSpec, data_key, trainable
+from scaling.study import TrialSpec, data_key, remove_stale_staging, trainable
 from scaling.study_callback import callback_class
 from scaling.study_record import TERMINAL
 from scaling.store import import_mlflow
@@ -160,6 +160,7 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
                             not_trained=not_trained)
     finally:
         stopping.join()
+        remove_stale_staging()  # the checkpoint folders of the workers Ray has just ended (on this node)
         del tuner  # after Ray has stopped, as before this function was split
 
 

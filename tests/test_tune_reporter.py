@@ -71,3 +71,34 @@ def test_a_trial_ending_early_sends_what_it_held(sent):
     assert sent == []  # ... but it diverges at step 20, before either
     reporter.finish(TrialResult("diverged", metrics={"step": 20}, reason="nan"))  # what run_trial hands it
     assert unpack(sent) == [10, 20, 20] and sent[-1]["trial_status"] == "diverged"
+
+
+def test_checkpoint_staging_removes_the_folders_of_ended_processes_only(tmp_path, monkeypatch):
+    """A worker ended while tune.report waited (a pause, a stop at a rung, a kill) never removed its
+    checkpoint folder: /tmp kept a state.pt per report. Staging is one folder per process, and the
+    next checkpoint on the node removes those of processes that have ended, not of running ones."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from scaling.study import STAGING_PREFIX, checkpoint_staging, remove_stale_staging
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (int(ended.stdout), running.pid):
+            (tmp_path / f"{STAGING_PREFIX}{pid}").mkdir()
+            (tmp_path / f"{STAGING_PREFIX}{pid}" / "state.pt").write_bytes(b"x")
+        (tmp_path / "unrelated-123").mkdir()
+        mine = checkpoint_staging()
+        assert mine == str(tmp_path / f"{STAGING_PREFIX}{os.getpid()}") and os.listdir(mine) == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [f"{STAGING_PREFIX}{running.pid}", f"{STAGING_PREFIX}{os.getpid()}", "unrelated-123"])
+        running.kill()
+        running.wait()
+        remove_stale_staging()  # what the study's driver runs once Ray has stopped
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{STAGING_PREFIX}{os.getpid()}", "unrelated-123"])
+    finally:
+        running.kill()
