@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from scaling import interrupts
 from scaling.config import ConfigError, redact_url, register_configs
-from scaling.console import MULTIRUN_FLAGS, train_starting
+from scaling.console import MULTIRUN_FLAGS
 from scaling.validation import plan_split, validate
 
 # In the package, so that a wheel (`pip install .`, not only `-e`) carries it (pyproject package-data)
@@ -257,11 +257,8 @@ def lr_find_main(argv: Optional[Sequence[str]] = None) -> None:
     main(argv)
 
 
-def _console(main: Callable[[], None], starting: Optional[Callable[[list[str]], str]] = None) -> Callable[[], None]:
+def _console(main: Callable[[], None]) -> Callable[[], None]:
     """Return `main` as a console script that skips the interpreter's teardown at its end.
-
-    `starting(argv)`, where given, is the line a Ctrl-C prints before the command has anything to
-    record: until then it ends the process at once (scaling.interrupts says why).
 
     After a study, Python spends ~1.2 s (2 cores) freeing the modules of torch, Ray and MLflow
     one object at a time, memory the OS takes back at once. The script instead runs what a
@@ -271,8 +268,6 @@ def _console(main: Callable[[], None], starting: Optional[Callable[[list[str]], 
     Python's own path (traceback, teardown).
     """
     def entry() -> None:
-        if starting is not None:
-            interrupts.guard(starting(sys.argv[1:]))
         try:
             main()
             code: Any = 0
@@ -305,11 +300,13 @@ def _exit_now(code: Any) -> None:
     os._exit(code or 0)
 
 
-# The console scripts (pyproject.toml); the *_main functions stay plain calls for Python callers.
-train_entry = _console(train_main, train_starting)
-study_entry = _console(study_main, lambda argv: interrupts.STUDY_NOT_STARTED)
+# The console scripts (through scaling.console, which guards Ctrl-C first); the *_main functions stay
+# plain calls for Python callers.
+train_entry, study_entry = _console(train_main), _console(study_main)
 report_entry, lr_find_entry = _console(report_main), _console(lr_find_main)
 
 
 if __name__ == "__main__":
-    train_entry()
+    from scaling.console import train
+
+    train()

@@ -29,7 +29,7 @@ def checkpoint_staging() -> str:
 
     tune.report persists the folder to storage, then waits for the driver; a trial that ASHA pauses or
     stops at a rung is ended while it waits, and a TemporaryDirectory there was never removed: /tmp
-    held a state.pt per pause (63 folders after a day of test runs). One folder per process, named by
+    held a state.pt per pause (60 folders after a day of test runs). One folder per process, named by
     its pid, bounds that, and the next checkpoint on the node, or the study's end, removes it."""
     remove_stale_staging()
     mine = os.path.join(tempfile.gettempdir(), f"{STAGING_PREFIX}{os.getpid()}")
@@ -52,8 +52,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's: alive
-        return True
+    except PermissionError:  # another user's process
+        pass
     return True
 
 

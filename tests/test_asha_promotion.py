@@ -303,4 +303,3 @@ def test_a_study_killed_while_trials_wait_at_a_rung_resumes_them_from_their_chec
     check_against_the_grid(client, study, promo, full_grid)
     # the kill found trials waiting with a checkpoint at their rung: the resume restarted them from it
     assert any("trial.resumed_from_step" in run.data.tags for run in promo.values())
-
