@@ -14,6 +14,14 @@ _CACHE = tempfile.mkdtemp(prefix="scaling-test-cache-")
 os.environ["SCALING_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
+# Every Ray a test starts (in this process or in a `scaling-study` it runs) keeps its session folder,
+# logs and all, under $RAY_TMPDIR/ray, /tmp/ray by default: ~200 folders and ~70 MB a suite run, kept
+# for ever. Here they go to a folder of this process's, removed at its exit, after Ray's own exit
+# handler (registered later, run first) has stopped the Ray it started. Short, for Ray's unix sockets.
+_RAY_TMP = tempfile.mkdtemp(prefix="scaling-ray-")
+os.environ["RAY_TMPDIR"] = _RAY_TMP
+atexit.register(shutil.rmtree, _RAY_TMP, ignore_errors=True)
+
 # A trial that runs in well under a second on one loaded CPU core: 1600 training samples,
 # 50 steps of 32, two evaluations, a 32-wide MLP, no MLflow.
 TINY = ("data.n_samples=2000", "epochs=1", "eval_every=0.5", "batch_size=32", "model.width=32",
