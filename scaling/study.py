@@ -15,12 +15,13 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from scaling.reporters import Reporter
 
 
 STAGING_PREFIX = "scaling-ckpt-"
+STAGING_WAIT_S = 3.0  # how long a study's end waits for its workers to end before removing their folders
 
 
 def checkpoint_staging() -> str:
@@ -38,8 +39,15 @@ def checkpoint_staging() -> str:
     return mine
 
 
-def remove_stale_staging() -> None:
-    """Remove the checkpoint staging folders of this node's processes that have ended."""
+def remove_stale_staging(wait_for: Iterable[int] = (), wait_s: float = STAGING_WAIT_S) -> None:
+    """Remove the checkpoint staging folders of this node's processes that have ended, after waiting
+    up to wait_s for the processes `wait_for` (a study's own workers, which Ray is ending) to end."""
+    deadline = time.monotonic() + wait_s
+    pending = {pid for pid in wait_for if pid != os.getpid()}
+    while pending and time.monotonic() < deadline:
+        pending = {pid for pid in pending if _alive(pid)}
+        if pending:
+            time.sleep(0.02)
     root = tempfile.gettempdir()
     for name in os.listdir(root):
         pid = name[len(STAGING_PREFIX):] if name.startswith(STAGING_PREFIX) else ""
@@ -48,13 +56,18 @@ def remove_stale_staging() -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Return whether process pid runs (a zombie, ended but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        pass
-    return True
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:  # "pid (comm) S ...": the state follows the last ")"
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (macOS): as os.kill said
+        return True
 
 
 @dataclass

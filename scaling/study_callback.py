@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import time
 
 from scaling.recorded import lr_params
 from scaling.study import TrialSpec
 from scaling.study_record import TERMINAL
+
+HOSTNAME = platform.node()  # as Tune's results name the machine a worker ran on
 
 
 def _recorded(result: dict) -> dict:
@@ -37,6 +40,7 @@ def callback_class():
             self.unpaused: dict[int, int] = {}  # trial index -> the step it last resumed from a pause
             self.ref_lrs: dict[int, float] = {}  # trial index -> ref_lr of its own range test (from_lr_find)
             self.nodes: dict[int, str] = {}  # trial index -> the Ray node id it last reported from
+            self.local_pids: set[int] = set()  # the worker processes on this node that ran trials
 
         def _index(self, trial) -> int:
             return int(trial.config["point"]["index"])
@@ -52,6 +56,8 @@ def callback_class():
         def on_trial_result(self, iteration, trials, trial, result, **info):
             i = self._index(trial)
             metrics = _recorded(result)
+            if result.get("pid") and result.get("hostname") == HOSTNAME:  # Tune fills both in
+                self.local_pids.add(int(result["pid"]))
             node = result.get("node_id")
             if node and self.nodes.get(i) != node:  # tag the run with where it ran (a retry may move it)
                 self.nodes[i] = node

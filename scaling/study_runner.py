@@ -160,7 +160,8 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
                             not_trained=not_trained)
     finally:
         stopping.join()
-        remove_stale_staging()  # the checkpoint folders of the workers Ray has just ended (on this node)
+        # the checkpoint folders of the workers Ray is ending (on this node): ending takes it a moment
+        remove_stale_staging(wait_for=callback.local_pids if callback else ())
         del tuner  # after Ray has stopped, as before this function was split
 
 

@@ -251,11 +251,16 @@ def check_against_the_grid(client, study, promo: dict, full_grid: dict) -> dict:
 def test_a_real_study_pauses_and_resumes_trials_exactly(tmp_path, full_grid):
     """3 LRs at 2 batch sizes, rungs at 0.25 and 0.75 epoch. A trial paused at a rung and resumed from
     its checkpoint records the val/loss curve the same trial records when no scheduler pauses it, bit
-    for bit; a trial left waiting records its curve up to the rung and ends `pruned`."""
+    for bit; a trial left waiting records its curve up to the rung and ends `pruned`. The study's end
+    leaves no folder its workers staged their pause checkpoints in (scaling.study.checkpoint_staging)."""
     from test_study import run_cli
 
-    proc = run_cli([*GRID, *PROMOTION, *ONE_AT_A_TIME, "hydra.sweeper.study_name=promotion"], tmp_path)
+    tmp = tmp_path / "tmp"  # the study's (and its workers') temporary folder, no other study's
+    tmp.mkdir()
+    proc = run_cli([*GRID, *PROMOTION, *ONE_AT_A_TIME, "hydra.sweeper.study_name=promotion"], tmp_path,
+                   extra_env={"TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(tmp.glob("scaling-ckpt-*"))
     client, study, promo = trial_runs(tmp_path, "promotion")
     statuses = check_against_the_grid(client, study, promo, full_grid)
     for run in promo.values():
@@ -269,7 +274,8 @@ def test_a_real_study_pauses_and_resumes_trials_exactly(tmp_path, full_grid):
 @pytest.mark.slow
 def test_a_study_killed_while_trials_wait_at_a_rung_resumes_them_from_their_checkpoints(tmp_path, full_grid):
     """The driver (and its Ray) is killed once a trial waits, paused, at a rung; the resumed study
-    restarts the waiting trials from their rung checkpoints and ends as the grid says it must."""
+    restarts the waiting trials from their rung checkpoints and ends as the grid says it must, and
+    leaves none of the folders both runs' workers staged checkpoints in (scaling.study.checkpoint_staging)."""
     import re
     import subprocess
     import threading
@@ -278,9 +284,11 @@ def test_a_study_killed_while_trials_wait_at_a_rung_resumes_them_from_their_chec
     from test_study import run_cli
 
     args = [*GRID, *PROMOTION, "hydra.sweeper.study_name=killed"]
+    tmp = tmp_path / "tmp"  # the studies' (and their workers') temporary folder, no other study's
+    tmp.mkdir()
     proc = subprocess.Popen([str(BIN / "scaling-train"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)})
     watchdog = threading.Timer(240, stop_group, (proc,))  # a study that hangs without printing
     watchdog.start()
     seen = []
@@ -295,8 +303,9 @@ def test_a_study_killed_while_trials_wait_at_a_rung_resumes_them_from_their_chec
         stop_group(proc)  # the driver and the Ray processes it started, nothing else
         watchdog.cancel()
         proc.stdout.close()
-    resumed = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path)
+    resumed = run_cli([*args, "hydra.sweeper.resume=true"], tmp_path, extra_env={"TMPDIR": str(tmp)})
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert not list(tmp.glob("scaling-ckpt-*"))  # the killed workers' (stale) and the resumed study's
     assert "resuming study killed" in resumed.stdout
     client, study, promo = trial_runs(tmp_path, "killed")
     assert study.data.tags["trial.status"] == "completed"

@@ -29,10 +29,10 @@ TINY = ["epochs=1", "eval_every=0.25", "data.n_samples=3000", "model.width=32",
         "hydra.sweeper.asha.grace_period=0.25", "hydra.sweeper.report=false"]
 
 
-def run_cli(args, cwd, script="scaling-train", timeout=240, **kw):
+def run_cli(args, cwd, script="scaling-train", timeout=240, extra_env=None, **kw):
     """Run a console script in `cwd` with its output piped and COLUMNS=80, as CI and pytest often set
-    it; return the CompletedProcess (text)."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1", "COLUMNS": "80"}
+    it (and `extra_env`); return the CompletedProcess (text)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1", "COLUMNS": "80", **(extra_env or {})}
     return subprocess.run([str(BIN / script), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, **kw)
 

@@ -102,3 +102,41 @@ def test_checkpoint_staging_removes_the_folders_of_ended_processes_only(tmp_path
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{STAGING_PREFIX}{os.getpid()}", "unrelated-123"])
     finally:
         running.kill()
+
+
+def test_a_study_end_waits_for_its_ending_workers_and_takes_a_zombie_for_ended(tmp_path, monkeypatch):
+    """Ray stops a study's workers after its driver has asked it to: at the study's end they were often
+    still running (state R) when the driver removed the ended ones' folders, and theirs stayed. The
+    driver now waits (bounded) for the workers that reported to it; a zombie (ended, not yet reaped by
+    its parent) counts as ended, and a process that goes on past the bound keeps its folder."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from scaling.study import STAGING_PREFIX, remove_stale_staging
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ending = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for until the end: a zombie
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another study's
+    try:
+        for pid in (ending.pid, zombie.pid, other.pid):
+            (tmp_path / f"{STAGING_PREFIX}{pid}").mkdir()
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{zombie.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never ended"
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        remove_stale_staging(wait_for=[ending.pid, zombie.pid])
+        assert 0.2 < time.monotonic() - t0 < 3.0  # it waited for the ending one, not for the zombie's bound
+        assert [p.name for p in tmp_path.iterdir()] == [f"{STAGING_PREFIX}{other.pid}"]
+        t0 = time.monotonic()
+        remove_stale_staging(wait_for=[other.pid], wait_s=0.3)  # past the bound: it goes on, the folder stays
+        assert time.monotonic() - t0 < 1.0
+        assert [p.name for p in tmp_path.iterdir()] == [f"{STAGING_PREFIX}{other.pid}"]
+    finally:
+        for proc in (ending, zombie, other):
+            proc.kill()
+            proc.wait()
