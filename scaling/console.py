@@ -1,6 +1,8 @@
 """The console scripts of pyproject.toml. Each installs the start-up Ctrl-C guard (scaling.interrupts)
 before it imports the command: `scaling.cli` alone imports OmegaConf (~0.1 s, more on a loaded
-machine), and a Ctrl-C in that import was Python's KeyboardInterrupt, with its hazards, still."""
+machine), and a Ctrl-C in that import was Python's KeyboardInterrupt, with its hazards, still.
+`scaling-report` and `scaling-lr-find` import MLflow, pandas and matplotlib (torch too) before
+they write anything: seconds of imports, guarded the same way."""
 from __future__ import annotations
 
 import sys
@@ -27,3 +29,17 @@ def study() -> None:
     from scaling.cli import study_entry
 
     study_entry()
+
+
+def report() -> None:
+    interrupts.guard(interrupts.REPORT_NOT_WRITTEN)
+    from scaling.cli import report_entry
+
+    report_entry()
+
+
+def lr_find() -> None:
+    interrupts.guard(interrupts.LR_FIND_NOT_STARTED)
+    from scaling.cli import lr_find_entry
+
+    lr_find_entry()

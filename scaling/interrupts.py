@@ -18,7 +18,8 @@ study's last records) take a first Ctrl-C at their end, as a KeyboardInterrupt r
 their clean-up intact. `hold()` defers every later Ctrl-C (a study creating its MLflow run; a second
 still ends it at once), and `started()` hands SIGINT back to Python (and Tune) where the command can
 record an interruption, raising the one deferred; `python_handles()` takes it back from Tune after a
-run. Only the stdlib is imported here: the entry point (scaling.console) installs it first.
+run. Only the stdlib is imported here: the entry point (scaling.console) installs it first, for
+every console script (`scaling-report` until it writes, `scaling-lr-find` until its first record).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from typing import Callable, Iterator, Sequence
 
 STUDY_NOT_STARTED = "interrupted before the study started: nothing was recorded"
 RUN_NOT_STARTED = "interrupted before the run started: nothing was recorded"
+REPORT_NOT_WRITTEN = "interrupted before the report was written: nothing was written"
+LR_FIND_NOT_STARTED = "interrupted before any range test was recorded: nothing was recorded"
 _state: dict = {"guarding": False, "holding": False, "pending": False, "message": "", "on_end": []}
 CLEANUP_WAIT_S = 15.0
 

@@ -112,6 +112,7 @@ def _task(cfg: Any) -> None:
             _say_recorded(cfg, store.group, runs)  # the batch sizes tested before it are real results: kept, FINISHED
             fail(str(exc))
         run_id = store.record(result)
+        interrupts.started()  # a test is recorded: a Ctrl-C from now on is "interrupted", the runs kept
         results.append(result)
         runs.append(run_id)
         print(result.describe() + (f" | mlflow run {run_id}" if run_id else ""), flush=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from scaling import interrupts
 from scaling.analysis import DEFAULT_TRACKING_URI, Analysis, Study, StudyError, analyze, load_study
 from scaling.config import redact_url
 from scaling.fits import RULES
@@ -55,23 +56,26 @@ def report_study(tracking_uri: Optional[str], study: Optional[str] = None, *, ex
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return ReportResult(error=str(exc), exit_code=1)
-    from scaling.plots import save_figures
+    from scaling.plots import save_figures  # matplotlib: imported while a Ctrl-C still ends the command at once
+    from scaling.store import make_client
 
     out = Path(out_dir) if out_dir is not None else default_out_dir(s)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        error = f"--out {out}: cannot hold the report ({exc.strerror})"
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return ReportResult(error=error, exit_code=1)
-    figures = save_figures(a, s, out, memory_budget_mb)
-    tables = write_tables(a, out)
-    if log_to_mlflow:
-        from scaling.store import make_client
-
-        client = make_client(s.tracking_uri)
-        for path in [*figures, *tables]:
-            client.log_artifact(s.run_id, str(path), ARTIFACT_DIR)
+    # What the report writes lands whole: a Ctrl-C from here on is taken once the figures, the tables
+    # and their copies on the study run are all written (~2 s), not between two of them.
+    interrupts.started()
+    with interrupts.deferred():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            error = f"--out {out}: cannot hold the report ({exc.strerror})"
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return ReportResult(error=error, exit_code=1)
+        figures = save_figures(a, s, out, memory_budget_mb)
+        tables = write_tables(a, out)
+        if log_to_mlflow:
+            client = make_client(s.tracking_uri)
+            for path in [*figures, *tables]:
+                client.log_artifact(s.run_id, str(path), ARTIFACT_DIR)
     result = ReportResult(s, a, out, figures, tables)
     print_report(result, memory_budget_mb, logged=log_to_mlflow, file=file)
     return result

@@ -96,6 +96,53 @@ def test_summary_csv_has_one_row_per_batch_size_with_a_best_lr(tiny_study):
     assert divergence.loc[512, "diverges_at"] == pytest.approx(12.8)  # 0.05 x 64 x 512/128
 
 
+def _report_interrupted(cwd: Path, out: str, when) -> subprocess.CompletedProcess:
+    """Run `scaling-report --no-log --out <out>` in cwd and send it one SIGINT once `when()` is true."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen([str(BIN / "scaling-report"), "--no-log", "--out", out], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not when() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@slow
+def test_ctrl_c_while_the_report_starts_is_one_line_and_writes_nothing(tiny_study):
+    """A Ctrl-C while scaling-report imports MLflow, pandas and matplotlib (scaling.interrupts): one
+    line, exit 130, no traceback and no folder; unguarded it could land mid-import."""
+    import time
+
+    cwd, _, _ = tiny_study
+    t0 = time.monotonic()
+    proc = _report_interrupted(cwd, "early", lambda: time.monotonic() - t0 > 0.4)
+    assert (proc.returncode, proc.stdout, proc.stderr.strip()) == (
+        130, "", "error: interrupted before the report was written: nothing was written"), proc.stderr[-2000:]
+    assert not (cwd / "early").exists()
+
+
+@slow
+def test_ctrl_c_while_the_report_is_written_takes_effect_once_it_is_whole(tiny_study):
+    """A Ctrl-C the moment the report's folder appears (figures and tables still to come) ends the command
+    once every figure and table is written: before, it stopped between two figures, leaving some."""
+    cwd, _, _ = tiny_study
+    proc = _report_interrupted(cwd, "whole", (cwd / "whole").exists)
+    assert proc.returncode == 130 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "error: interrupted", proc.stderr[-2000:]
+    written = sorted(p.name for p in (cwd / "whole").iterdir())
+    assert written == sorted(p.name for p in (cwd / "report").iterdir()), written
+    for name in FIGURES:
+        assert (cwd / "whole" / f"{name}.png").stat().st_size > 10_000, name
+
+
 @slow
 def test_report_finds_the_study_by_name_without_logging(tiny_study):
     cwd, run, _ = tiny_study
