@@ -50,3 +50,24 @@ def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float =
     raise AssertionError(f"timed out waiting for '{text}':\n{log.read_text()[-3000:]}")
 
 
+
+
+def interrupt_once_recorded(proc: subprocess.Popen, db: Path, query: str, timeout: float = 120) -> tuple[str, str]:
+    """Send `proc` one SIGINT once `query` (a count) is non-zero in the SQLite store `db`, or once it has ended
+    or `timeout` has passed; return its (stdout, stderr). The store is read read-only, as it is being written."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            try:
+                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+                    if con.execute(query).fetchone()[0]:
+                        break
+            except sqlite3.Error:
+                continue  # not created yet
+        proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=60)
+    finally:
+        proc.kill()

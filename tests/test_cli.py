@@ -206,29 +206,15 @@ def test_ctrl_c_while_a_single_run_starts_is_one_line_and_leaves_nothing(tmp_pat
 
 def test_ctrl_c_mid_run_ends_its_mlflow_run_killed_and_interrupted(tmp_path, cli_tiny):
     """A single run stopped by Ctrl-C stayed RUNNING with trial.status=running for ever in MLflow."""
-    import signal
-    import sqlite3
-    import time
+    from procs import interrupt_once_recorded
 
     args = [a for a in cli_tiny if not a.startswith(("epochs=", "eval_every=", "data.n_samples="))]
     args += ["epochs=500", "eval_every=0.5", "data.n_samples=3000", "mlflow.experiment=ctrl-c"]
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "SCALING_PROGRESS")}
     proc = subprocess.Popen([str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    db, deadline = tmp_path / "mlflow.db", time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:  # until the run has logged an evaluation
-            time.sleep(0.5)
-            try:
-                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-                    if con.execute("select count(*) from metrics where key = 'val/loss'").fetchone()[0]:
-                        break
-            except sqlite3.Error:
-                continue  # not created yet
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    db = tmp_path / "mlflow.db"  # interrupted once the run has logged an evaluation
+    out, err = interrupt_once_recorded(proc, db, "select count(*) from metrics where key = 'val/loss'")
     assert proc.returncode == 130 and "Traceback" not in out + err, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: interrupted", err[-2000:]
     [run] = search(f"sqlite:///{db}", "ctrl-c")

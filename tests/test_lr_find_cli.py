@@ -197,8 +197,9 @@ def test_ctrl_c_before_and_after_the_first_recorded_test(tmp_path):
     """A Ctrl-C while scaling-lr-find imports (torch, MLflow) is one line and exit 130 with nothing recorded
     (scaling.interrupts); once a batch size's test is recorded, a Ctrl-C is `interrupted` and keeps it."""
     import signal
-    import sqlite3
     import time
+
+    from procs import interrupt_once_recorded
 
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "SCALING_PROGRESS")}
     args = ["data.n_samples=8000", "model.width=32", "threads=1", "batch_size=32,2048", "lr_find.num_iters=3000",
@@ -214,20 +215,8 @@ def test_ctrl_c_before_and_after_the_first_recorded_test(tmp_path):
 
     proc = subprocess.Popen([str(BIN / "scaling-lr-find"), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    db, deadline = tmp_path / "mlflow.db", time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:  # until batch 32's run is recorded
-            time.sleep(0.1)
-            try:
-                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-                    if con.execute("select count(*) from runs where status = 'FINISHED'").fetchone()[0]:
-                        break
-            except sqlite3.Error:
-                continue  # not created yet
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    db = tmp_path / "mlflow.db"  # interrupted once batch 32's run is recorded
+    out, err = interrupt_once_recorded(proc, db, "select count(*) from runs where status = 'FINISHED'")
     assert proc.returncode == 130 and "Traceback" not in out + err, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: interrupted", err[-2000:]
     assert out.startswith("bs=32: ") and "bs=2048" not in out, out
