@@ -197,6 +197,10 @@ class GnsConfig:
     """Estimate the gradient noise scale B_simple online (needs micro-batches)."""
     ema: float = 0.95
     """Smoothing of the |G|^2 and tr(Sigma) estimates."""
+    micro_batches: Optional[int] = None
+    """Measure with each step split into this many micro-batches (batch_size / micro_batches samples
+    each), one setting for a study's every batch size; excludes micro_batch_size and
+    parallel.max_micro_batch (null: their split). Ignored while gns.enabled is false."""
 
 
 @dataclass

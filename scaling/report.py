@@ -179,7 +179,7 @@ def print_report(result: ReportResult, memory_budget_mb: Optional[float] = None,
         per_b = ", ".join(f"{b:g}: {v:.3g}" for b, v in zip(a.noise["batch_size"], a.noise["b_simple"]))
         console.print(f"[bold]B_simple[/bold] (gradient noise scale, the median over each batch size's trials): {per_b}")
     else:
-        console.print("[bold]B_simple[/bold]: not logged (gns.enabled=true measures it)")
+        console.print("[bold]B_simple[/bold]: not logged (gns.enabled=true gns.micro_batches=4 measures it)")
 
     if not a.rules.empty:
         rules = Table(title="Scaling rules: val/loss at lr_multiplier=1 vs the LR tuned per batch size")

@@ -84,6 +84,7 @@ def validate(cfg: Any) -> None:
         if cfg.batch_size % cfg.micro_batch_size:
             raise ConfigError("micro_batch_size", cfg.micro_batch_size,
                               f"must divide batch_size={cfg.batch_size}")
+    _validate_gns_split(cfg)
     split = _validate_parallel(cfg)
     _positive("lr_multiplier", cfg.lr_multiplier)
     if cfg.lr is not None:
@@ -140,8 +141,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError("gns.enabled", True, f"is not supported with {split.workers} data-parallel workers "
                               "(parallel.workers / max_micro_batch): the estimator needs one process's micro-batches")
         if split.accumulation < 2:
-            raise ConfigError("gns.enabled", True,
-                              "needs at least 2 micro-batches per step: set micro_batch_size below batch_size")
+            raise ConfigError("gns.enabled", True, "needs at least 2 micro-batches per step: set gns.micro_batches "
+                              "(one split for every batch size), or micro_batch_size below batch_size")
     if cfg.memory.limit_mb is not None:
         _positive("memory.limit_mb", cfg.memory.limit_mb)
 
@@ -157,6 +158,25 @@ def validate(cfg: Any) -> None:
     if not cfg.mlflow.experiment.strip():
         raise ConfigError("mlflow.experiment", cfg.mlflow.experiment, "must not be empty")
     _validate_lr_find(cfg)
+
+
+def _validate_gns_split(cfg: Any) -> None:
+    """Check gns.micro_batches where it sets the split (the noise scale on, one worker: the gns checks in
+    validate() refuse more)."""
+    k = cfg.gns.micro_batches
+    if not cfg.gns.enabled or k is None:
+        return
+    _positive("gns.micro_batches", k, integer=True)
+    if k < 2:
+        raise ConfigError("gns.micro_batches", k, "must be at least 2: the estimator compares the micro-batches' "
+                                                  "gradients with their step's")
+    if cfg.micro_batch_size is not None:
+        raise ConfigError("gns.micro_batches", k, f"excludes micro_batch_size={cfg.micro_batch_size}; set one of them")
+    if cfg.parallel.max_micro_batch is not None:
+        raise ConfigError("gns.micro_batches", k,
+                          f"excludes parallel.max_micro_batch={cfg.parallel.max_micro_batch}; set one of them")
+    if cfg.parallel.workers == 1 and cfg.batch_size % k:
+        raise ConfigError("gns.micro_batches", k, f"must divide batch_size={cfg.batch_size}")
 
 
 def _validate_parallel(cfg: Any) -> Split:
@@ -193,14 +213,14 @@ def plan_split(cfg: Any) -> Split:
     """Return how a step's batch_size samples are split: workers x micro_batch x accumulation.
 
     Without parallel.max_micro_batch: parallel.workers workers, each taking micro_batch_size samples
-    (null: its whole share) per forward pass. With it: the fewest workers from parallel.workers up to
+    (null: its whole share, or batch_size / gns.micro_batches when that measures) per forward pass. With it: the fewest workers from parallel.workers up to
     max(workers, max_workers) (dividing batch_size) whose share fits the limit; if none fits, the most
     of them, then the fewest accumulation steps that bring the micro-batch under the limit.
     """
     p, B = cfg.parallel, int(cfg.batch_size)
     if p.max_micro_batch is None:
         w = int(p.workers)
-        micro = int(cfg.micro_batch_size or B // w)
+        micro = int(cfg.micro_batch_size or B // (w * _gns_micro_batches(cfg)))
         return Split(w, micro, B // (w * micro))
     limit = int(p.max_micro_batch)
     ws = [w for w in range(int(p.workers), max(int(p.workers), int(p.max_workers)) + 1) if B % w == 0]
@@ -208,6 +228,16 @@ def plan_split(cfg: Any) -> Split:
     share = B // w
     acc = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= limit)
     return Split(w, share // acc, acc)
+
+
+def _gns_micro_batches(cfg: Any) -> int:
+    """Return gns.micro_batches where it sets the split (the noise scale on, micro_batch_size null, one
+    worker: validate() refuses the noise scale with more), else 1."""
+    gns = getattr(cfg, "gns", None)  # absent from a split's own keys (scaling.study_runner._workers)
+    if gns is None or not gns.enabled or gns.micro_batches is None or cfg.micro_batch_size is not None \
+            or int(cfg.parallel.workers) != 1:
+        return 1
+    return max(int(gns.micro_batches), 1)
 
 
 def _validate_data(d: Any) -> None:

@@ -56,6 +56,12 @@ REJECTED = [
     (["scaling.ref_batch_size=-128"], "scaling.ref_batch_size", "-128"),
     (["batch_size=32", "micro_batch_size=3"], "micro_batch_size", "3"),
     (["batch_size=64", "micro_batch_size=128"], "micro_batch_size", "128"),
+    # gns.micro_batches: one split for every batch size of a study, checked only while it measures
+    (["gns.enabled=true", "gns.micro_batches=1"], "gns.micro_batches", "1"),
+    (["gns.enabled=true", "gns.micro_batches=0"], "gns.micro_batches", "0"),
+    (["gns.enabled=true", "batch_size=96", "gns.micro_batches=5"], "gns.micro_batches", "5"),
+    (["gns.enabled=true", "gns.micro_batches=4", "micro_batch_size=16"], "gns.micro_batches", "4"),
+    (["gns.enabled=true", "gns.micro_batches=4", "parallel.max_micro_batch=16"], "gns.micro_batches", "4"),
     (["data.n_samples=100", "batch_size=128"], "batch_size", "128"),  # 80 training samples
     (["scaling.rule=cubic"], "scaling.rule", "cubic"),
     (["optimizer.name=lion"], "optimizer.name", "lion"),
@@ -97,6 +103,21 @@ def test_rejected(compose_cfg, overrides, key, bad):
     assert "\n" not in msg
     assert msg.startswith(f"{key}="), msg  # names the key first...
     assert bad in msg.split(":", 1)[0], msg  # ...then the value that was given
+
+
+def test_gns_micro_batches_splits_every_batch_size_of_a_study_alike(compose_cfg):
+    """One override measures B_simple at every batch size of a grid (micro_batch_size is one size for all,
+    which a grid from 16 to 2048 cannot share usefully); it changes nothing while the noise scale is off."""
+    from scaling.config import Split
+    from scaling.validation import plan_split
+
+    for b in (16, 64, 2048):
+        cfg = compose_cfg(f"batch_size={b}", "gns.enabled=true", "gns.micro_batches=4")
+        validate(cfg)
+        assert plan_split(cfg) == Split(1, b // 4, 4)
+    assert plan_split(compose_cfg("batch_size=64", "gns.micro_batches=4")) == Split(1, 64, 1)
+    with pytest.raises(ConfigError, match="needs at least 2 micro-batches per step: set gns.micro_batches"):
+        validate(compose_cfg("gns.enabled=true"))
 
 
 # (overrides, words the one-line error must contain): Hydra refuses these before validate() runs.

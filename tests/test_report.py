@@ -176,6 +176,24 @@ def test_notebook_is_stored_without_outputs():
     assert "parameters" in code[0]["metadata"].get("tags", [])
 
 
+@slow
+def test_a_study_measures_the_noise_scale_at_every_batch_size_with_one_override(tmp_path):
+    """gns.micro_batches=4 splits each batch size of the grid into 4 micro-batches: every trial logs
+    gns/b_simple with its split, and the report puts B_simple per batch size beside B_crit."""
+    proc = run_cli(["-m", "batch_size=32,128", "lr_multiplier=0.5,1", "epochs=1", *TINY, "gns.enabled=true",
+                    "gns.micro_batches=4", "hydra.sweeper.asha.enabled=false"], tmp_path, "scaling-train")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("B_simple")]
+    assert line.startswith("B_simple (gradient noise scale") and "32: " in line and "128: " in line, line
+    client = client_for(tmp_path)
+    trials = client.search_runs([client.get_experiment_by_name("scaling").experiment_id],
+                                "tags.`scaling.kind` = 'trial'")
+    assert len(trials) == 4
+    for run in trials:
+        b = int(run.data.params["batch_size"])
+        assert run.data.params["derived.split"] == f"1x{b // 4}x4" and run.data.metrics["gns/b_simple"] > 0
+
+
 # ---------------------------------------------------------------- bad input
 def test_missing_store_is_one_line_and_creates_nothing(tmp_path):
     proc = run_cli(["--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"], tmp_path, "scaling-report")

@@ -98,6 +98,10 @@ def test_gns_is_measured_without_changing_training(trial):
     assert all(math.isfinite(b) and b > 0 for b in b_simple), b_simple
     assert "gns/b_simple" not in rec_off.history[-1]
     assert curves(rec_on.history) == curves(rec_off.history)
+    # gns.micro_batches=4 is the same split at batch 64, so the same measurement, bit for bit
+    _, rec_split, _ = trial("batch_size=64", "gns.micro_batches=4", "eval_every=0.25", "gns.enabled=true")
+    assert [h.pop("gns/b_simple") for h in rec_split.history] == b_simple
+    assert curves(rec_split.history) == curves(rec_on.history)
 
 
 def test_gns_of_a_model_held_still_is_its_exact_b_simple_on_the_training_set(trial, tiny_data):
