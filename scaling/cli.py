@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 from scaling import interrupts
 from scaling.config import ConfigError, redact_url, register_configs
 from scaling.console import MULTIRUN_FLAGS
-from scaling.validation import plan_split, validate
+from scaling.split import plan_split
+from scaling.validation import validate
 
 # In the package, so that a wheel (`pip install .`, not only `-e`) carries it (pyproject package-data)
 CONF_DIR = Path(__file__).resolve().parent / "conf"

@@ -46,7 +46,8 @@ import torch.distributed as dist
 
 from scaling.config import ConfigError
 from scaling.reporters import Reporter
-from scaling.validation import check_backend, plan_split, validate
+from scaling.split import check_backend, plan_split
+from scaling.validation import validate
 
 # --------------------------------------------------------------------------- inside the trial loop
 

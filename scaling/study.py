@@ -208,7 +208,7 @@ def trainable(params: dict, configs: dict) -> None:
     from omegaconf import OmegaConf
     from ray import tune
 
-    from scaling.validation import plan_split
+    from scaling.split import plan_split
     from scaling.train import run_trial
 
     torch.set_num_threads(max(1, int(params.get("cpus", 1))))

@@ -23,7 +23,8 @@ from scaling.store import import_mlflow
 from scaling.study_summary import finish_study
 from scaling.sweeper import grid_digest
 from scaling.twins import find_twins, mirror_twins, whole_strata
-from scaling.validation import check_fits_data, plan_split
+from scaling.split import plan_split
+from scaling.validation import check_fits_data
 
 STATE_FILE = "scaling_study.json"
 

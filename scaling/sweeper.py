@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from scaling import interrupts
 from scaling.config import MODES, REPORTED_METRICS, ConfigError
 from scaling.grid import Grid, blamed, build_grid, grid_size, is_value_key, merge_values, params_overrides
-from scaling.validation import _choice, _direction, _positive, plan_split, validate
+from scaling.split import plan_split
+from scaling.validation import _choice, _direction, _positive, validate
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from scaling.noise import MicroGradNorms, NoiseScale
 from scaling.optim import build_optimizer
 from scaling.reporters import Reporter
 from scaling.schedule import build_schedule
-from scaling.validation import check_backend, check_fits_data, plan_split, validate
+from scaling.split import check_backend, plan_split
+from scaling.validation import check_fits_data, validate
 
 STATUSES = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
 

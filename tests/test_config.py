@@ -109,7 +109,7 @@ def test_gns_micro_batches_splits_every_batch_size_of_a_study_alike(compose_cfg)
     """One override measures B_simple at every batch size of a grid (micro_batch_size is one size for all,
     which a grid from 16 to 2048 cannot share usefully); it changes nothing while the noise scale is off."""
     from scaling.config import Split
-    from scaling.validation import plan_split
+    from scaling.split import plan_split
 
     for b in (16, 64, 2048):
         cfg = compose_cfg(f"batch_size={b}", "gns.enabled=true", "gns.micro_batches=4")

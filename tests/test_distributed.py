@@ -17,7 +17,8 @@ import pytest
 
 from scaling.config import ConfigError, Split
 from scaling.reporters import RecordingReporter
-from scaling.validation import plan_split, validate
+from scaling.split import plan_split
+from scaling.validation import validate
 
 # batch_size, parallel.workers, micro_batch_size, parallel.max_micro_batch, parallel.max_workers -> split
 PLANS = [
