@@ -12,16 +12,17 @@ suggested LR moves with batch size, lr(B) ~ B^alpha, beside the linear (1) and s
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import sys
-import tempfile
 import uuid
 from typing import Any, Optional, Sequence
 
 from scaling import interrupts
 from scaling.config import ConfigError, redact_url
+from scaling.staging import artifact_folder, log_text
 from scaling.validation import at_batch_size, check_batch_fits, validate
 
 CURVE_METRICS = {"lr": "lrs", "lr_find/loss": "losses", "lr_find/loss_smoothed": "smoothed"}
@@ -239,8 +240,8 @@ def log_range_test(client: Any, run_id: str, result: Any, artifact_path: Optiona
              "stopped_early": result.stopped_early, "num_iters": result.num_iters, "lrs": result.lrs,
              "losses": _json_floats(result.losses), "smoothed": _json_floats(result.smoothed),
              "val_losses": {str(k): v for k, v in result.val_losses.items()}}
-    client.log_dict(run_id, _json_safe(curve), os.path.join(artifact_path or "", "lr_find.json"))
-    with tempfile.TemporaryDirectory() as tmp:
+    log_text(client, run_id, json.dumps(_json_safe(curve), indent=2, default=str), os.path.join(artifact_path or "", "lr_find.json"))
+    with artifact_folder() as tmp:  # not a TemporaryDirectory: a process killed here leaves it to be found
         path = os.path.join(tmp, "lr_find.png")
         plot_range_test(result, path)
         client.log_artifact(run_id, path, artifact_path)

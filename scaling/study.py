@@ -12,62 +12,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from scaling.reporters import Reporter
-
-
-STAGING_PREFIX = "scaling-ckpt-"
-STAGING_WAIT_S = 3.0  # how long a study's end waits for its workers to end before removing their folders
-
-
-def checkpoint_staging() -> str:
-    """Return this process's folder for a checkpoint on its way to the study's storage, empty, after
-    removing those of processes that are gone (see remove_stale_staging).
-
-    tune.report persists the folder to storage, then waits for the driver; a trial that ASHA pauses or
-    stops at a rung is ended while it waits, and a TemporaryDirectory there was never removed: /tmp
-    held a state.pt per pause (60 folders after a day of test runs). One folder per process, named by
-    its pid, bounds that, and the next checkpoint on the node, or the study's end, removes it."""
-    remove_stale_staging()
-    mine = os.path.join(tempfile.gettempdir(), f"{STAGING_PREFIX}{os.getpid()}")
-    shutil.rmtree(mine, ignore_errors=True)
-    os.makedirs(mine)
-    return mine
-
-
-def remove_stale_staging(wait_for: Iterable[int] = (), wait_s: float = STAGING_WAIT_S) -> None:
-    """Remove the checkpoint staging folders of this node's processes that have ended, after waiting
-    up to wait_s for the processes `wait_for` (a study's own workers, which Ray is ending) to end."""
-    deadline = time.monotonic() + wait_s
-    pending = {pid for pid in wait_for if pid != os.getpid()}
-    while pending and time.monotonic() < deadline:
-        pending = {pid for pid in pending if _alive(pid)}
-        if pending:
-            time.sleep(0.02)
-    root = tempfile.gettempdir()
-    for name in os.listdir(root):
-        pid = name[len(STAGING_PREFIX):] if name.startswith(STAGING_PREFIX) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    """Return whether process pid runs (a zombie, ended but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:  # "pid (comm) S ...": the state follows the last ")"
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (OSError, IndexError):  # no /proc (macOS): as os.kill said
-        return True
+from scaling.staging import checkpoint_staging
 
 
 @dataclass

@@ -25,6 +25,7 @@ from collections import Counter
 from typing import Any, Optional, Sequence
 
 from scaling.recorded import LAST_TRIAL_PARAM, config_yaml, recorded_config, trial_params, trial_run_name
+from scaling.staging import log_text
 from scaling.store import make_client
 from scaling.tracking import (KIND_TAG, STATUS_TAG, STUDY_TAG, check_store_exists, check_study_run, get_experiment_id,
                               log_batch, log_params, metric_list, not_logged, provenance_tags)
@@ -244,7 +245,7 @@ class StudyRecorder(QueuedWriter):
         # A retry after the store failed (or the driver died) between creating the run and filling it
         # lands here again; MLflow accepts a param logged twice with the same value. The config
         # artifact goes first and LAST_TRIAL_PARAM last, so a run holding that param is complete.
-        self.client.log_text(self.trial_runs[index], config_yaml(recorded_config(cfg)), "config.yaml")
+        log_text(self.client, self.trial_runs[index], config_yaml(recorded_config(cfg)), "config.yaml")
         batch.params.update(trial_params(cfg))
         batch.completes = True
 
@@ -283,7 +284,7 @@ class StudyRecorder(QueuedWriter):
         metrics["samples/trained"] = float(samples_trained)
         metrics["samples/full_grid"] = float(samples_full_grid)
         metrics["samples/fraction"] = samples_trained / max(samples_full_grid, 1)
-        self.client.log_text(self.run_id, json.dumps(best_per_batch, indent=2, default=str), "best_per_batch_size.json")
+        log_text(self.client, self.run_id, json.dumps(best_per_batch, indent=2, default=str), "best_per_batch_size.json")
         log_batch(self.client, self.run_id, metrics=metric_list(metrics, 0, int(time.time() * 1000)),
                   tags={STATUS_TAG: "interrupted" if interrupted else "completed"})
         end = int(time.time() * 1000)

@@ -16,7 +16,8 @@ from scaling import interrupts
 from scaling.config import ConfigError
 from scaling.grid import Grid, bare_key, mixed_batch_sizes_note, stratum_keys
 from scaling.local_ray import check_cluster, count_callbacks_by_name, stop_ray_aside
-from scaling.study import TrialSpec, data_key, remove_stale_staging, trainable
+from scaling.staging import remove_stale_staging
+from scaling.study import TrialSpec, data_key, trainable
 from scaling.study_callback import callback_class
 from scaling.study_record import TERMINAL
 from scaling.store import import_mlflow

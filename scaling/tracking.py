@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from scaling.config import ConfigError, redact_url
 from scaling.recorded import config_yaml, recorded_config, trial_params, trial_run_name
 from scaling.reporters import Reporter
+from scaling.staging import log_text
 from scaling.store import make_client, sqlite_path
 
 STATUS_TAG = "trial.status"
@@ -230,7 +231,7 @@ class MlflowTrialReporter(Reporter):
         params = trial_params(self.cfg, self.ref_lr)
         params.update({f"derived.{k}": str(v) for k, v in info.items()})
         log_params(self.client, self.run_id, params)
-        self.client.log_text(self.run_id, config_yaml(recorded_config(self.cfg)), "config.yaml")
+        log_text(self.client, self.run_id, config_yaml(recorded_config(self.cfg)), "config.yaml")
 
     def report(self, metrics: dict[str, float], checkpoint=None) -> None:
         log_metrics(self.client, self.run_id, metrics, step=int(metrics["samples"]))

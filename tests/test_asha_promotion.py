@@ -252,7 +252,7 @@ def test_a_real_study_pauses_and_resumes_trials_exactly(tmp_path, full_grid):
     """3 LRs at 2 batch sizes, rungs at 0.25 and 0.75 epoch. A trial paused at a rung and resumed from
     its checkpoint records the val/loss curve the same trial records when no scheduler pauses it, bit
     for bit; a trial left waiting records its curve up to the rung and ends `pruned`. The study's end
-    leaves no folder its workers staged their pause checkpoints in (scaling.study.checkpoint_staging)."""
+    leaves no folder its workers staged their pause checkpoints in (scaling.staging.checkpoint_staging)."""
     from test_study import run_cli
 
     tmp = tmp_path / "tmp"  # the study's (and its workers') temporary folder, no other study's
@@ -275,7 +275,7 @@ def test_a_real_study_pauses_and_resumes_trials_exactly(tmp_path, full_grid):
 def test_a_study_killed_while_trials_wait_at_a_rung_resumes_them_from_their_checkpoints(tmp_path, full_grid):
     """The driver (and its Ray) is killed once a trial waits, paused, at a rung; the resumed study
     restarts the waiting trials from their rung checkpoints and ends as the grid says it must, and
-    leaves none of the folders both runs' workers staged checkpoints in (scaling.study.checkpoint_staging)."""
+    leaves none of the folders both runs' workers staged checkpoints in (scaling.staging.checkpoint_staging)."""
     import re
     import subprocess
     import threading

@@ -102,7 +102,7 @@ class CountingClient:
     """Wraps an MlflowClient, counting the requests that write (and failing the n-th, or all while down;
     or landing the n-th and losing its reply, as a server killed mid-request does)."""
 
-    WRITES = ("create_run", "log_batch", "log_text", "set_tag", "set_terminated")
+    WRITES = ("create_run", "log_batch", "log_artifact", "set_tag", "set_terminated")  # log_artifact: scaling.staging.log_text
 
     def __init__(self, client, fail_at: int = 0, down: bool = False, lose_reply_at: int = 0):
         self.client, self.fail_at, self.down, self.calls = client, fail_at, down, []
@@ -152,7 +152,7 @@ def test_a_trial_is_written_in_one_batch_when_it_finishes(tracking_uri, compose_
     rec.trial_finished(0, "completed", summary={"best/val_loss": 0.25})
     _wait_for(lambda: "set_terminated" in counting.calls)  # its end makes them due: the writer sends them
     assert rec.flush()  # waits for the writer thread's pass, with nothing left to send
-    assert counting.calls == ["create_run", "log_text", "log_batch", "set_terminated"] and not rec.pending
+    assert counting.calls == ["create_run", "log_artifact", "log_batch", "set_terminated"] and not rec.pending
 
     run = rec.client.get_run(rec.trial_runs[0])
     assert run.data.params[LAST_TRIAL_PARAM] and run.data.params["derived.total_steps"] == "40"
@@ -173,7 +173,7 @@ def test_a_long_trial_is_written_every_hold_s(tracking_uri, compose_cfg):
     rec.trial_started(0, compose_cfg("batch_size=32"))
     rec.trial_metrics(0, _evaluation(1))
     _wait_for(lambda: "log_batch" in counting.calls)
-    assert rec.flush() and counting.calls == ["create_run", "log_text", "log_batch"]
+    assert rec.flush() and counting.calls == ["create_run", "log_artifact", "log_batch"]
     run = rec.client.get_run(rec.trial_runs[0])
     assert run.data.metrics["val/loss"] == 1.0 and run.data.tags["trial.status"] == "running"
 
@@ -184,7 +184,7 @@ def test_a_write_that_fails_half_way_is_retried_without_duplicates(tracking_uri,
     rec = StudyRecorder(tracking_uri, "scaling", study_name="s")
     rec.start({}, {})
     real = rec.client
-    rec.client = CountingClient(real, fail_at=4)  # create_run, log_text, log_batch land; set_terminated fails
+    rec.client = CountingClient(real, fail_at=4)  # create_run, log_artifact, log_batch land; set_terminated fails
     rec.retry_s = 0.1
     rec.hold_s = 60.0
     rec.trial_started(0, compose_cfg("batch_size=32"))
