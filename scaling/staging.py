@@ -6,13 +6,12 @@ process dies before the copy returns: a trial worker ended while tune.report wai
 (ASHA pausing or stopping it at a rung, Ray's shutdown), or a driver killed while MLflow's `log_text`
 copies an artifact (`MlflowClient._log_artifact_helper` writes there first). This machine's /tmp held
 60 `tmp*/state.pt` folders after a day of test runs, and a `tmp*/config.yaml` after most kill tests.
-Here every such folder is `<temp>/scaling-<kind>-<pid>[-<n>]`: `remove_stale_staging` removes those
+Here every such folder is `<temp>/scaling-<kind>-<pid>[-<random>]`: `remove_stale_staging` removes those
 whose pid has ended, at each checkpoint on the node and at a study's end.
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import shutil
 import tempfile
@@ -23,7 +22,6 @@ CHECKPOINT_PREFIX = "scaling-ckpt-"
 ARTIFACT_PREFIX = "scaling-art-"
 PREFIXES = (CHECKPOINT_PREFIX, ARTIFACT_PREFIX)
 STAGING_WAIT_S = 3.0  # how long a study's end waits for its workers to end before removing their folders
-_serial = itertools.count()
 
 
 def checkpoint_staging() -> str:
@@ -42,9 +40,8 @@ def artifact_folder() -> Iterator[str]:
     """Yield a new, empty folder of this process's for files on their way to MLflow; removed after (and,
     before, those of processes that have ended: a single run or a range test is nobody's study)."""
     remove_stale_staging()
-    folder = os.path.join(tempfile.gettempdir(), f"{ARTIFACT_PREFIX}{os.getpid()}-{next(_serial)}")
-    os.makedirs(folder)
-    try:
+    folder = tempfile.mkdtemp(prefix=f"{ARTIFACT_PREFIX}{os.getpid()}-")  # unique: an ended process of this
+    try:  # pid may have left one (the sweep above spares this pid's)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)

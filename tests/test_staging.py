@@ -108,3 +108,15 @@ def test_a_process_killed_mid_artifact_leaves_a_folder_the_next_one_removes(temp
     with artifact_folder() as mine:
         assert os.path.isdir(mine) and not os.path.exists(left)
     assert list(temp.iterdir()) == []
+
+
+def test_a_folder_an_earlier_process_of_the_same_pid_left_does_not_stop_an_artifact(temp):
+    """The sweep spares this process's own pid, so a folder that an ended process of the same pid (pids
+    are reused) left under that name stays: a new artifact gets a folder of its own beside it."""
+    from scaling.staging import ARTIFACT_PREFIX, artifact_folder
+
+    (temp / f"{ARTIFACT_PREFIX}{os.getpid()}-0").mkdir()
+    with artifact_folder() as folder:
+        assert os.path.isdir(folder) and os.path.basename(folder).startswith(f"{ARTIFACT_PREFIX}{os.getpid()}-")
+        assert os.listdir(folder) == []
+    assert [p.name for p in temp.iterdir()] == [f"{ARTIFACT_PREFIX}{os.getpid()}-0"]
