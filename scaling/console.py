@@ -17,29 +17,25 @@ def train_starting(argv: list[str]) -> str:
     return interrupts.STUDY_NOT_STARTED if MULTIRUN_FLAGS & set(argv) else interrupts.RUN_NOT_STARTED
 
 
-def train() -> None:
-    interrupts.guard(train_starting(sys.argv[1:]))
-    from scaling.cli import train_entry
+def _run(message: str, entry: str) -> None:
+    """Guard Ctrl-C with `message`, then import the command (scaling.cli's `entry`) and run it."""
+    interrupts.guard(message)
+    import scaling.cli
 
-    train_entry()
+    getattr(scaling.cli, entry)()
+
+
+def train() -> None:
+    _run(train_starting(sys.argv[1:]), "train_entry")
 
 
 def study() -> None:
-    interrupts.guard(interrupts.STUDY_NOT_STARTED)
-    from scaling.cli import study_entry
-
-    study_entry()
+    _run(interrupts.STUDY_NOT_STARTED, "study_entry")
 
 
 def report() -> None:
-    interrupts.guard(interrupts.REPORT_NOT_WRITTEN)
-    from scaling.cli import report_entry
-
-    report_entry()
+    _run(interrupts.REPORT_NOT_WRITTEN, "report_entry")
 
 
 def lr_find() -> None:
-    interrupts.guard(interrupts.LR_FIND_NOT_STARTED)
-    from scaling.cli import lr_find_entry
-
-    lr_find_entry()
+    _run(interrupts.LR_FIND_NOT_STARTED, "lr_find_entry")
