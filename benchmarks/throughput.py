@@ -71,7 +71,7 @@ def hand_rate(cfg: Any, data, epochs: int) -> Rate:
 
     from scaling.config import effective_lr
     from scaling.models import build_model
-    from scaling.train import evaluate
+    from scaling.evaluation import evaluate
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes)

@@ -233,9 +233,10 @@ def range_test(cfg: Any, dataset: Any = None, batch_size: Optional[int] = None, 
     import torch.nn.functional as F
 
     from scaling.data import load_dataset
+    from scaling.devices import amp_dtype_of, resolve_device
+    from scaling.evaluation import evaluate
     from scaling.models import build_model
     from scaling.optim import build_optimizer
-    from scaling.train import amp_dtype_of, evaluate, resolve_device
 
     B = int(batch_size or cfg.batch_size)
     cfg = at_batch_size(cfg, B)

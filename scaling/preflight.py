@@ -117,7 +117,7 @@ def preflight(argv: Sequence[str], check: Callable[[Any], None] = validate) -> N
             from scaling.data import check_sources
 
             check_sources(configs[0].data)
-            from scaling.train import check_device  # torch: the run imports it next anyway
+            from scaling.devices import check_device  # torch: the run imports it next anyway
 
             check_device(configs[0])  # device=cuda without a GPU, nccl on the CPU: before Hydra's output folder
     except MissingConfigException as exc:

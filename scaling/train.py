@@ -19,14 +19,16 @@ import torch.nn.functional as F
 
 from scaling.config import effective_lr, epochs_to_steps, first_step_at_or_past, warmup_start_lr, warmup_steps_of
 from scaling.data import Dataset, SampleStream, load_dataset
+from scaling.devices import amp_dtype_of, resolve_device, warm_up, warm_up_shapes
 from scaling.distributed import Group
+from scaling.evaluation import evaluate
 from scaling.memory import PeakMemory
 from scaling.models import build_model
 from scaling.noise import MicroGradNorms, NoiseScale
 from scaling.optim import build_optimizer
 from scaling.reporters import Reporter
 from scaling.schedule import build_schedule
-from scaling.split import check_backend, plan_split
+from scaling.split import plan_split
 from scaling.validation import check_fits_data, validate
 
 STATUSES = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
@@ -47,25 +49,6 @@ class TrialResult:
 class TrialOOM(Exception):
     """The trial exceeded its memory ceiling (memory.limit_mb) or the device's memory."""
 
-
-def resolve_device(name: str) -> torch.device:
-    """Return the torch device for `auto` | `cpu` | `cuda`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from scaling.config import ConfigError
-
-        raise ConfigError("device", name, "no CUDA device is visible to this process")
-    return torch.device(name)
-
-
-def check_device(cfg: Any) -> torch.device:
-    """Return the trial's device; raise ConfigError for device=cuda without a GPU, or for
-    parallel.backend=nccl when the trial's ranks would run on the CPU (what validate() cannot tell)."""
-    device = resolve_device(cfg.device)
-    if plan_split(cfg).workers > 1:  # one worker starts no process group
-        check_backend(cfg.parallel.backend, cfg.device, device.type == "cuda")
-    return device
 
 
 def run_trial(cfg: Any, reporter: Optional[Reporter] = None, *, dataset: Optional[Dataset] = None,
@@ -139,8 +122,8 @@ def _set_up(cfg, device, meter, dataset, resume, ref_lr, group: Group) -> _Run:
     # The window opens after the data is in place: the dataset is shared by every trial of a
     # study (and its size is not a function of the batch size); model, optimizer and
     # activations are what a batch-size comparison needs to see.
-    _warm_up(cfg, device)
-    _warm_up_shapes(cfg, data, device, group)
+    warm_up(cfg, device)
+    warm_up_shapes(cfg, data, device, group)
     meter.reset()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
@@ -310,60 +293,6 @@ class _LoopState:
     history: list = field(default_factory=list)  # every evaluation: a resumed study re-logs what it missed
 
 
-_WARMED: set = set()
-
-
-def amp_dtype_of(precision: str) -> Optional[torch.dtype]:
-    """Return autocast's dtype for `precision` (None for fp32: autocast off)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-
-def _warm_up(cfg, device: torch.device) -> None:
-    """Pay torch's one-time costs (lazy imports, kernel caches) once per process and optimizer,
-    outside the memory window: on CPU they otherwise land in the first trial's peak (~80 MB
-    against a few MB for a small MLP), which made a reused worker's first trial look huge."""
-    key = (device.type, cfg.optimizer.name, cfg.precision)
-    if device.type != "cpu" or key in _WARMED:
-        return
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), 1e-3)
-    amp_dtype = amp_dtype_of(cfg.precision)
-    for _ in range(2):
-        with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = F.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 0, 1]))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    _WARMED.add(key)
-
-
-EVAL_CHUNK = 4096  # validation samples per forward pass in evaluate()
-
-
-def _warm_up_shapes(cfg, data: Dataset, device: torch.device, group: Group) -> None:
-    """Run the trial's model once at its micro-batch and evaluation shapes, once per process and shape,
-    outside the memory window. On CPU torch keeps per-shape state after the first pass at a shape:
-    a worker's first trial at a batch size measured more than a later one at the same size (MNIST-1D
-    MLP, width 128: bf16 13.6 MB then 1.3 MB, fp32 4.6 then 2.8), so the peak depended on trial order."""
-    micro, part = plan_split(cfg).micro_batch, group.shard(len(data.y_val))
-    n_val, chunk = part.stop - part.start, EVAL_CHUNK
-    # the same on every rank (not n_val): all of them run the warm-up's collectives, or none
-    key = (device.type, cfg.optimizer.name, cfg.precision, repr(cfg.model), micro, len(data.y_val), group.world)
-    if device.type != "cpu" or key in _WARMED:
-        return
-    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-    net = group.wrap(model, device)  # DDP and gloo's first collectives: ~70 MB of one-time buffers per rank
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), 1e-3)
-    amp_dtype = amp_dtype_of(cfg.precision)
-    with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
-        F.cross_entropy(net(data.x_train[:micro]), data.y_train[:micro]).backward()
-    optimizer.step()
-    group.max(group.sum(0.0, device), device)  # the step's loss and the memory check's all-reduces
-    model.eval()
-    for n in {min(chunk, n_val), n_val % chunk} - {0}:  # evaluate()'s chunk lengths, through its own passes
-        _eval_totals(model, data.x_val[part][:n], data.y_val[part][:n], amp_dtype, chunk)
-    _WARMED.add(key)
-
 
 def _progress(s: _LoopState, B: int, n_train: int, optimizer, t0: float, train_loss: float,
               lr: Optional[float] = None) -> dict[str, float]:
@@ -372,37 +301,6 @@ def _progress(s: _LoopState, B: int, n_train: int, optimizer, t0: float, train_l
             "time/elapsed_s": time.perf_counter() - t0,
             "time/samples_per_s": s.step * B / max(s.train_time_s, 1e-9)}
 
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Dataset, amp_dtype=None, chunk: int = EVAL_CHUNK,
-             group: Optional[Group] = None) -> dict[str, float]:
-    """Return val/loss and val/acc over the whole validation split.
-
-    In a data-parallel group each rank evaluates its shard and the totals are summed over the ranks
-    (one all-reduce), so every rank returns the same numbers.
-    """
-    group = group or Group()
-    was_training = model.training
-    model.eval()
-    part = group.shard(len(data.y_val))
-    totals = _eval_totals(model, data.x_val[part], data.y_val[part], amp_dtype, chunk)
-    model.train(was_training)
-    loss, correct = group.sum_(totals).tolist()
-    n = len(data.y_val)
-    return {"val/loss": loss / n, "val/acc": correct / n}
-
-
-@torch.no_grad()
-def _eval_totals(model: torch.nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, amp_dtype, chunk: int) -> torch.Tensor:
-    """Return (loss sum, correct count) of `model` over x_val in chunks: this process's part only."""
-    totals = torch.zeros(2, device=x_val.device)
-    for i in range(0, len(y_val), chunk):
-        x, y = x_val[i:i + chunk], y_val[i:i + chunk]
-        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-        totals[0] += F.cross_entropy(logits.float(), y, reduction="sum")
-        totals[1] += (logits.argmax(1) == y).sum()
-    return totals
 
 
 def _update_after_eval(cfg, s: _LoopState, metrics: dict[str, float]) -> str:
