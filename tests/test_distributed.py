@@ -248,3 +248,58 @@ def test_a_study_goes_on_after_a_ray_train_worker_is_killed_mid_trial(tmp_path):
     assert int(by_lr["1.0"]["trial.resumed_from_step"]) > 0  # ... from its checkpoint, not from step 0
     assert "trial.failures" not in by_lr["2.0"]
     assert studies[0].data.metrics["trials/total"] == 2
+
+
+@pytest.mark.slow
+def test_a_failed_train_run_whose_thread_has_ended_still_frees_its_placement_group():
+    """Train's ControllerError can end the trial's fit thread while the run's placement group stays (a dead
+    controller's is never removed without the state API, which a local head does not start): ending a run
+    that did not finish removes its group and kills its workers whether or not its thread is still alive."""
+    import threading
+
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from scaling.distributed import _TrainRun
+    from scaling.local_ray import init_ray
+
+    init_ray(None, 2, 0)
+    try:
+        group = placement_group([{"CPU": 1}, {"CPU": 1}])
+        ray.get(group.ready(), timeout=60)
+
+        @ray.remote(num_cpus=1)
+        class Rank:
+            def pid(self) -> int:
+                return os.getpid()
+
+        ranks = [Rank.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, i)).remote()
+                 for i in range(2)]
+        pids = ray.get([r.pid.remote() for r in ranks], timeout=60)
+        fit = threading.Thread(target=lambda: None)  # the fit thread, ended by the run's failure
+        fit.start()
+        fit.join()
+        assert ray.available_resources().get("CPU", 0) == 0  # the group holds both CPUs
+
+        run = _TrainRun(fit, Queue(actor_options={"num_cpus": 0}), None)
+        run.workers.extend((rank, group) for rank in ranks)
+        run.end(False)
+
+        assert placement_group_table(group)["state"] == "REMOVED"
+        deadline = time.time() + 30
+        while ray.available_resources().get("CPU", 0) < 2 or any(_pid_alive(p) for p in pids):
+            assert time.time() < deadline, (ray.available_resources(), [_pid_alive(p) for p in pids])
+            time.sleep(0.1)
+    finally:
+        ray.shutdown()
+
+
+def _pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
