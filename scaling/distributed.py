@@ -21,24 +21,20 @@ caller's reporter (MLflow, Ray Tune...), so a data-parallel trial is recorded li
   `ray.util.queue.Queue` to the trial, which replays them as `tune.report` with a Tune checkpoint:
   ASHA, checkpoints, retries and resume work as for a single-worker trial. When Tune stops the trial
   (ASHA), the trial removes the Train run's placement group and kills its workers, which ends the run
-  and frees its resources, also when Tune ends the trial's actor first (`_TrainRun`).
+  and frees its resources, also when Tune ends the trial's actor first (`scaling.ray_train._TrainRun`).
 - outside Ray (plain `scaling-train`): W local processes (torch.multiprocessing spawn) joined by gloo
   (nccl on CUDA) through a TCPStore on 127.0.0.1 with a port the OS picks, reporting through a queue.
 
 Limits: BatchNorm statistics are per rank and micro-batch (as with gradient accumulation); the
-online gradient noise scale (gns.enabled) is refused with W > 1. This module imports ray only inside
-the Ray launcher: train.py, which uses `Group`, stays free of it.
+online gradient noise scale (gns.enabled) is refused with W > 1. The Ray launcher is scaling.ray_train,
+imported only when a trial runs in Ray: this module, and train.py, which uses `Group`, stay free of ray.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import io
 import os
 import sys
-import tempfile
-import threading
-import uuid
 from typing import Any, Callable, Optional
 
 import torch
@@ -142,13 +138,15 @@ def run_data_parallel(cfg: Any, reporter: Optional[Reporter] = None, workers: Op
         launcher = "ray" if "ray" in sys.modules and sys.modules["ray"].is_initialized() else "local"
     job = dict(cfg=container, resume=resume, ref_lr=ref_lr, checkpoints=checkpoints)
     if launcher == "ray":
-        return _launch_ray(job, workers, reporter, cpus_per_worker, gpus_per_worker, storage_path)
+        from scaling.ray_train import launch_ray
+
+        return launch_ray(job, workers, reporter, cpus_per_worker, gpus_per_worker, storage_path)
     if launcher == "local":
         return _launch_local(job, workers, reporter, dataset)
     raise ValueError(f"launcher={launcher!r}: choose auto, ray or local")
 
 
-def _backend(cfg: dict, cuda: bool) -> str:
+def backend_of(cfg: dict, cuda: bool) -> str:
     """Return the process group's backend (ConfigError for nccl on ranks without CUDA)."""
     backend = cfg["parallel"]["backend"]
     check_backend(backend, cfg["device"], cuda)
@@ -156,7 +154,7 @@ def _backend(cfg: dict, cuda: bool) -> str:
 
 
 class _ChannelReporter(Reporter):
-    """Rank 0's reporter: sends each call to the launching process, which replays it (see _relay)."""
+    """Rank 0's reporter: sends each call to the launching process, which replays it (see relay)."""
 
     def __init__(self, put: Callable[[tuple], None], checkpoints: bool) -> None:
         self.put, self.checkpoints = put, checkpoints
@@ -176,7 +174,7 @@ class _ChannelReporter(Reporter):
         self.put(("finish", result))
 
 
-def _run_rank(job: dict, put: Callable[[tuple], None], dataset: Any = None) -> None:
+def run_rank(job: dict, put: Callable[[tuple], None], dataset: Any = None) -> None:
     """Run one rank of the trial in an initialised process group; rank 0 reports through `put`."""
     from omegaconf import OmegaConf
 
@@ -194,7 +192,7 @@ def _run_rank(job: dict, put: Callable[[tuple], None], dataset: Any = None) -> N
         dist.destroy_process_group()
 
 
-def _relay(get: Callable[[float], Optional[tuple]], reporter: Reporter, running: Callable[[], bool]):
+def relay(get: Callable[[float], Optional[tuple]], reporter: Reporter, running: Callable[[], bool]):
     """Replay rank 0's reporter calls on `reporter` until it finishes; return its TrialResult.
 
     `get(timeout)` returns the next event or None; `running()` says whether the ranks still run and
@@ -245,7 +243,7 @@ def _launch_local(job: dict, workers: int, reporter: Reporter, dataset: Any):
     cuda = torch.cuda.is_available() and job["cfg"]["device"] != "cpu"
     if cuda and torch.cuda.device_count() < workers:
         raise ConfigError("parallel.workers", workers, f"exceeds the {torch.cuda.device_count()} visible CUDA devices")
-    _backend(job["cfg"], cuda)  # before any process starts
+    backend_of(job["cfg"], cuda)  # before any process starts
     queue = multiprocessing.get_context("spawn").Queue()
     # The rendezvous lives here, on loopback, on a port the OS picks: no race for a "free" port.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -260,7 +258,7 @@ def _launch_local(job: dict, workers: int, reporter: Reporter, dataset: Any):
             return None
 
     try:
-        result = _relay(get, reporter, lambda: not procs.join(timeout=0))
+        result = relay(get, reporter, lambda: not procs.join(timeout=0))
         with contextlib.suppress(Exception):  # rank 0 has finished: a late failure of another rank changes nothing
             procs.join(timeout=60)
         return result
@@ -280,123 +278,9 @@ def _local_rank(rank: int, workers: int, port: int, job: dict, queue, dataset, t
     if cuda:
         torch.cuda.set_device(rank)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
-    dist.init_process_group(_backend(job["cfg"], cuda), store=store, rank=rank, world_size=workers)
+    dist.init_process_group(backend_of(job["cfg"], cuda), store=store, rank=rank, world_size=workers)
     try:
-        _run_rank(job, queue.put, dataset)
+        run_rank(job, queue.put, dataset)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-# ---- inside Ray: Ray Train, started from the Tune trial
-
-
-def _launch_ray(job: dict, workers: int, reporter: Reporter, cpus: float, gpus: float, storage_path: Optional[str]):
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Empty, Queue
-
-    backend = _backend(job["cfg"], gpus > 0)  # before any actor starts
-    channel = Queue(actor_options={"num_cpus": 0})
-    job = {**job, "channel": channel, "threads": max(1, int(cpus))}
-    own_storage = storage_path is None
-    storage_path = storage_path or tempfile.mkdtemp(prefix="scaling-dp-")
-    trainer = TorchTrainer(
-        _ray_rank, train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}),
-        torch_config=TorchConfig(backend=backend),
-        # A fresh name per attempt: Train would otherwise resume an earlier attempt's run from storage.
-        # No Train-level retries: Tune retries the whole trial from its last checkpoint.
-        run_config=RunConfig(name=f"dp-{uuid.uuid4().hex[:8]}", storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=0)))
-    failure: list[BaseException] = []
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the trial's thread by running()
-            failure.append(exc)
-
-    thread = threading.Thread(target=fit, name="scaling-train-fit", daemon=True)
-    thread.start()
-    run = _TrainRun(thread, channel, storage_path if own_storage else None)
-    # Tune ends a stopped trial's actor (`__ray_terminate__`) without waiting for this thread, whose
-    # finally would then never run: Train's controller died with the actor and its placement group
-    # stayed, holding the workers' CPUs, and the next data-parallel trial waited for them forever.
-    # Train's own PlacementGroupCleaner cannot help: it asks the state API, which a local study's head
-    # does not start (local_ray._lean_head). The actor runs atexit handlers as it exits.
-    atexit.register(run.end, False)
-
-    def get(timeout: float) -> Optional[tuple]:
-        while True:
-            try:
-                event = channel.get(block=timeout > 0, timeout=timeout or None)
-            except Empty:
-                return None
-            if event[0] != "actor":
-                return event
-            run.workers.append(event[1:])  # each worker's handle and placement group: how a stopped trial ends its run
-
-    def running() -> bool:
-        if thread.is_alive():
-            return True
-        if failure:
-            raise failure[0]
-        return False
-
-    done = False
-    try:
-        result = _relay(get, reporter, running)
-        done = True
-        return result
-    finally:
-        run.end(done)
-        atexit.unregister(run.end)
-
-
-class _TrainRun:
-    """The end of a Ray Train run started from a Tune trial, run once by whichever comes first: the
-    trial's own end, or the exit of the trial's actor."""
-
-    def __init__(self, thread: threading.Thread, channel: Any, scratch: Optional[str]):
-        self.thread, self.channel, self.scratch = thread, channel, scratch
-        self.workers: list[tuple] = []  # (actor, placement group) per worker, as each announces itself
-        self._lock, self._ended = threading.Lock(), False
-
-    def end(self, finished: bool) -> None:
-        """End the run: wait for it if it `finished` (its workers are returning), else stop it now."""
-        import ray
-
-        with self._lock:  # a second caller waits here until the run has ended
-            if self._ended:
-                return
-            self._ended = True
-            self.thread.join(timeout=60 if finished else 0)  # give Train time to wrap up
-            # stopped by Tune (ASHA), failed, or slow to end: end the run now. A failed run's thread may have
-            # ended already while its placement group stays (a dead controller's does: see _launch_ray)
-            if not finished or self.thread.is_alive():
-                for group in {g for _, g in self.workers if g is not None}:  # the one group of the run
-                    with contextlib.suppress(Exception):  # ends its workers and frees their resources at once
-                        ray.util.remove_placement_group(group)
-                for actor, _ in self.workers:
-                    with contextlib.suppress(Exception):
-                        ray.kill(actor, no_restart=True)
-                self.thread.join(timeout=60)
-            with contextlib.suppress(Exception):
-                ray.kill(self.channel.actor)
-            if self.scratch is not None:
-                import shutil
-
-                shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def _ray_rank(config: dict) -> None:
-    """Ray Train's per-worker function: announce this worker's actor, then run its rank of the trial."""
-    import ray
-
-    torch.set_num_threads(config["threads"])
-    channel = config["channel"]
-    channel.put(("actor", ray.get_runtime_context().current_actor, ray.util.get_current_placement_group()))
-    _run_rank(config, channel.put)

@@ -262,7 +262,7 @@ def test_a_failed_train_run_whose_thread_has_ended_still_frees_its_placement_gro
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from scaling.distributed import _TrainRun
+    from scaling.ray_train import _TrainRun
     from scaling.local_ray import init_ray
 
     init_ray(None, 2, 0)
