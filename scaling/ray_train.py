@@ -21,6 +21,8 @@ from scaling.reporters import Reporter
 
 
 def launch_ray(job: dict, workers: int, reporter: Reporter, cpus: float, gpus: float, storage_path: Optional[str]):
+    """Run the job's `workers` ranks as a Ray Train run started from this Tune trial, replay rank 0's calls
+    on `reporter`, and return its TrialResult; the run is ended however the trial ends."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
