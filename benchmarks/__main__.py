@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import asha, gpu, mlflow_ui, startup, study, throughput, twins
-from benchmarks.common import REPO, Ctx, Row, cpu_share, load_average, log, machine, table
+from benchmarks.common import REPO, Ctx, Row, cpu_share, load_average, log, machine, ray_sessions_in, table
 
 # Run (and table) order follows the row numbers.
 GROUPS = {
@@ -85,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
               deadline=t0 + args.budget)
     rows: list[Row] = []
     try:
-        for name in names:
-            t = time.perf_counter()
-            try:
-                rows += GROUPS[name](ctx)
-            except Exception as exc:  # noqa: BLE001 - one broken group must not hide the others
-                traceback.print_exc()
-                first = (str(exc).splitlines() or [""])[0][:100]
-                rows.append(Row(name, f"error: {type(exc).__name__}: {first}", "-", None, "-", False))
-            log(f"{name} done in {time.perf_counter() - t:.0f}s")
+        with ray_sessions_in(tmp):
+            for name in names:
+                t = time.perf_counter()
+                try:
+                    rows += GROUPS[name](ctx)
+                except Exception as exc:  # noqa: BLE001 - one broken group must not hide the others
+                    traceback.print_exc()
+                    first = (str(exc).splitlines() or [""])[0][:100]
+                    rows.append(Row(name, f"error: {type(exc).__name__}: {first}", "-", None, "-", False))
+                log(f"{name} done in {time.perf_counter() - t:.0f}s")
     finally:
         if args.keep:
             log(f"scratch folder kept: {tmp}")

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from benchmarks.common import REPO, Ctx, Row, machine, paired, summarize, table
+from benchmarks.common import REPO, Ctx, Row, machine, paired, ray_sessions_in, summarize, table
 from benchmarks.studyrun import run_study
 
 # (key in a study's result, its name in the table); the first trial's start needs MLflow on
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="scaling-ab-run-")).resolve()
     t0 = time.perf_counter()
     try:
-        with worktree(commit) as base:
+        with worktree(commit) as base, ray_sessions_in(tmp):
             ctx = Ctx(quick=False, tmp=tmp)
             env = base_env(base)
             study = dict(asha=args.asha, mlflow=args.mlflow == "on", epochs=args.epochs)

@@ -55,6 +55,22 @@ CONTEXT_GROUPS = ("ray", "tune", "twins", "mlflow-ui", "mlflow-long")
 STUDY_WALL_S = 20.0  # until row 2 measures it
 
 
+@contextlib.contextmanager
+def ray_sessions_in(folder: Path):
+    """Within: every Ray a benchmark starts (its studies' drivers, the start-up scripts: all inherit this
+    environment) keeps its session folder, logs and sockets, under `folder`, the run's scratch, which is
+    removed after it. By default Ray keeps them in /tmp/ray for ever: ~40 a `make bench`. A RAY_TMPDIR
+    already set is the user's choice and stays."""
+    if "RAY_TMPDIR" in os.environ:
+        yield
+        return
+    os.environ["RAY_TMPDIR"] = str(folder)
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_TMPDIR", None)
+
+
 @dataclass
 class Ctx:
     """What every benchmark group gets: the mode, a scratch folder and a cache shared between groups."""

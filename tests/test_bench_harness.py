@@ -193,3 +193,24 @@ def _session(pid: int) -> int:
         return os.getsid(pid)
     except OSError:
         return -1
+
+
+@pytest.mark.slow
+def test_a_benchmark_run_leaves_no_ray_session_behind():
+    """Row 2c's real Ray starts (lean and plain) with RAY_TMPDIR unset: Ray's sessions go to the run's scratch
+    folder, removed with it, not to $TMPDIR/ray (by default /tmp/ray), where ~40 a `make bench` stayed."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="sb-", dir="/tmp")  # short: Ray's unix sockets live below it
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_TMPDIR"}
+        env["TMPDIR"] = tmp  # the scratch folder's parent, and where Ray would otherwise put its sessions
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "ray", "--quick", "--out",
+                               os.path.join(tmp, "r.json")], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "2c. local Ray start + stop" in proc.stdout
+        assert sorted(os.listdir(tmp)) == ["r.json"]  # no ray/, no scaling-bench-* scratch
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
