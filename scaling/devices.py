@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from scaling.config import ConfigError
 from scaling.data import Dataset
 from scaling.distributed import Group
 from scaling.evaluation import EVAL_CHUNK, eval_totals
@@ -21,8 +22,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from scaling.config import ConfigError
-
         raise ConfigError("device", name, "no CUDA device is visible to this process")
     return torch.device(name)
 

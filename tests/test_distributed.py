@@ -262,8 +262,9 @@ def test_a_failed_train_run_whose_thread_has_ended_still_frees_its_placement_gro
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from scaling.ray_train import _TrainRun
     from scaling.local_ray import init_ray
+    from scaling.ray_train import _TrainRun
+    from scaling.staging import _alive  # a zombie counts as ended
 
     init_ray(None, 2, 0)
     try:
@@ -289,17 +290,8 @@ def test_a_failed_train_run_whose_thread_has_ended_still_frees_its_placement_gro
 
         assert placement_group_table(group)["state"] == "REMOVED"
         deadline = time.time() + 30
-        while ray.available_resources().get("CPU", 0) < 2 or any(_pid_alive(p) for p in pids):
-            assert time.time() < deadline, (ray.available_resources(), [_pid_alive(p) for p in pids])
+        while ray.available_resources().get("CPU", 0) < 2 or any(_alive(p) for p in pids):
+            assert time.time() < deadline, (ray.available_resources(), [_alive(p) for p in pids])
             time.sleep(0.1)
     finally:
         ray.shutdown()
-
-
-def _pid_alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
