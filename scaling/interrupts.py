@@ -18,7 +18,12 @@ study's last records) take a first Ctrl-C at their end, as a KeyboardInterrupt r
 their clean-up intact. `hold()` defers every later Ctrl-C (a study creating its MLflow run; a second
 still ends it at once), and `started()` hands SIGINT back to Python (and Tune) where the command can
 record an interruption, raising the one deferred; `python_handles()` takes it back from Tune after a
-run. Only the stdlib is imported here: the entry point (scaling.console) installs it first, for
+run.
+
+SIGTERM (`kill`, `scancel`, a batch system's time limit or preemption) is a Ctrl-C: `guard` makes it run
+whatever SIGINT's handler is at that moment, so at start-up it ends the command in one line, and once a
+study runs Ray Tune stops the trials and the study is recorded `interrupted`, to be resumed; before,
+it exited through atexit and left the study's and its trials' MLflow runs RUNNING. Only the stdlib is imported here: the entry point (scaling.console) installs it first, for
 every console script (`scaling-report` until it writes, `scaling-lr-find` until its first record).
 """
 from __future__ import annotations
@@ -46,6 +51,27 @@ def guard(message: str) -> None:
         return
     _state.update(guarding=True, holding=False, pending=False, message=message, on_end=[])
     signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def terms_as_ctrl_c() -> None:
+    """Take SIGTERM back from a handler set below Python's (main thread, where `guard` gave it to `on_sigterm`).
+
+    Ray's core worker installs absl's failure handler for SIGTERM when Ray starts: it printed a stack
+    dump ("*** SIGTERM received at time=...") before it called Python's handler."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is on_sigterm:
+        signal.signal(signal.SIGTERM, on_sigterm)  # sets the C-level handler again, above absl's
+
+
+def on_sigterm(signum: int, frame) -> None:
+    """SIGTERM does what a Ctrl-C would do now (see the module's docstring)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    elif handler == signal.SIG_DFL:  # nothing takes a Ctrl-C: SIGTERM ends the process, as by default
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    # SIG_IGN: the process is ending already (end_now)
 
 
 def on_end(cleanup: Callable[[], None]) -> None:

@@ -12,6 +12,8 @@ import sys
 from concurrent.futures import Future
 from typing import Any, Optional
 
+from scaling import interrupts
+
 
 # The raylet connects to its own object store, which a thread of its own is still starting, and retries
 # after raylet_client_connect_timeout_milliseconds: 1 s by default, so a local head lost that race
@@ -182,8 +184,9 @@ def start_ray(sweeper) -> Future:
     benchmarks). The thread then waits, never ending: Ray starts its GCS and raylet with
     PR_SET_PDEATHSIG, which fires when the starting *thread* exits (a pool thread that
     finished its task killed them, and the study then hung on "Failed to connect to GCS").
-    Ray sets its SIGTERM handler only from the main thread, so it is set here: SIGTERM
-    (scancel, preemption) exits through atexit, which stops the local Ray.
+    Ray sets its SIGTERM handler only from the main thread, so one is set here where the console's
+    guard has not made SIGTERM a Ctrl-C (scaling.interrupts): it exits through atexit, which stops
+    the local Ray.
     """
     import signal
     import threading
@@ -217,6 +220,7 @@ def check_cluster(sweeper, started: Future, most_workers: int = 1, needs_gpu: bo
     r = sweeper.conf.ray
     try:
         started.result()
+        interrupts.terms_as_ctrl_c()  # Ray's start put its own SIGTERM handler below Python's
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001

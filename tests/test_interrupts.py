@@ -4,6 +4,7 @@ or finish the write it was in and leave nothing behind."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -46,15 +47,18 @@ def test_guarded_a_ctrl_c_in_a_weakref_callback_ends_the_process_in_one_line():
     assert (proc.returncode, proc.stdout, proc.stderr.strip()) == (130, "", LINE), proc.stderr[-2000:]
 
 
-def test_a_ctrl_c_mid_import_ends_the_process_at_once_and_runs_the_cleanups_bounded(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_ctrl_c_mid_import_ends_the_process_at_once_and_runs_the_cleanups_bounded(tmp_path, sig):
     """SIGINT comes while torch and Ray import (seconds of importlib); the registered clean-ups run,
-    a stuck one only up to its bound, and neither Python's exit handlers nor a traceback follow."""
+    a stuck one only up to its bound, and neither Python's exit handlers nor a traceback follow.
+    SIGTERM (`kill`, a batch system's time limit) does the same: before, it ended the process through
+    Python's exit handlers with neither the line nor the clean-ups."""
     body = f"""
 interrupts.CLEANUP_WAIT_S = 1.0
 interrupts.on_end(lambda: open({str(tmp_path / 'cleaned')!r}, 'w').close())
 interrupts.on_end(lambda: time.sleep(600))
 import atexit; atexit.register(print, "exit handlers ran")
-threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+threading.Timer(0.05, os.kill, (os.getpid(), signal.{sig})).start()
 t0 = time.time()
 import torch, ray, mlflow
 print("imported", time.time() - t0, flush=True)
@@ -144,3 +148,60 @@ except KeyboardInterrupt:
 """
     proc = run_py(body, guarded=False)
     assert proc.returncode == 0 and proc.stdout == "python's own\n", proc.stdout + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sigint, expected", [
+    ("interrupts.python_handles()", ["KeyboardInterrupt"]),  # a study's trials, a single run: Python's own
+    ("interrupts.hold()", ["went on", "KeyboardInterrupt"]),  # held until the command starts, then raised
+    ("signal.signal(signal.SIGINT, lambda signum, frame: print('tune stops the run', flush=True))",
+     ["tune stops the run", "went on"]),
+    ("signal.signal(signal.SIGINT, signal.SIG_IGN)", ["went on"]),  # end_now's: the process is ending already
+], ids=["python", "held", "tune", "ending"])
+def test_a_sigterm_does_what_a_ctrl_c_would_do_at_that_moment(sigint, expected):
+    body = f"""
+{sigint}
+try:
+    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)
+    print("went on", flush=True)
+    interrupts.started()
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+"""
+    proc = run_py(body)
+    assert proc.returncode == 0 and proc.stdout.splitlines() == expected, proc.stdout + proc.stderr[-2000:]
+
+
+def test_without_a_handler_for_ctrl_c_a_sigterm_ends_the_process_as_by_default():
+    proc = run_py("signal.signal(signal.SIGINT, signal.SIG_DFL)\nos.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+                  "print('went on')")
+    assert (proc.returncode, proc.stdout) == (-signal.SIGTERM, ""), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("taken_back", [False, True], ids=["absl-dump", "taken-back"])
+def test_once_ray_has_started_a_sigterm_is_a_ctrl_c_without_ray_s_stack_dump(taken_back):
+    """Ray's core worker puts absl's failure handler under SIGTERM as it connects (from the thread that
+    starts Ray, as a study does): a SIGTERM printed a stack dump, like a crash's, before it reached
+    Python's handler. The study takes the signal back once Ray is up
+    (local_ray.check_cluster)."""
+    body = f"""
+from scaling.local_ray import init_ray
+import ray
+up = threading.Event()
+def start():  # as local_ray.start_ray: the thread stays, since Ray's processes die with the thread that started them
+    init_ray(None, 1, 0); up.set(); threading.Event().wait()
+threading.Thread(target=start, daemon=True).start(); up.wait()
+if {taken_back}:
+    interrupts.terms_as_ctrl_c()
+interrupts.python_handles()
+try:
+    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+ray.shutdown()
+"""
+    proc = run_py(body)
+    if taken_back:
+        assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "KeyboardInterrupt", proc.stdout + proc.stderr[-2000:]
+        assert "SIGTERM received" not in proc.stderr, proc.stderr[-2000:]
+    else:  # the case proves the setup
+        assert "SIGTERM received" in proc.stderr, proc.stderr[-2000:]
