@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_procs import BIN, SlurmCluster, free_port, is_loopback, listeners, slurm_missing
+from cluster_procs import BIN, SlurmCluster, free_port, is_loopback, listeners, slurm_missing, wait_until
 from records import study_records
 
 pytestmark = pytest.mark.slow
@@ -83,6 +83,40 @@ def test_sbatch_study_runs_ray_on_the_allocation_and_records_every_trial(slurm, 
     # the job's Ray is gone with the job (stopped through srun, not with `ray stop`)
     left = slurm.run("pgrep", "-f", ray_tmp, check=False).stdout.split()
     shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not left, f"Ray processes of the job outlived it: {left}"
+
+
+def test_a_sigterm_to_the_batch_shell_ends_the_study_interrupted_with_the_job_s_ray_up(slurm, tmp_path):
+    """What SLURM sends 120 s before the time limit (study.sbatch's --signal=B:TERM@120), sent now with
+    `scancel --batch`: the shell hands it to the driver, which records the study interrupted, to be resumed.
+    Before, bash held the signal until the study's end: the time limit then killed the job, Ray and the
+    driver at once, and left the study's MLflow runs RUNNING."""
+    ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")
+    db = tmp_path / "mlflow.db"
+    submit = [sys.executable, ROOT / "cluster" / "slurm" / "submit.py",
+              "nodes=1", "cpus_per_task=1", "time=00:10:00", f"output={tmp_path / 'study-%j.out'}",
+              f"env.RAY_PORT={free_port()}", f"env.RAY_TEMP_DIR={ray_tmp}", "--",
+              "batch_size=32,64", "lr_multiplier=0.5,1,2", "scaling.rule=linear", "warmup.epochs=0",
+              *[a for a in TINY if not a.startswith("epochs=")], "epochs=4", "hydra.sweeper.report=false", "hydra.sweeper.resources.cpu=1",
+              f"mlflow.tracking_uri=sqlite:///{db}"]
+    proc = slurm.run(*submit, cwd=tmp_path, env=job_env(slurm), timeout=60, check=False)
+    assert proc.returncode == 0 and "submitted job " in proc.stdout, proc.stdout + proc.stderr
+    job = proc.stdout.split("submitted job ")[1].split(";")[0].strip()
+    out = tmp_path / f"study-{job}.out"
+    try:
+        wait_until(lambda: out.exists() and "done 1/6" in out.read_text(), 240, "the study's first trial")
+        slurm.run("scancel", "--batch", "--signal=TERM", job)
+        slurm.wait_job(job, timeout=120)
+    finally:
+        left = slurm.run("pgrep", "-f", ray_tmp, check=False).stdout.split()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    log = out.read_text()
+    assert "interrupted: run the same command with hydra.sweeper.resume=true" in log, log[-4000:]
+    assert "scaling-study exited with 130" in log and "SIGTERM received" not in log, log[-4000:]
+    _, studies, trials = study_records(f"sqlite:///{db}")
+    assert (studies[0].info.status, studies[0].data.tags["trial.status"]) == ("KILLED", "interrupted")
+    assert all(t.info.status != "RUNNING" for t in trials), [t.info.status for t in trials]
+    assert sum(t.info.status == "FINISHED" for t in trials) < 6, [t.info.status for t in trials]
     assert not left, f"Ray processes of the job outlived it: {left}"
 
 
