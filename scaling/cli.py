@@ -125,7 +125,7 @@ def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str
         raise
     except KeyboardInterrupt:  # the run ends KILLED and `interrupted`, as a study's trials do, not running for ever
         with interrupts.deferred():
-            reporter.finish(TrialResult("interrupted", reason="Ctrl-C"))
+            reporter.finish(TrialResult("interrupted", reason=interrupts.cause()))
         raise
     return result, (mlflow_reporter.run_id if mlflow_reporter else None)
 

@@ -41,7 +41,7 @@ STUDY_NOT_STARTED = "interrupted before the study started: nothing was recorded"
 RUN_NOT_STARTED = "interrupted before the run started: nothing was recorded"
 REPORT_NOT_WRITTEN = "interrupted before the report was written: nothing was written"
 LR_FIND_NOT_STARTED = "interrupted before any range test was recorded: nothing was recorded"
-_state: dict = {"guarding": False, "holding": False, "pending": False, "message": "", "on_end": []}
+_state: dict = {"guarding": False, "holding": False, "pending": False, "message": "", "on_end": [], "sigterm": False}
 CLEANUP_WAIT_S = 15.0
 
 
@@ -63,8 +63,14 @@ def terms_as_ctrl_c() -> None:
         signal.signal(signal.SIGTERM, on_sigterm)  # sets the C-level handler again, above absl's
 
 
+def cause() -> str:
+    """What interrupted the command, for a run's `trial.reason`: "SIGTERM" once one came, else "Ctrl-C"."""
+    return "SIGTERM" if _state["sigterm"] else "Ctrl-C"
+
+
 def on_sigterm(signum: int, frame) -> None:
     """SIGTERM does what a Ctrl-C would do now (see the module's docstring)."""
+    _state["sigterm"] = True
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)

@@ -52,8 +52,9 @@ def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float =
 
 
 
-def interrupt_once_recorded(proc: subprocess.Popen, db: Path, query: str, timeout: float = 120) -> tuple[str, str]:
-    """Send `proc` one SIGINT once `query` (a count) is non-zero in the SQLite store `db`, or once it has ended
+def interrupt_once_recorded(proc: subprocess.Popen, db: Path, query: str, timeout: float = 120,
+                            sig: int = signal.SIGINT) -> tuple[str, str]:
+    """Send `proc` one `sig` once `query` (a count) is non-zero in the SQLite store `db`, or once it has ended
     or `timeout` has passed; return its (stdout, stderr). The store is read read-only, as it is being written."""
     import sqlite3
 
@@ -67,7 +68,7 @@ def interrupt_once_recorded(proc: subprocess.Popen, db: Path, query: str, timeou
                         break
             except sqlite3.Error:
                 continue  # not created yet
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         return proc.communicate(timeout=60)
     finally:
         proc.kill()

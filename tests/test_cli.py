@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -190,7 +191,6 @@ def test_hydra_full_error_shows_traceback(tmp_path, args):
 def test_ctrl_c_while_a_single_run_starts_is_one_line_and_leaves_nothing(tmp_path, cli_tiny):
     """A Ctrl-C during the imports and the command line's checks (scaling.interrupts): one line, exit
     130, no traceback and nothing written; before, Python's KeyboardInterrupt could land mid-import."""
-    import signal
     import time
 
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "SCALING_PROGRESS")}
@@ -204,8 +204,10 @@ def test_ctrl_c_while_a_single_run_starts_is_one_line_and_leaves_nothing(tmp_pat
     assert _leftovers(tmp_path) == []
 
 
-def test_ctrl_c_mid_run_ends_its_mlflow_run_killed_and_interrupted(tmp_path, cli_tiny):
-    """A single run stopped by Ctrl-C stayed RUNNING with trial.status=running for ever in MLflow."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_mid_run_ends_its_mlflow_run_killed_and_interrupted(tmp_path, cli_tiny, sig):
+    """A single run stopped by Ctrl-C stayed RUNNING with trial.status=running for ever in MLflow; so did
+    one sent SIGTERM, which ended the process at once."""
     from procs import interrupt_once_recorded
 
     args = [a for a in cli_tiny if not a.startswith(("epochs=", "eval_every=", "data.n_samples="))]
@@ -214,10 +216,10 @@ def test_ctrl_c_mid_run_ends_its_mlflow_run_killed_and_interrupted(tmp_path, cli
     proc = subprocess.Popen([str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     db = tmp_path / "mlflow.db"  # interrupted once the run has logged an evaluation
-    out, err = interrupt_once_recorded(proc, db, "select count(*) from metrics where key = 'val/loss'")
+    out, err = interrupt_once_recorded(proc, db, "select count(*) from metrics where key = 'val/loss'", sig=sig)
     assert proc.returncode == 130 and "Traceback" not in out + err, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: interrupted", err[-2000:]
     [run] = search(f"sqlite:///{db}", "ctrl-c")
     assert (run.info.status, run.data.tags["trial.status"], run.data.tags["trial.reason"]) == \
-        ("KILLED", "interrupted", "Ctrl-C")
+        ("KILLED", "interrupted", "Ctrl-C" if sig == signal.SIGINT else "SIGTERM")
     assert 0 < run.data.metrics["epoch"] < 500
