@@ -86,38 +86,51 @@ def test_sbatch_study_runs_ray_on_the_allocation_and_records_every_trial(slurm, 
     assert not left, f"Ray processes of the job outlived it: {left}"
 
 
-def test_a_sigterm_to_the_batch_shell_ends_the_study_interrupted_with_the_job_s_ray_up(slurm, tmp_path):
-    """What SLURM sends 120 s before the time limit (study.sbatch's --signal=B:TERM@120), sent now with
-    `scancel --batch`: the shell hands it to the driver, which records the study interrupted, to be resumed.
-    Before, bash held the signal until the study's end: the time limit then killed the job, Ray and the
-    driver at once, and left the study's MLflow runs RUNNING."""
+def sigterm_the_batch_shell(slurm, tmp_path, after: str, db: Path) -> str:
+    """Submit a 6-trial study (one at a time), send its batch shell SIGTERM once `after` is in the job's
+    log, as `scancel --batch` does (and SLURM, 120 s before the time limit: study.sbatch's --signal), and
+    return the log once the job has ended and its Ray is gone."""
     ray_tmp = tempfile.mkdtemp(prefix="rays", dir="/tmp")
-    db = tmp_path / "mlflow.db"
     submit = [sys.executable, ROOT / "cluster" / "slurm" / "submit.py",
               "nodes=1", "cpus_per_task=1", "time=00:10:00", f"output={tmp_path / 'study-%j.out'}",
               f"env.RAY_PORT={free_port()}", f"env.RAY_TEMP_DIR={ray_tmp}", "--",
               "batch_size=32,64", "lr_multiplier=0.5,1,2", "scaling.rule=linear", "warmup.epochs=0",
-              *[a for a in TINY if not a.startswith("epochs=")], "epochs=4", "hydra.sweeper.report=false", "hydra.sweeper.resources.cpu=1",
-              f"mlflow.tracking_uri=sqlite:///{db}"]
+              *[a for a in TINY if not a.startswith("epochs=")], "epochs=4", "hydra.sweeper.report=false",
+              "hydra.sweeper.resources.cpu=1", f"mlflow.tracking_uri=sqlite:///{db}"]
     proc = slurm.run(*submit, cwd=tmp_path, env=job_env(slurm), timeout=60, check=False)
     assert proc.returncode == 0 and "submitted job " in proc.stdout, proc.stdout + proc.stderr
     job = proc.stdout.split("submitted job ")[1].split(";")[0].strip()
     out = tmp_path / f"study-{job}.out"
     try:
-        wait_until(lambda: out.exists() and "done 1/6" in out.read_text(), 240, "the study's first trial")
+        wait_until(lambda: out.exists() and after in out.read_text(), 240, f"'{after}' in the job's log")
         slurm.run("scancel", "--batch", "--signal=TERM", job)
         slurm.wait_job(job, timeout=120)
     finally:
         left = slurm.run("pgrep", "-f", ray_tmp, check=False).stdout.split()
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    log = out.read_text()
+    assert not left, f"Ray processes of the job outlived it: {left}"
+    return out.read_text()
+
+
+def test_a_sigterm_to_the_batch_shell_ends_the_study_interrupted_with_the_job_s_ray_up(slurm, tmp_path):
+    """The shell hands the signal to the driver, which records the study interrupted, to be resumed.
+    Before, bash held the signal until the study's end: the time limit then killed the job, Ray and the
+    driver at once, and left the study's MLflow runs RUNNING."""
+    db = tmp_path / "mlflow.db"
+    log = sigterm_the_batch_shell(slurm, tmp_path, "done 1/6", db)
     assert "interrupted: run the same command with hydra.sweeper.resume=true" in log, log[-4000:]
     assert "scaling-study exited with 130" in log and "SIGTERM received" not in log, log[-4000:]
     _, studies, trials = study_records(f"sqlite:///{db}")
     assert (studies[0].info.status, studies[0].data.tags["trial.status"]) == ("KILLED", "interrupted")
     assert all(t.info.status != "RUNNING" for t in trials), [t.info.status for t in trials]
     assert sum(t.info.status == "FINISHED" for t in trials) < 6, [t.info.status for t in trials]
-    assert not left, f"Ray processes of the job outlived it: {left}"
+
+
+def test_a_sigterm_while_the_job_s_ray_starts_ends_the_job_before_the_study(slurm, tmp_path):
+    """A signal sent as the job starts (a time limit shorter than --signal's 120 s sends it at once)."""
+    log = sigterm_the_batch_shell(slurm, tmp_path, "ray head on", tmp_path / "mlflow.db")
+    assert "SIGTERM while the job's Ray started: the study did not start" in log, log[-4000:]
+    assert "scaling-study exited" not in log and not (tmp_path / "mlflow.db").exists(), log[-4000:]
 
 
 def test_submit_hands_env_values_with_commas_to_the_job_whole(slurm, tmp_path):
