@@ -22,9 +22,11 @@ run.
 
 SIGTERM (`kill`, `scancel`, a batch system's time limit or preemption) is a Ctrl-C: `guard` makes it run
 whatever SIGINT's handler is at that moment, so at start-up it ends the command in one line, and once a
-study runs Ray Tune stops the trials and the study is recorded `interrupted`, to be resumed; before,
-it exited through atexit and left the study's and its trials' MLflow runs RUNNING. Only the stdlib is imported here: the entry point (scaling.console) installs it first, for
-every console script (`scaling-report` until it writes, `scaling-lr-find` until its first record).
+study runs Ray Tune stops the trials and the study is recorded `interrupted`, to be resumed. Before, a
+study printed Ray's stack dump and exited (SystemExit) with its and its trials' MLflow runs RUNNING.
+
+Only the stdlib is imported here: the entry point (scaling.console) installs it first, for every
+console script (`scaling-report` until it writes, `scaling-lr-find` until its first record).
 """
 from __future__ import annotations
 
