@@ -33,7 +33,7 @@ def launch_ray(job: dict, workers: int, reporter: Reporter, cpus: float, gpus: f
     job = {**job, "channel": channel, "threads": max(1, int(cpus))}
     own_storage = storage_path is None
     storage_path = storage_path or tempfile.mkdtemp(prefix="scaling-dp-")
-    trainer = TorchTrainer(
+    trainer = (TorchTrainer if _has_state_api() else _trainer_without_cleaner(TorchTrainer))(
         _ray_rank, train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}),
@@ -85,6 +85,35 @@ def launch_ray(job: dict, workers: int, reporter: Reporter, cpus: float, gpus: f
     finally:
         run.end(done)
         atexit.unregister(run.end)
+
+
+def _has_state_api() -> bool:
+    """Whether the cluster runs Ray's dashboard, which serves the state API (a local study's head does not,
+    nor does a cluster started with --include-dashboard=false, as cluster/slurm/study.sbatch starts it)."""
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    try:
+        return internal_kv._internal_kv_get(ray_constants.DASHBOARD_ADDRESS,
+                                            namespace=ray_constants.KV_NAMESPACE_DASHBOARD) is not None
+    except Exception:  # noqa: BLE001 - Ray's internals differ: keep Train's defaults
+        return True
+
+
+def _trainer_without_cleaner(base: type) -> type:
+    """`base` (TorchTrainer) without Train's PlacementGroupCleaner, on a cluster without the state API.
+
+    The cleaner is a detached actor that asks the state API whether Train's controller is alive. Without
+    the dashboard that call waited ~40 s for an address the GCS never had, so each run's end waited the
+    controller's 12 s stop timeout for it ("Failed to stop PlacementGroupCleaner gracefully") while the
+    trial held its CPUs, and the cleaner's process outlived the run by ~40 s. _TrainRun.end removes the
+    run's placement group itself (see launch_ray)."""
+
+    class Trainer(base):
+        def _create_default_callbacks(self):  # Ray Train's own list, less the cleaner
+            return [c for c in super()._create_default_callbacks() if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    return Trainer
 
 
 class _TrainRun:

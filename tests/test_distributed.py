@@ -295,3 +295,37 @@ def test_a_failed_train_run_whose_thread_has_ended_still_frees_its_placement_gro
             time.sleep(0.1)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_train_run_on_a_head_without_the_state_api_starts_no_placement_group_cleaner(tmp_path):
+    """Train's PlacementGroupCleaner asks the state API whether Train's controller lives. Without the
+    dashboard (a local study's head, study.sbatch's cluster) that call waited ~40 s, each run's end waited
+    the controller's 12 s for the cleaner to stop while the trial held its CPUs, and the cleaner's process
+    outlived the run. The trainer the tool builds there leaves it out; Train's own list has it (the setup)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from scaling import ray_train
+    from scaling.local_ray import init_ray
+
+    def callbacks(trainer) -> set[str]:
+        return {type(c).__name__ for c in trainer._create_default_callbacks()}
+
+    def _no_training(config: dict) -> None:  # local: pickled by value for Train's workers
+        pass
+
+    init_ray(None, 2, 0)
+    try:
+        assert not ray_train._has_state_api()
+        kw = dict(scaling_config=ScalingConfig(num_workers=1),
+                  run_config=RunConfig(name="no-cleaner", storage_path=str(tmp_path)))
+        assert "PlacementGroupCleanerCallback" in callbacks(TorchTrainer(_no_training, **kw))
+        trainer = ray_train._trainer_without_cleaner(TorchTrainer)(_no_training, **kw)
+        assert "PlacementGroupCleanerCallback" not in callbacks(trainer)
+        trainer.fit()
+        started = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+        assert "TrainController" in started and "PlacementGroupCleaner" not in started, started
+    finally:
+        ray.shutdown()
