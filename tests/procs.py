@@ -1,6 +1,7 @@
 """Process helpers for tests that start real servers and studies: loopback only, stopped by id."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,9 +64,12 @@ def interrupt_once_recorded(proc: subprocess.Popen, db: Path, query: str, timeou
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
             try:
-                with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-                    if con.execute(query).fetchone()[0]:
-                        break
+                # closed before the signal goes: an open reader's SHARED lock made the interrupted
+                # command's last write fail with "database is locked" (CI, 2026-11-25)
+                with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+                    found = con.execute(query).fetchall()[0][0]
+                if found:
+                    break
             except sqlite3.Error:
                 continue  # not created yet
         proc.send_signal(sig)

@@ -166,6 +166,7 @@ try:
     interrupts.started()
 except KeyboardInterrupt:
     print("KeyboardInterrupt", flush=True)
+assert interrupts.cause() == "SIGTERM"  # a single run's trial.reason
 """
     proc = run_py(body)
     assert proc.returncode == 0 and proc.stdout.splitlines() == expected, proc.stdout + proc.stderr[-2000:]
