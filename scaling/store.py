@@ -120,7 +120,7 @@ def import_mlflow(uri: str) -> None:
 
 
 def make_client(uri: str):
-    """Return an MlflowClient for `uri`.
+    """Return an MlflowClient for `uri`, each of whose calls a Ctrl-C waits for (store_client).
 
     A new SQLite store is created (its schema migrated) under a lock on its folder: jobs that a Hydra
     launcher starts together (submitit, joblib) otherwise race to create the same file and one
@@ -129,7 +129,7 @@ def make_client(uri: str):
     ConfigError naming the URI.
     """
     with _gc_paused():  # the first client imports MLflow and its store
-        from mlflow.tracking import MlflowClient
+        from scaling.store_client import WholeCallsClient
 
         db = sqlite_path(uri)
         if db is None:
@@ -138,7 +138,7 @@ def make_client(uri: str):
                 # "View run/experiment at" lines: per trial, a request in the driver's writer and lines
                 # amid the progress. The study prints its run's UI command once; set it to false for them.
                 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-            return MlflowClient(tracking_uri=uri)
+            return WholeCallsClient(tracking_uri=uri)
         import fcntl
 
         folder = db.resolve().parent
@@ -148,7 +148,7 @@ def make_client(uri: str):
             fcntl.flock(fd, fcntl.LOCK_EX)
             if not db.exists() or db.stat().st_size == 0:  # an empty file is a new store to SQLite and MLflow
                 _create_sqlite_store(db)
-            return _open_sqlite_store(MlflowClient, uri)
+            return _open_sqlite_store(WholeCallsClient, uri)
         finally:
             os.close(fd)  # releases the lock
 
