@@ -7,7 +7,9 @@ composes exactly as it would a single run.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -203,3 +205,29 @@ def merge_values(cfg: Any, overrides: Sequence[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides(overrides), cfg)
+
+
+def canonical_points(points: list[list[str]]) -> list[list[str]]:
+    """Return the grid's points, each point's overrides in key order (a key given twice: its last value,
+    as Hydra applies them). The points keep their order: a trial's index in it is its identity in the
+    study's record and checkpoints, so a grid whose points come in another order is another study."""
+    def canonical(point: list[str]) -> list[str]:
+        last = {override.split("=", 1)[0]: override for override in point}
+        return sorted(last.values())
+
+    return [canonical(p) for p in points]
+
+
+def grid_digest(grid: Grid, trained_only: bool = False) -> str:
+    """Return the hash that names a grid's points whatever the order of their fixed overrides; with
+    `trained_only`, of what the trials train (the mlflow.* overrides, where they are recorded, left out)."""
+    points = canonical_points(grid.points)
+    if trained_only:
+        points = [[o for o in p if not o.lstrip("+~").startswith("mlflow.")] for p in points]
+    return points_digest(points)
+
+
+def points_digest(points: list[list[str]]) -> str:
+    """Return the 8 hex digits that name `points` as given (a study's name before its overrides were put
+    in key order: a resume still finds a study by it)."""
+    return hashlib.sha1(json.dumps(points, sort_keys=True).encode()).hexdigest()[:8]

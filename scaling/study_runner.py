@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from scaling import interrupts
 from scaling.config import ConfigError
-from scaling.grid import Grid, bare_key, mixed_batch_sizes_note, stratum_keys
+from scaling.grid import Grid, bare_key, grid_digest, mixed_batch_sizes_note, stratum_keys
 from scaling.local_ray import check_cluster, count_callbacks_by_name, stop_ray_aside
 from scaling.staging import remove_stale_staging
 from scaling.study import TrialSpec, data_key, trainable
@@ -22,7 +22,6 @@ from scaling.study_callback import callback_class
 from scaling.study_record import TERMINAL
 from scaling.store import import_mlflow
 from scaling.study_summary import finish_study
-from scaling.sweeper import grid_digest
 from scaling.twins import find_twins, mirror_twins, whole_strata
 from scaling.split import plan_split
 from scaling.validation import check_fits_data

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
@@ -29,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scaling import interrupts
 from scaling.config import MODES, REPORTED_METRICS, ConfigError
-from scaling.grid import Grid, blamed, build_grid, grid_size, is_value_key, merge_values, params_overrides
+from scaling.grid import (Grid, blamed, build_grid, grid_digest, grid_size, is_value_key, merge_values,
+                          params_overrides, points_digest)
 from scaling.split import plan_split
 from scaling.validation import _choice, _direction, _positive, validate
 
@@ -308,7 +307,7 @@ class ScalingSweeper(Sweeper):
             return self.conf.study_name
         preset = OmegaConf.select(self.config, "hydra.runtime.choices.experiment", default=None) or "study"
         prefix = safe_name("experiment", str(preset).replace("/", "-"))
-        name, ordered = f"{prefix}-{grid_digest(grid)}", f"{prefix}-{_digest(grid.points)}"
+        name, ordered = f"{prefix}-{grid_digest(grid)}", f"{prefix}-{points_digest(grid.points)}"
         root = self.storage_root()
         if self.conf.resume and not (root / name).exists() and (root / ordered).exists():
             return ordered  # a study named before 2026-11-24, when the overrides' order changed the hash
@@ -373,30 +372,6 @@ def _interrupted(ray_started: Any) -> None:
         _abandon(ray_started, wait_s=10.0)
         fail(interrupts.STUDY_NOT_STARTED, code=130)
     interrupts.end_now(interrupts.STUDY_NOT_STARTED, [functools.partial(_abandon, ray_started, 10.0)])
-
-
-def canonical_points(points: list[list[str]]) -> list[list[str]]:
-    """Return the grid's points, each point's overrides in key order (a key given twice: its last value,
-    as Hydra applies them). The points keep their order: a trial's index in it is its identity in the
-    study's record and checkpoints, so a grid whose points come in another order is another study."""
-    def canonical(point: list[str]) -> list[str]:
-        last = {override.split("=", 1)[0]: override for override in point}
-        return sorted(last.values())
-
-    return [canonical(p) for p in points]
-
-
-def grid_digest(grid: Grid, trained_only: bool = False) -> str:
-    """Return the hash that names a grid's points whatever the order of their fixed overrides; with
-    `trained_only`, of what the trials train (the mlflow.* overrides, where they are recorded, left out)."""
-    points = canonical_points(grid.points)
-    if trained_only:
-        points = [[o for o in p if not o.lstrip("+~").startswith("mlflow.")] for p in points]
-    return _digest(points)
-
-
-def _digest(points: list[list[str]]) -> str:
-    return hashlib.sha1(json.dumps(points, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _confirmed(n_trials: int) -> bool:

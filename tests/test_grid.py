@@ -7,7 +7,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from scaling.config import ConfigError
 from scaling.grid import build_grid, mixed_batch_sizes_note, stratum_keys
-from scaling.sweeper import _digest
+from scaling.grid import points_digest
 
 
 def parse(*args):
@@ -154,7 +154,7 @@ def test_the_study_name_is_the_grid_whatever_the_order_of_its_fixed_overrides(tm
     # a study started before the name ignored the order resumes under its old name
     sweeper = _planning_sweeper(f"hydra.sweeper.storage_path={tmp_path}", "hydra.sweeper.resume=true")
     grid = sweeper.plan(["epochs=1", "batch_size=32,64"])[0]
-    old = f"study-{_digest(grid.points)}"
+    old = f"study-{points_digest(grid.points)}"
     assert old != first and sweeper.study_name(grid) != old
     (tmp_path / old).mkdir()
     assert sweeper.study_name(grid) == old
