@@ -107,7 +107,8 @@ def whole() -> Iterator[None]:
     KeyboardInterrupt where Python's is in place, Ray Tune's stop in a study, a held or one-line end
     while one starts. For a tracking store's calls: a KeyboardInterrupt raised inside MLflow's SQLite
     transaction left its lock held, and the run's last write, its interrupted status, failed with
-    "database is locked" (2 of 30 interrupted runs under load). Inside a deferring block, nothing more."""
+    "database is locked" (4 of 70 single runs interrupted under load). Inside a deferring block (this
+    one's or `deferred()`'s), nothing more: the outer block takes the Ctrl-C."""
     with _deferring(redeliver=True):
         yield
 
