@@ -12,6 +12,15 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+def two_second_trials(overrides) -> list[str]:
+    """`overrides` with trials of ~2 s each on 2 cores (width 1024, 16,000 training samples), for a test
+    that signals or kills something mid-study. At the tiny sizes a study of 4-6 trials one at a time
+    ended all of them within one second of its progress clock, so an action taken once "done 1/6" or
+    "done 2/6" was seen could come after the study's end (CI, 2026-11-25: exit 0 where 130 was due)."""
+    kept = [o for o in overrides if not o.startswith(("data.n_samples=", "model.width="))]
+    return [*kept, "data.n_samples=20000", "model.width=1024"]
+
+
 def make_dry_run(*args: str) -> str:
     """Return what `make -n ARGS` in the checkout would run, one command a line (continuations joined),
     without make's own "Nothing to be done" lines. Not as make's child: a suite run by `make test` must
@@ -64,8 +73,9 @@ def interrupt_once_recorded(proc: subprocess.Popen, db: Path, query: str, timeou
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
             try:
-                # closed before the signal goes: an open reader's SHARED lock made the interrupted
-                # command's last write fail with "database is locked" (CI, 2026-11-25)
+                # closed before the signal goes, so no reader holds a lock while the command writes its
+                # last records (the "database is locked" seen in CI on 2026-11-25 was the signal landing
+                # inside MLflow's own write: scaling/store_client.py)
                 with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
                     found = con.execute(query).fetchall()[0][0]
                 if found:

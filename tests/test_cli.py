@@ -222,5 +222,5 @@ def test_ctrl_c_mid_run_ends_its_mlflow_run_killed_and_interrupted(tmp_path, cli
     assert err.strip().splitlines()[-1] == "error: interrupted", err[-2000:]
     [run] = search(f"sqlite:///{db}", "ctrl-c")
     assert (run.info.status, run.data.tags["trial.status"], run.data.tags["trial.reason"]) == \
-        ("KILLED", "interrupted", "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C")
+        ("KILLED", "interrupted", "Ctrl-C" if sig == signal.SIGINT else "SIGTERM")
     assert 0 < run.data.metrics["epoch"] < 500

@@ -210,7 +210,7 @@ ray.shutdown()
 
 # A real MLflow SQLite store; the signal is sent from inside the metrics INSERT of a log_batch (a
 # SQLAlchemy cursor event), so its handler runs inside MLflow's write transaction, where a Ctrl-C
-# landed in 2 of 30 single runs interrupted under load and the run's last writes met "database is locked".
+# landed in 4 of 70 single runs interrupted under load and the run's last writes met "database is locked".
 IN_AN_MLFLOW_WRITE = """
 import sqlalchemy
 from mlflow.entities import Metric

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 from cluster_procs import MlflowServer
-from procs import BIN, start_group, stop_group, wait_for_text
+from procs import BIN, start_group, stop_group, two_second_trials, wait_for_text
 from records import evaluated_samples, study_records
 
 pytestmark = pytest.mark.slow
@@ -37,12 +37,9 @@ def test_mlflow_server_lost_mid_study_loses_nothing(tmp_path):
     # credentials in the URI (this server ignores them): MLflow's error quotes the URL, and the
     # study's warning about it must not show the password
     uri = server.url.replace("http://", "http://alice:not-for-logs@")
-    # trials of ~2 s (width 1024, 16,000 training samples), so the server goes while 3 are left: at
-    # SMALL's size a study's trials can all end within a second of "done 1/4" (test_study's Ctrl-C test)
-    sized = [a for a in SMALL if not a.startswith(("data.n_samples=", "model.width="))]
+    # the server goes while 3 trials are left
     args = ["-m", "batch_size=32,128", "lr_multiplier=0.5,1", "hydra.sweeper.asha.enabled=false",
-            "hydra.sweeper.max_concurrent=1", f"mlflow.tracking_uri={uri}", *sized,
-            "data.n_samples=20000", "model.width=1024"]
+            "hydra.sweeper.max_concurrent=1", f"mlflow.tracking_uri={uri}", *two_second_trials(SMALL)]
     study = start_group([BIN / "scaling-train", *args], tmp_path, tmp_path / "study.log",
                         env={"SCALING_MLFLOW_WAIT_S": "180"})
     try:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cluster_procs import BIN, SlurmCluster, free_port, is_loopback, listeners, slurm_missing, wait_until
+from procs import two_second_trials
 from records import study_records
 
 pytestmark = pytest.mark.slow
@@ -95,8 +96,7 @@ def sigterm_the_batch_shell(slurm, tmp_path, after: str, db: Path) -> str:
               "nodes=1", "cpus_per_task=1", "time=00:10:00", f"output={tmp_path / 'study-%j.out'}",
               f"env.RAY_PORT={free_port()}", f"env.RAY_TEMP_DIR={ray_tmp}", "--",
               "batch_size=32,64", "lr_multiplier=0.5,1,2", "scaling.rule=linear", "warmup.epochs=0",
-              # trials of ~2 s: at TINY's size (even 4 epochs) 3 of 6 had ended before the signal landed
-              "epochs=1", "eval_every=0.25", "data.n_samples=20000", "model.width=1024", "hydra.sweeper.report=false",
+              *two_second_trials(TINY), "hydra.sweeper.report=false",  # 3 of 6 had ended at TINY's size
               "hydra.sweeper.resources.cpu=1", f"mlflow.tracking_uri=sqlite:///{db}"]
     proc = slurm.run(*submit, cwd=tmp_path, env=job_env(slurm), timeout=60, check=False)
     assert proc.returncode == 0 and "submitted job " in proc.stdout, proc.stdout + proc.stderr

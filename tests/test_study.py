@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from procs import stop_group, wait_for_text
+from procs import stop_group, two_second_trials, wait_for_text
 from records import client_for, evaluated_samples, study_records
 
 from scaling.tracking import UI_COMMAND
@@ -255,12 +255,9 @@ def test_ctrl_c_ends_a_study_as_interrupted_and_a_resume_finishes_it(tmp_path, s
     was recorded FINISHED and 'completed', exited 0, and the trial it stopped stayed RUNNING.
     A SIGTERM to the driver alone (`kill`, a batch system's time limit) is a Ctrl-C: before, it printed
     Ray's stack dump and exited with the study's and its trials' runs RUNNING."""
-    # trials of ~2 s each (width 1024, 16,000 training samples), so the signal at the first one's end
-    # finds ~7 s of the study left: at TINY's size all 6 trials took under a second and, on a loaded CI
-    # machine, the study had ended (exit 0) before the poll saw "done 2/6" (2026-11-25)
-    sized = [a for a in TINY if not a.startswith(("data.n_samples=", "model.width="))]
-    args = ["-m", "batch_size=32,256", "lr_multiplier=0.5,1,2", "hydra.sweeper.max_concurrent=1", *sized,
-            "data.n_samples=20000", "model.width=1024"]
+    # the signal at the first trial's end finds ~7 s of the study left
+    args = ["-m", "batch_size=32,256", "lr_multiplier=0.5,1,2", "hydra.sweeper.max_concurrent=1",
+            *two_second_trials(TINY)]
     log = tmp_path / "attempt.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(BIN / "scaling-train"), *args], cwd=tmp_path, stdout=out,
