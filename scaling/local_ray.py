@@ -1,7 +1,7 @@
-"""The Ray a study runs on: a local head started by the driver (bound to 127.0.0.1), or a cluster
-it joins, started in the background while the driver prepares the rest (start_ray) and checked
-against the study's resources (check_cluster); how the driver stops it at the end; and Ray Tune's
-callback usage tag, counted without importing MLflow (count_callbacks_by_name)."""
+"""The Ray a study runs on: a local head started by the driver (bound to 127.0.0.1, in a session of
+its own), or a cluster it joins, started in the background while the driver prepares the rest
+(start_ray) and checked against the study's resources (check_cluster); how the driver stops it at the
+end; and Ray Tune's callback usage tag, counted without importing MLflow (count_callbacks_by_name)."""
 from __future__ import annotations
 
 import collections
@@ -61,7 +61,7 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional
         # from the start-up (the benchmark study, 4 alternating pairs by a scratch script: launch to
         # first trial 5.19 s against 5.56 s; benchmarks/README.md).
         system_config = {"prestart_worker_first_driver": False, **CONNECT_RETRY}
-        with _lean_head(), _prompt_node_wait():
+        with _lean_head(), _prompt_node_wait(), _own_session():
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
                      _system_config=system_config, **kwargs)
 
@@ -102,6 +102,39 @@ def _lean_head():
         yield
     finally:
         node.Node.start_api_server, parameter.RayParams.__init__ = start_api_server, params_init
+
+
+@contextlib.contextmanager
+def _own_session():
+    """Start the local head's processes (GCS, raylet, and through the raylet the agents and trial
+    workers) in a session of their own, not in the driver's process group.
+
+    A signal to the driver's whole group (`kill -TERM -- -<pgid>`, a terminal's hang-up, a supervisor
+    that signals the group) reached Ray too: Ray blocks only SIGINT in its processes, so the GCS and
+    raylet shut down under the driver, which then waited Ray's 60 s for its GCS and exited with the
+    study's runs RUNNING. Apart, the driver alone takes the signal, as a Ctrl-C (scaling.interrupts), and
+    stops its Ray itself. They still die with the driver: Ray starts them with PR_SET_PDEATHSIG (kernel
+    fate-sharing), the reason this applies only where Ray detects that support. Without it Ray relies
+    on a reaper that kills the driver's process group, which these processes must then stay in (Ray's
+    own ConsolePopen says so for Windows' process groups).
+    """
+    from ray._private import services, utils
+
+    popen = getattr(services, "ConsolePopen", None)
+    if popen is None or not utils.detect_fate_sharing_support():
+        yield
+        return
+
+    class SessionPopen(popen):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = SessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 @contextlib.contextmanager

@@ -40,11 +40,24 @@ def start_group(args, cwd, log: Path, env=None) -> subprocess.Popen:
 
 
 def stop_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
-    """Stop the process group that `proc` leads: only what this test started."""
+    """Stop the process group that `proc` leads and every process under it: only what this test started.
+
+    A local study's Ray runs in a session of its own (scaling.local_ray._own_session), out of the group's
+    reach. Its GCS and raylet die with the driver (PR_SET_PDEATHSIG), but the raylet's agents and trial
+    workers outlived a SIGKILL of the group by up to ~60 s, so they are stopped here too, by pid."""
+    import psutil
+
+    try:
+        under = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        under = []
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+    for child in under:
+        with contextlib.suppress(psutil.Error):
+            child.send_signal(sig)
     proc.wait(timeout=60)
 
 

@@ -40,7 +40,7 @@ def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch, a
     from scaling.local_ray import CONNECT_RETRY, init_ray
 
     start_api_server, params_init = node.Node.start_api_server, parameter.RayParams.__init__
-    get_node = services.get_node
+    get_node, console_popen = services.get_node, services.ConsolePopen
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     # init_ray sets these for the driver process; restored after the test for the tests that follow
     for key in ("RAY_AIR_NEW_OUTPUT", "RAY_DEDUP_LOGS", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS",
@@ -61,7 +61,10 @@ def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch, a
         assert not [c for c in procs if any(u in c for u in unused)], procs
         # the functions patched for the start are Ray's own again
         assert (node.Node.start_api_server, parameter.RayParams.__init__) == (start_api_server, params_init)
-        assert services.get_node is get_node
+        assert services.get_node is get_node and services.ConsolePopen is console_popen
+        # Ray's processes are in a session of their own: a signal to the driver's process group
+        # (`kill -TERM -- -<pgid>`) reaches the driver alone, which then stops them itself
+        assert os.getsid(gcs.pid) != os.getsid(0) and os.getsid(raylet.pid) != os.getsid(0)
         # the cluster's config (the GCS hands it to the raylet) retries the object store's socket promptly
         config = json.loads(base64.b64decode(next(a for a in gcs.cmdline() if a.startswith("--config_list="))
                                              .split("=", 1)[1]))
@@ -73,7 +76,7 @@ def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch, a
             return os.getpid()
 
         worker = ray.get(ray.remote(pid).remote(), timeout=60)
-        assert worker != os.getpid() and psutil.pid_exists(worker)
+        assert worker != os.getpid() and psutil.pid_exists(worker) and os.getsid(worker) != os.getsid(0)
     finally:
         ray.shutdown()
 

@@ -253,8 +253,11 @@ def test_resume_after_driver_kill_finishes_without_duplicates(tmp_path):
 def test_ctrl_c_ends_a_study_as_interrupted_and_a_resume_finishes_it(tmp_path, stop):
     """Ray Tune takes the first Ctrl-C itself and returns from fit() as if the run had ended: the study
     was recorded FINISHED and 'completed', exited 0, and the trial it stopped stayed RUNNING.
-    A SIGTERM to the driver alone (`kill`, a batch system's time limit) is a Ctrl-C: before, it printed
-    Ray's stack dump and exited with the study's and its trials' runs RUNNING."""
+    A SIGTERM is a Ctrl-C too: before, one to the driver printed Ray's stack dump and exited with the
+    study's and its trials' runs RUNNING. It goes to the whole process group here (`kill -TERM -- -<pgid>`,
+    what a supervisor sends), which holds the driver, not its local Ray (scaling.local_ray._own_session):
+    before, the group's SIGTERM stopped Ray under the driver, which waited Ray's 60 s for its GCS and
+    exited 1 with those runs RUNNING."""
     # the signal at the first trial's end finds ~7 s of the study left
     args = ["-m", "batch_size=32,256", "lr_multiplier=0.5,1,2", "hydra.sweeper.max_concurrent=1",
             *two_second_trials(TINY)]
@@ -265,10 +268,8 @@ def test_ctrl_c_ends_a_study_as_interrupted_and_a_resume_finishes_it(tmp_path, s
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             wait_for_text(log, "done 1/6", proc, timeout=180)
-            if stop == "ctrl-c":
-                os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole foreground group
-            else:
-                os.kill(proc.pid, signal.SIGTERM)
+            # a terminal's Ctrl-C goes to the whole foreground group; so does this SIGTERM
+            os.killpg(proc.pid, signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
             assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
         finally:
             stop_group(proc)
