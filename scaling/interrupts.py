@@ -24,6 +24,9 @@ SIGTERM (`kill`, `scancel`, a batch system's time limit or preemption) is a Ctrl
 whatever SIGINT's handler is at that moment, so at start-up it ends the command in one line, and once a
 study runs Ray Tune stops the trials and the study is recorded `interrupted`, to be resumed. Before, a
 study printed Ray's stack dump and exited (SystemExit) with its and its trials' MLflow runs RUNNING.
+So is SIGHUP, the hang-up of the terminal a command runs in (an SSH connection lost, a window closed),
+which ended the process at once with its runs RUNNING; the lines it still prints go to /dev/null, as the
+terminal is gone. A command started under `nohup` ignores SIGHUP, and still does.
 
 Every call of a tracking client (store.make_client) runs in `whole()`: a Ctrl-C waits for the call,
 then goes to the handler in place, so no KeyboardInterrupt lands inside MLflow's SQLite transaction.
@@ -37,6 +40,7 @@ import _thread
 import contextlib
 import os
 import signal
+import stat
 import sys
 import threading
 import traceback
@@ -46,7 +50,7 @@ STUDY_NOT_STARTED = "interrupted before the study started: nothing was recorded"
 RUN_NOT_STARTED = "interrupted before the run started: nothing was recorded"
 REPORT_NOT_WRITTEN = "interrupted before the report was written: nothing was written"
 LR_FIND_NOT_STARTED = "interrupted before any range test was recorded: nothing was recorded"
-_state: dict = {"guarding": False, "holding": False, "pending": False, "message": "", "on_end": [], "sigterm": False}
+_state: dict = {"guarding": False, "holding": False, "pending": False, "message": "", "on_end": [], "signal": None}
 CLEANUP_WAIT_S = 15.0
 
 
@@ -57,6 +61,8 @@ def guard(message: str) -> None:
     _state.update(guarding=True, holding=False, pending=False, message=message, on_end=[])
     signal.signal(signal.SIGINT, _on_sigint)
     signal.signal(signal.SIGTERM, on_sigterm)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:  # SIG_IGN: started under nohup, and kept so
+        signal.signal(signal.SIGHUP, on_hangup)
 
 
 def terms_as_ctrl_c() -> None:
@@ -69,20 +75,36 @@ def terms_as_ctrl_c() -> None:
 
 
 def cause() -> str:
-    """What interrupted the command, for a run's `trial.reason`: "SIGTERM" once one came, else "Ctrl-C"."""
-    return "SIGTERM" if _state["sigterm"] else "Ctrl-C"
+    """What interrupted the command, for a run's `trial.reason`: "SIGTERM" or "SIGHUP" once one came,
+    else "Ctrl-C"."""
+    return _state["signal"] or "Ctrl-C"
 
 
 def on_sigterm(signum: int, frame) -> None:
-    """SIGTERM does what a Ctrl-C would do now (see the module's docstring)."""
-    _state["sigterm"] = True
+    """SIGTERM (or SIGHUP) does what a Ctrl-C would do now (see the module's docstring)."""
+    _state["signal"] = signal.Signals(signum).name
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
-    elif handler == signal.SIG_DFL:  # nothing takes a Ctrl-C: SIGTERM ends the process, as by default
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+    elif handler == signal.SIG_DFL:  # nothing takes a Ctrl-C: the signal ends the process, as by default
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     # SIG_IGN: the process is ending already (end_now)
+
+
+def on_hangup(signum: int, frame) -> None:
+    """The terminal hung up: what is still printed goes to /dev/null (a write to the terminal fails
+    with EIO once it is gone), then the hang-up is a Ctrl-C, as SIGTERM is. A character device stands
+    for the terminal: isatty fails on one that hung up, and a pipe or file is kept."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):
+                    os.dup2(null, fd)
+    finally:
+        os.close(null)
+    on_sigterm(signum, frame)
 
 
 def on_end(cleanup: Callable[[], None]) -> None:

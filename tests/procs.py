@@ -75,27 +75,78 @@ def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float =
 
 
 
-def interrupt_once_recorded(proc: subprocess.Popen, db: Path, query: str, timeout: float = 120,
-                            sig: int = signal.SIGINT) -> tuple[str, str]:
-    """Send `proc` one `sig` once `query` (a count) is non-zero in the SQLite store `db`, or once it has ended
-    or `timeout` has passed; return its (stdout, stderr). The store is read read-only, as it is being written."""
+def wait_until_recorded(proc: subprocess.Popen, db: Path, query: str, timeout: float = 120) -> None:
+    """Wait until `query` (a count) is non-zero in the SQLite store `db`, or `proc` has ended, or `timeout`
+    has passed. The store is read read-only, as it is being written."""
     import sqlite3
 
     deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        try:
+            # closed before the caller acts, so no reader holds a lock while the command writes its
+            # last records (the "database is locked" seen in CI on 2026-11-25 was the signal landing
+            # inside MLflow's own write: scaling/store_client.py)
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+                if con.execute(query).fetchall()[0][0]:
+                    return
+        except sqlite3.Error:
+            continue  # not created yet
+
+
+def interrupt_once_recorded(proc: subprocess.Popen, db: Path, query: str, timeout: float = 120,
+                            sig: int = signal.SIGINT) -> tuple[str, str]:
+    """Send `proc` one `sig` once `query` (a count) is non-zero in the SQLite store `db`, or once it has ended
+    or `timeout` has passed; return its (stdout, stderr)."""
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            try:
-                # closed before the signal goes, so no reader holds a lock while the command writes its
-                # last records (the "database is locked" seen in CI on 2026-11-25 was the signal landing
-                # inside MLflow's own write: scaling/store_client.py)
-                with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
-                    found = con.execute(query).fetchall()[0][0]
-                if found:
-                    break
-            except sqlite3.Error:
-                continue  # not created yet
+        wait_until_recorded(proc, db, query, timeout)
         proc.send_signal(sig)
         return proc.communicate(timeout=60)
     finally:
         proc.kill()
+
+
+class Terminal:
+    """`args` run with a pseudo-terminal as their controlling terminal (`setsid --ctty`), its output
+    drained; `hang_up()` closes it, as a lost SSH connection or a closed window does: the kernel sends
+    SIGHUP to the session's leader, the command."""
+
+    def __init__(self, args, cwd, env=None):
+        import threading
+
+        master, slave = os.openpty()
+        try:
+            self.proc = subprocess.Popen(["setsid", "--ctty", *map(str, args)], cwd=cwd, stdin=slave, stdout=slave,
+                                         stderr=slave, env={**os.environ, **(env or {})})
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        self.output, self._closing = bytearray(), threading.Event()
+        self._reader = threading.Thread(target=self._drain, args=(master,), daemon=True)
+        self._reader.start()
+
+    def _drain(self, master: int) -> None:
+        """Read what the command writes (a full terminal would block it) until hang_up() or its end."""
+        import select
+
+        try:
+            while not self._closing.is_set():
+                if select.select([master], [], [], 0.1)[0]:
+                    try:
+                        chunk = os.read(master, 65536)
+                    except OSError:  # EIO: every end of the terminal's other side is closed
+                        break
+                    if not chunk:
+                        break
+                    self.output += chunk
+        finally:
+            os.close(master)
+
+    def hang_up(self) -> None:
+        self._closing.set()
+        self._reader.join(timeout=10)
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")

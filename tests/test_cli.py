@@ -224,3 +224,32 @@ def test_ctrl_c_mid_run_ends_its_mlflow_run_killed_and_interrupted(tmp_path, cli
     assert (run.info.status, run.data.tags["trial.status"], run.data.tags["trial.reason"]) == \
         ("KILLED", "interrupted", "Ctrl-C" if sig == signal.SIGINT else "SIGTERM")
     assert 0 < run.data.metrics["epoch"] < 500
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["hang-up", "nohup"])
+def test_a_terminal_hang_up_mid_run_ends_its_run_interrupted_unless_started_under_nohup(tmp_path, cli_tiny, nohup):
+    """The terminal a run prints to hangs up (an SSH connection lost, a window closed): SIGHUP ended the
+    process at once, its MLflow run left RUNNING for ever. Now it is a Ctrl-C, recorded as SIGHUP, and
+    what is still printed goes nowhere. `nohup` ignores SIGHUP, and so does the run started under it:
+    it trains on, until a SIGTERM ends it."""
+    from procs import Terminal, wait_until_recorded
+
+    args = [a for a in cli_tiny if not a.startswith(("epochs=", "eval_every=", "data.n_samples="))]
+    args += ["epochs=500", "eval_every=0.5", "data.n_samples=3000", "mlflow.experiment=hang-up"]
+    term = Terminal([*(["nohup"] if nohup else []), SCRIPT, *args], tmp_path, {"HYDRA_FULL_ERROR": "0"})
+    db = tmp_path / "mlflow.db"
+    try:
+        wait_until_recorded(term.proc, db, "select count(*) from metrics where key = 'val/loss'")
+        term.hang_up()
+        if nohup:
+            with pytest.raises(subprocess.TimeoutExpired):
+                term.proc.wait(timeout=3)
+            term.proc.send_signal(signal.SIGTERM)
+        assert term.proc.wait(timeout=60) == 130, term.text()[-2000:]
+    finally:
+        term.hang_up()
+        term.proc.kill()
+    [run] = search(f"sqlite:///{db}", "hang-up")
+    assert (run.info.status, run.data.tags["trial.status"], run.data.tags["trial.reason"]) == \
+        ("KILLED", "interrupted", "SIGTERM" if nohup else "SIGHUP")
+    assert 0 < run.data.metrics["epoch"] < 500

@@ -157,25 +157,27 @@ except KeyboardInterrupt:
      ["tune stops the run", "went on"]),
     ("signal.signal(signal.SIGINT, signal.SIG_IGN)", ["went on"]),  # end_now's: the process is ending already
 ], ids=["python", "held", "tune", "ending"])
-def test_a_sigterm_does_what_a_ctrl_c_would_do_at_that_moment(sigint, expected):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])  # SIGHUP: the terminal hung up (test_cli: in a real one)
+def test_a_sigterm_does_what_a_ctrl_c_would_do_at_that_moment(sigint, expected, sig):
     body = f"""
 {sigint}
 try:
-    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5)
+    os.kill(os.getpid(), signal.{sig}); time.sleep(0.5)
     print("went on", flush=True)
     interrupts.started()
 except KeyboardInterrupt:
     print("KeyboardInterrupt", flush=True)
-assert interrupts.cause() == "SIGTERM"  # a single run's trial.reason
+assert interrupts.cause() == "{sig}"  # a single run's trial.reason
 """
     proc = run_py(body)
     assert proc.returncode == 0 and proc.stdout.splitlines() == expected, proc.stdout + proc.stderr[-2000:]
 
 
-def test_without_a_handler_for_ctrl_c_a_sigterm_ends_the_process_as_by_default():
-    proc = run_py("signal.signal(signal.SIGINT, signal.SIG_DFL)\nos.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_without_a_handler_for_ctrl_c_a_sigterm_ends_the_process_as_by_default(sig):
+    proc = run_py(f"signal.signal(signal.SIGINT, signal.SIG_DFL)\nos.kill(os.getpid(), {int(sig)}); time.sleep(5)\n"
                   "print('went on')")
-    assert (proc.returncode, proc.stdout) == (-signal.SIGTERM, ""), proc.stderr[-2000:]
+    assert (proc.returncode, proc.stdout) == (-sig, ""), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("taken_back", [False, True], ids=["absl-dump", "taken-back"])
