@@ -23,7 +23,8 @@ from typing import Any, Optional, Sequence
 from scaling import interrupts
 from scaling.config import ConfigError, redact_url
 from scaling.staging import artifact_folder, log_text
-from scaling.validation import at_batch_size, check_batch_fits, validate
+from scaling.data_fit import check_batch_fits
+from scaling.validation import at_batch_size, validate
 
 CURVE_METRICS = {"lr": "lrs", "lr_find/loss": "losses", "lr_find/loss_smoothed": "smoothed"}
 BATCH_LIST = re.compile(r"\s*(\[?)\s*(\d+(?:\s*,\s*\d+)*)\s*(\]?)\s*")  # 32,256 or [32, 256]

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import numpy as np
 
 from scaling.config import ConfigError, lr_exponent, lr_from_range_test
-from scaling.validation import at_batch_size, check_batch_fits, validate
+from scaling.data_fit import check_batch_fits
+from scaling.validation import at_batch_size, validate
 
 if TYPE_CHECKING:
     import torch

@@ -41,7 +41,7 @@ def _step(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: floa
     to the nearest step."""
     # Not StepLR: its one rounded step_size drifts by k rounding errors by the k-th decay (step_epochs
     # 0.25 at 9.375 steps an epoch decays every 2 steps, 18 times in 4 epochs instead of 15).
-    if cfg.step_epochs * spe < 1:  # scaling.validation.check_fits_data refuses it, naming the key
+    if cfg.step_epochs * spe < 1:  # scaling.data_fit.check_fits_data refuses it, naming the key
         raise ValueError(f"step_epochs={cfg.step_epochs} is under one step at {spe:g} steps an epoch")
     milestones, k = [], 1
     while (at := epochs_to_steps(k * cfg.step_epochs, spe)) < steps:
@@ -72,7 +72,7 @@ def _onecycle(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: 
 def _cyclic(opt: torch.optim.Optimizer, cfg: Any, lr: float, steps: int, spe: float) -> Scheduler:
     """Return triangular CyclicLR between base_lr_fraction * lr and lr, cycle_epochs per cycle."""
     cycle = epochs_to_steps(cfg.cycle_epochs, spe)
-    if cycle < 2:  # scaling.validation.check_fits_data refuses it, naming the key
+    if cycle < 2:  # scaling.data_fit.check_fits_data refuses it, naming the key
         raise ValueError(f"cycle_epochs={cfg.cycle_epochs} is {cycle} step at {spe:g} steps an epoch")
     # Whole-step halves, so that every cycle trains at max_lr: float halves of an odd cycle never land
     # on the peak (a 5-step cycle peaked at 0.85 x max_lr with base_lr_fraction 0.25).

@@ -24,7 +24,7 @@ from scaling.store import import_mlflow
 from scaling.study_summary import finish_study
 from scaling.twins import find_twins, mirror_twins, whole_strata
 from scaling.split import plan_split
-from scaling.validation import check_fits_data
+from scaling.data_fit import check_fits_data
 
 STATE_FILE = "scaling_study.json"
 

@@ -29,7 +29,8 @@ from scaling.optim import build_optimizer
 from scaling.reporters import Reporter
 from scaling.schedule import build_schedule
 from scaling.split import plan_split
-from scaling.validation import check_fits_data, validate
+from scaling.data_fit import check_fits_data
+from scaling.validation import validate
 
 STATUSES = ("completed", "pruned", "early_stopped", "diverged", "oom", "error")
 

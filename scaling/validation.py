@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional
+from typing import Any
 
 from scaling.config import (ACTIVATIONS, BACKENDS, DATASETS, DEVICES, INITS, LR_FIND_MIN_ITERS, LR_FIND_MODES,
                             LR_FIND_SUGGESTIONS, METRIC_DIRECTIONS, METRIC_RANGES, MODELS, MODES, OPTIMIZERS,
                             PRECISIONS, REPORTED_METRICS, RULE_EXPONENTS, SCHEDULES, WARMUP_STARTS, ConfigError, Split,
-                            TrialConfig, epochs_to_steps, warmup_steps_of)
+                            TrialConfig)
+from scaling.data_fit import check_batch_fits, check_fits_data, generated_n_train
 from scaling.split import plan_split
 
 
@@ -148,7 +149,7 @@ def validate(cfg: Any) -> None:
         _positive("memory.limit_mb", cfg.memory.limit_mb)
 
     _validate_data(cfg.data)
-    n_train = _generated_n_train(cfg.data)
+    n_train = generated_n_train(cfg.data)
     if n_train is not None:
         check_fits_data(cfg, n_train)
     _validate_model(cfg.model)
@@ -292,58 +293,6 @@ def _validate_schedule(s: Any) -> None:
     _positive("schedule.cycle_epochs", s.cycle_epochs)
 
 
-def check_batch_fits(key: str, batch_size: int, n_train: int) -> None:
-    """Raise ConfigError when a batch is larger than the training set."""
-    if batch_size > n_train:
-        raise ConfigError(key, batch_size, f"is larger than the training set ({n_train} samples)")
-
-
-def check_fits_data(cfg: Any, n_train: int) -> None:
-    """Raise ConfigError when a trial cannot train on n_train samples: its batch is larger,
-    warmup.epochs, in whole steps at this batch size, leaves no step after it, or a schedule length
-    is too short to take effect (_check_schedule_lengths).
-
-    validate() checks this for generated data, whose size it knows; the study's driver and the
-    trial check it for files. Both lengths round to whole steps on their own, so a warmup shorter
-    than `epochs` can still take every step of a short run at a large batch size (2 epochs of
-    1,600 samples at B = 1024).
-    """
-    check_batch_fits("batch_size", cfg.batch_size, n_train)
-    spe = n_train / cfg.batch_size
-    total, warmup = epochs_to_steps(cfg.epochs, spe), warmup_steps_of(cfg, spe)
-    if cfg.warmup.epochs > 0 and warmup >= total:
-        steps = f"{warmup} step{'s' if warmup != 1 else ''}"
-        raise ConfigError("warmup.epochs", cfg.warmup.epochs,
-                          f"is {steps} at batch_size={cfg.batch_size} ({n_train} training samples), "
-                          f"which leaves no step of the {total} that epochs={cfg.epochs} gives after it")
-    _check_schedule_lengths(cfg, n_train)
-
-
-def _check_schedule_lengths(cfg: Any, n_train: int) -> None:
-    """Raise ConfigError for a step decay shorter than one step, or a cyclic cycle shorter than two
-    (up and down), at this batch size: the schedule could not do what its lengths say."""
-    s, spe = cfg.schedule, n_train / cfg.batch_size
-    where = f"at batch_size={cfg.batch_size} ({n_train} training samples)"
-    if s.name == "step" and s.step_epochs * spe < 1:
-        raise ConfigError("schedule.step_epochs", s.step_epochs,
-                          f"is {s.step_epochs * spe:.3g} steps {where}: a decay needs at least one step")
-    if s.name == "cyclic" and (cycle := epochs_to_steps(s.cycle_epochs, spe)) < 2:
-        raise ConfigError("schedule.cycle_epochs", s.cycle_epochs,
-                          f"is {cycle} step {where}: a cycle needs at least 2 (up and down)")
-
-
-DIGITS_SAMPLES = 1797  # scikit-learn's bundled digits, all of which data.py uses
-
-
-def _generated_n_train(d: Any) -> Optional[int]:
-    """Return the training-set size of a generated dataset (as load_dataset splits it), None for files."""
-    if d.name not in ("mnist1d", "synthetic", "digits"):
-        return None
-    n = DIGITS_SAMPLES if d.name == "digits" else d.n_samples
-    n_train = n - int(round(n * d.val_fraction))
-    return n_train if d.max_train_samples is None else min(n_train, d.max_train_samples)
-
-
 def _validate_lr_find(cfg: Any) -> None:
     f = cfg.lr_find
     _positive("lr_find.start_lr", f.start_lr)
@@ -368,7 +317,7 @@ def _validate_lr_find(cfg: Any) -> None:
         _positive("lr_find.val_every", f.val_every, integer=True)
         if f.val_every > f.num_iters:
             raise ConfigError("lr_find.val_every", f.val_every, f"must not exceed lr_find.num_iters={f.num_iters}")
-    n_train = _generated_n_train(cfg.data)
+    n_train = generated_n_train(cfg.data)
     if f.batch_sizes is not None:
         if len(f.batch_sizes) == 0:
             raise ConfigError("lr_find.batch_sizes", list(f.batch_sizes), "must list at least one batch size")

@@ -191,9 +191,9 @@ def test_count_train_is_load_datasets_size(tmp_path, name, kw):
     cfg = make_cfg(tmp_path, name=name, **kw)
     assert data_mod.count_train(cfg) == load_dataset(cfg).n_train
     if name != "cifar10":  # validation's own count, which checks batch_size before anything is read
-        from scaling.validation import _generated_n_train
+        from scaling.data_fit import generated_n_train
 
-        assert _generated_n_train(cfg) == load_dataset(cfg).n_train
+        assert generated_n_train(cfg) == load_dataset(cfg).n_train
 
 
 def test_count_train_needs_no_torch(tmp_path):
