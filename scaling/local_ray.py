@@ -115,8 +115,8 @@ def _own_session():
     study's runs RUNNING. Apart, the driver alone takes the signal, as a Ctrl-C (scaling.interrupts), and
     stops its Ray itself. They still die with the driver: Ray starts them with PR_SET_PDEATHSIG (kernel
     fate-sharing), the reason this applies only where Ray detects that support. Without it Ray relies
-    on a reaper that kills the driver's process group, which these processes must then stay in (Ray's
-    own ConsolePopen says so for Windows' process groups).
+    on a reaper that kills the process group the driver leads, which these processes must then stay in
+    (Ray's own ConsolePopen says so for Windows' process groups).
     """
     from ray._private import services, utils
 
