@@ -293,6 +293,38 @@ def test_ctrl_c_ends_a_study_as_interrupted_and_a_resume_finishes_it(tmp_path, s
     assert len(trials) == 6 and all(t.info.status == "FINISHED" for t in trials)
 
 
+def test_a_terminal_hang_up_ends_a_study_as_interrupted(tmp_path):
+    """The terminal a study runs in from a shell hangs up (an SSH connection lost): the shell dies of its
+    SIGHUP and the kernel sends one to the foreground process group, the study's. That SIGHUP ended the
+    driver at once, and stopped the local Ray that shared its group, every run left RUNNING. Now Ray is
+    in a session of its own and the driver takes the signal as a Ctrl-C. (The resume after it is the
+    Ctrl-C test's, above.)"""
+    import psutil
+    from procs import Terminal
+
+    args = ["-m", "batch_size=32,256", "lr_multiplier=0.5,1,2", "hydra.sweeper.max_concurrent=1",
+            *two_second_trials(TINY)]
+    # `; exit`: the shell stays the study's parent, as a login shell does, rather than exec it
+    term = Terminal(["sh", "-c", '"$@"; exit', "sh", BIN / "scaling-train", *args], tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while "done 1/6" not in term.text() and term.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "done 1/6" in term.text(), term.text()[-3000:]
+        [driver] = psutil.Process(term.proc.pid).children()
+        term.hang_up()
+        assert term.proc.wait(timeout=60) == -signal.SIGHUP  # the shell, as by default
+        driver.wait(timeout=120)
+    finally:
+        term.hang_up()
+        stop_group(term.proc)
+    studies, trials = study_runs(tmp_path)
+    assert (studies[0].info.status, studies[0].data.tags["trial.status"]) == ("KILLED", "interrupted")
+    assert sum(t.info.status == "FINISHED" for t in trials) < 6, [t.info.status for t in trials]
+    statuses = [(t.info.status, t.data.tags["trial.status"]) for t in trials]
+    assert all(run != "RUNNING" and tag != "running" for run, tag in statuses), statuses
+
+
 @pytest.mark.parametrize("after_s", [0.3, 1.5, 2.5])
 def test_ctrl_c_while_a_study_starts_is_one_line_and_leaves_nothing(tmp_path, after_s):
     """Before its MLflow run exists (imports, Hydra, Ray's start, the store's creation) a Ctrl-C printed
