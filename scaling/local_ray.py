@@ -219,7 +219,8 @@ def start_ray(sweeper) -> Future:
     finished its task killed them, and the study then hung on "Failed to connect to GCS").
     Ray sets its SIGTERM handler only from the main thread, so one is set here where the console's
     guard has not made SIGTERM a Ctrl-C (scaling.interrupts): it exits through atexit, which stops
-    the local Ray.
+    the local Ray. It is set before the thread starts, which keeps SIGTERM's handler as it found it
+    (_keeping_sigterm).
     """
     import signal
     import threading
@@ -230,17 +231,47 @@ def start_ray(sweeper) -> Future:
     def start() -> None:
         try:
             _probe_address(r.address)
-            init_ray(r.address, r.num_cpus, r.num_gpus)
+            with _keeping_sigterm():
+                init_ray(r.address, r.num_cpus, r.num_gpus)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             started.set_exception(exc)
             return
         started.set_result(None)
         threading.Event().wait()  # keep Ray's processes alive: see above
 
-    threading.Thread(target=start, name="ray-start", daemon=True).start()
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    threading.Thread(target=start, name="ray-start", daemon=True).start()
     return started
+
+
+@contextlib.contextmanager
+def _keeping_sigterm():
+    """Put SIGTERM's handler back as it was before the block, from any thread.
+
+    Ray's core worker puts absl's failure handler under SIGTERM as it connects, from the thread that
+    starts Ray: until the main thread took the signal back (check_cluster, ~1 s later here, while it
+    prepares the data and the store), a SIGTERM printed a stack dump like a crash's before it reached
+    the handler in place. `signal.signal` works from the main thread only, so the disposition is
+    saved and restored whole with libc's sigaction, as an opaque buffer (larger than any platform's
+    struct sigaction). Where libc has no sigaction, Ray's handler stays until check_cluster.
+    """
+    import ctypes
+    import signal
+
+    try:
+        sigaction = ctypes.CDLL(None, use_errno=True).sigaction
+    except (AttributeError, OSError, TypeError):
+        yield
+        return
+    saved = ctypes.create_string_buffer(512)
+    if sigaction(signal.SIGTERM, None, saved) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        sigaction(signal.SIGTERM, saved, None)
 
 
 def check_cluster(sweeper, started: Future, most_workers: int = 1, needs_gpu: bool = False) -> None:

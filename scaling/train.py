@@ -351,7 +351,7 @@ def _end(cfg, reporter, s: _LoopState, status: str, reason: str, info: dict, met
     return TrialResult(status, metrics, s.best_val_loss, s.target, reason, info)
 
 
-if __name__ == "__main__":  # `python -m scaling.train [overrides]` is `scaling-train`
-    from scaling.cli import train_entry
+if __name__ == "__main__":  # `python -m scaling.train [overrides]` is `scaling-train`, its Ctrl-C/SIGTERM guard included
+    from scaling.console import train
 
-    train_entry()
+    train()

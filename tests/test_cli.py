@@ -204,17 +204,20 @@ def test_ctrl_c_while_a_single_run_starts_is_one_line_and_leaves_nothing(tmp_pat
     assert _leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_mid_run_ends_its_mlflow_run_killed_and_interrupted(tmp_path, cli_tiny, sig):
+@pytest.mark.parametrize("sig, command", [(signal.SIGINT, [str(SCRIPT)]), (signal.SIGTERM, [str(SCRIPT)]),
+                                          (signal.SIGTERM, [sys.executable, "-m", "scaling.train"])],
+                         ids=["ctrl-c", "sigterm", "sigterm-python-m"])
+def test_ctrl_c_mid_run_ends_its_mlflow_run_killed_and_interrupted(tmp_path, cli_tiny, sig, command):
     """A single run stopped by Ctrl-C stayed RUNNING with trial.status=running for ever in MLflow; so did
     one sent SIGTERM, which ended the process at once. The signal can land inside an MLflow write, whose
-    SQLite lock then failed the run's last writes ("database is locked"): test_interrupts shows that case."""
+    SQLite lock then failed the run's last writes ("database is locked"): test_interrupts shows that case.
+    `python -m scaling.train` skipped the console script's guard, so a SIGTERM still ended it at once."""
     from procs import interrupt_once_recorded
 
     args = [a for a in cli_tiny if not a.startswith(("epochs=", "eval_every=", "data.n_samples="))]
     args += ["epochs=500", "eval_every=0.5", "data.n_samples=3000", "mlflow.experiment=ctrl-c"]
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "SCALING_PROGRESS")}
-    proc = subprocess.Popen([str(SCRIPT), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*command, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     db = tmp_path / "mlflow.db"  # interrupted once the run has logged an evaluation
     out, err = interrupt_once_recorded(proc, db, "select count(*) from metrics where key = 'val/loss'", sig=sig)
