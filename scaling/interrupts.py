@@ -65,15 +65,6 @@ def guard(message: str) -> None:
         signal.signal(signal.SIGHUP, on_hangup)
 
 
-def terms_as_ctrl_c() -> None:
-    """Take SIGTERM back from a handler set below Python's (main thread, where `guard` gave it to `on_sigterm`).
-
-    Ray's core worker installs absl's failure handler for SIGTERM when Ray starts: it printed a stack
-    dump ("*** SIGTERM received at time=...") before it called Python's handler."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is on_sigterm:
-        signal.signal(signal.SIGTERM, on_sigterm)  # sets the C-level handler again, above absl's
-
-
 def cause() -> str:
     """What interrupted the command, for a run's `trial.reason`: "SIGTERM" or "SIGHUP" once one came,
     else "Ctrl-C"."""

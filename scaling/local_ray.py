@@ -12,8 +12,6 @@ import sys
 from concurrent.futures import Future
 from typing import Any, Optional
 
-from scaling import interrupts
-
 
 # The raylet connects to its own object store, which a thread of its own is still starting, and retries
 # after raylet_client_connect_timeout_milliseconds: 1 s by default, so a local head lost that race
@@ -254,7 +252,8 @@ def _keeping_sigterm():
     prepares the data and the store), a SIGTERM printed a stack dump like a crash's before it reached
     the handler in place. `signal.signal` works from the main thread only, so the disposition is
     saved and restored whole with libc's sigaction, as an opaque buffer (larger than any platform's
-    struct sigaction). Where libc has no sigaction, Ray's handler stays until check_cluster.
+    struct sigaction), here, where Ray replaced it: the main thread no longer takes it back later.
+    Where libc has no sigaction, Ray's handler stays.
     """
     import ctypes
     import signal
@@ -284,7 +283,6 @@ def check_cluster(sweeper, started: Future, most_workers: int = 1, needs_gpu: bo
     r = sweeper.conf.ray
     try:
         started.result()
-        interrupts.terms_as_ctrl_c()  # Ray's start put its own SIGTERM handler below Python's
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001

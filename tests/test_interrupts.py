@@ -180,13 +180,13 @@ def test_without_a_handler_for_ctrl_c_a_sigterm_ends_the_process_as_by_default(s
     assert (proc.returncode, proc.stdout) == (-sig, ""), proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("how", ["absl-dump", "taken-back", "start_ray"])
+@pytest.mark.parametrize("how", ["absl-dump", "start_ray"])
 def test_once_ray_has_started_a_sigterm_is_a_ctrl_c_without_ray_s_stack_dump(how):
     """Ray's core worker puts absl's failure handler under SIGTERM as it connects (from the thread that
     starts Ray, as a study does): a SIGTERM printed a stack dump, like a crash's, before it reached
-    Python's handler. The study takes the signal back once Ray is up (local_ray.check_cluster), and
-    since local_ray.start_ray keeps the handler it found across Ray's start, a SIGTERM between the two
-    (~1 s while the driver prepares the rest) prints none either."""
+    Python's handler: until 2026-11-25 the driver took the signal back only in local_ray.check_cluster,
+    ~1 s later. local_ray.start_ray now keeps the handler it found across Ray's start, so a SIGTERM
+    right after it prints none."""
     body = f"""
 from types import SimpleNamespace
 from scaling.local_ray import init_ray, start_ray
@@ -198,8 +198,6 @@ else:
     def start():  # as start_ray, without it: the thread stays (Ray's processes die with the thread that started them)
         init_ray(None, 1, 0); up.set(); threading.Event().wait()
     threading.Thread(target=start, daemon=True).start(); up.wait()
-if "{how}" == "taken-back":
-    interrupts.terms_as_ctrl_c()
 interrupts.python_handles()
 try:
     os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)
