@@ -30,7 +30,10 @@ def starts_local_head(address: Optional[str]) -> bool:
 def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional[float]) -> None:
     """Start a local Ray bound to 127.0.0.1 (address null or `local`) or join `address`, quiet, without
     the dashboard."""
-    import ray
+    from scaling.heap import imports_without_gc
+
+    with imports_without_gc():  # in a study, while the driver imports Ray Tune
+        import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -8,7 +8,6 @@ renamed once migrated, and turns a file that is no store into a one-line ConfigE
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import urllib.error
@@ -19,6 +18,7 @@ from typing import Any, Optional
 
 from scaling import interrupts
 from scaling.config import ConfigError
+from scaling.heap import imports_without_gc
 
 
 def sqlite_path(uri: str) -> Optional[Path]:
@@ -112,7 +112,7 @@ def import_mlflow(uri: str) -> None:
 
     The study driver does this while Ray starts; `make_client` then only opens the store.
     """
-    with _gc_paused():
+    with imports_without_gc():
         import mlflow.tracking  # noqa: F401
 
         if not uri.startswith(("http:", "https:", "file:", "databricks")):  # sqlite, postgresql, mysql, ...
@@ -128,7 +128,7 @@ def make_client(uri: str):
     name and renamed once migrated (_create_sqlite_store). A file that is no usable store is a
     ConfigError naming the URI.
     """
-    with _gc_paused():  # the first client imports MLflow and its store
+    with imports_without_gc():  # the first client imports MLflow and its store
         from scaling.store_client import WholeCallsClient
 
         db = sqlite_path(uri)
@@ -189,22 +189,3 @@ def _open_sqlite_store(client_class: Any, uri: str):
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise ConfigError("mlflow.tracking_uri", uri, f"is not a usable MLflow store ({reason})") from None
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    """Pause the garbage collector (while MLflow and its store are imported).
-
-    The import creates a few hundred thousand objects that live until exit; in a process that
-    already holds torch and ray (the study driver), each full collection it triggers walks the
-    whole heap and frees nothing (measured: MLflow's import and store open take 1.0 s instead of
-    1.5 s, on the driver's critical path).
-    """
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.enable()

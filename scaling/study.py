@@ -154,12 +154,15 @@ class TuneReporter(Reporter):
 
 def trainable(params: dict, configs: dict) -> None:
     """Ray Tune function trainable: run one trial of the grid, resuming from a checkpoint if any."""
-    import torch
-    from omegaconf import OmegaConf
-    from ray import tune
+    from scaling.heap import imports_without_gc
 
-    from scaling.split import plan_split
-    from scaling.train import run_trial
+    with imports_without_gc():  # a worker's first trial imports torch, after Ray and Ray Tune
+        import torch
+        from omegaconf import OmegaConf
+        from ray import tune
+
+        from scaling.split import plan_split
+        from scaling.train import run_trial
 
     torch.set_num_threads(max(1, int(params.get("cpus", 1))))
     gpus = float(params.get("gpus", 0) or 0)
