@@ -1,16 +1,17 @@
 """The Ray a study runs on: a local head started by the driver (bound to 127.0.0.1, in a session of
 its own), or a cluster it joins, started in the background while the driver prepares the rest
-(start_ray) and checked against the study's resources (check_cluster); how the driver stops it at the
-end; and Ray Tune's callback usage tag, counted without importing MLflow (count_callbacks_by_name)."""
+(start_ray) and checked against the study's resources (check_cluster); and how the driver stops it at
+the end. What the tool changes in Ray Tune itself is in scaling.lean_tune."""
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
 import sys
 from concurrent.futures import Future
 from typing import Any, Optional
+
+from scaling.lean_tune import env_for_local_head, local_head_started
 
 
 # The raylet connects to its own object store, which a thread of its own is still starting, and retries
@@ -57,14 +58,19 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
         # Ray prestarts a worker per CPU when the driver connects, without a runtime_env. Tune's
-        # trial actors carry one (env_vars, ray/tune/execution/class_cache.py), so Ray never hands
-        # them those workers and boots their own: the prestarted pair only took ~0.7 s of CPU
+        # trial actors carried one then (env_vars, ray/tune/execution/class_cache.py), so Ray never
+        # handed them those workers and booted their own: the prestarted pair only took ~0.7 s of CPU
         # from the start-up (the benchmark study, 4 alternating pairs by a scratch script: launch to
-        # first trial 5.19 s against 5.56 s; benchmarks/README.md).
+        # first trial 5.19 s against 5.56 s; benchmarks/README.md). They carry none now
+        # (lean_tune.trial_actors_inherit_env), but a pair booted while the driver starts takes the
+        # CPU the driver needs on a small machine, and Ray places actors before the pair has
+        # registered in some starts (benchmarks/README.md, "Tried the same evening").
         system_config = {"prestart_worker_first_driver": False, **CONNECT_RETRY}
+        inherited = env_for_local_head()  # Tune's trial actors then start without a runtime_env
         with _lean_head(), _prompt_node_wait(), _own_session():
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
                      _system_config=system_config, **kwargs)
+        local_head_started(ray.get_runtime_context().get_node_id(), inherited)
 
 
 @contextlib.contextmanager
@@ -341,43 +347,3 @@ def stop_ray_aside() -> Any:
     t = threading.Thread(target=ray.shutdown, name="ray-stop", daemon=True)
     t.start()
     return t
-
-
-# Ray Tune's own logger callbacks for other tools, known to its usage tags by class name
-INTEGRATION_CALLBACKS = ("WandbLoggerCallback", "MLflowLoggerCallback", "CometLoggerCallback", "AimLoggerCallback")
-
-
-def count_callbacks_by_name() -> None:
-    """Let Ray Tune tag its callbacks' use without importing MLflow, W&B, Comet and Aim.
-
-    `tune.run` tags which callbacks a run uses (`ray.air._internal.usage.tag_callbacks`, whether
-    usage stats are on or off), and to learn four class names it imports Tune's integration
-    modules, and with them MLflow itself wherever it is installed: ~0.95 s of CPU in the driver
-    between `Tuner.fit` and the first trial of a study with `mlflow.enabled=false` (a recorded
-    study has imported MLflow by then, while Ray started). This counts by the same names, so the
-    tag is the same (tests/test_local_ray.py compares the two). A Ray without these internals (the
-    project allows ray>=2.9) keeps its own count.
-    """
-    try:
-        from ray.air._internal import usage
-        from ray.tune import Callback
-        from ray.tune.logger import LoggerCallback
-        from ray.tune.utils.callback import DEFAULT_CALLBACK_CLASSES
-    except ImportError:
-        return
-    if not callable(getattr(usage, "_count_callbacks", None)) or getattr(usage._count_callbacks, "by_name", False):
-        return
-    names = {*INTEGRATION_CALLBACKS, *(c.__name__ for c in DEFAULT_CALLBACK_CLASSES)}
-
-    def _count_callbacks(callbacks):
-        counts: dict[str, int] = collections.defaultdict(int)
-        for callback in callbacks or []:
-            if not isinstance(callback, Callback):  # Tune rejects it later
-                continue
-            name = type(callback).__name__
-            counts[name if name in names else
-                   "CustomLoggerCallback" if isinstance(callback, LoggerCallback) else "CustomCallback"] += 1
-        return counts
-
-    _count_callbacks.by_name = True
-    usage._count_callbacks = _count_callbacks

@@ -16,7 +16,8 @@ from scaling import interrupts
 from scaling.config import ConfigError
 from scaling.grid import Grid, bare_key, grid_digest, mixed_batch_sizes_note, stratum_keys
 from scaling.heap import imports_without_gc
-from scaling.local_ray import check_cluster, count_callbacks_by_name, stop_ray_aside
+from scaling.lean_tune import count_callbacks_by_name, trial_actors_inherit_env
+from scaling.local_ray import check_cluster, stop_ray_aside
 from scaling.staging import remove_stale_staging
 from scaling.study import TrialSpec, data_key, trainable
 from scaling.study_callback import callback_class
@@ -149,7 +150,8 @@ def run_study(sweeper, grid: Grid, configs: list, ray_started: Future) -> dict:
                                                                            state)
         if points:
             tuner = _tuner(sweeper, specs, workers, scheduler, callback, storage, points)
-            tuner.fit()
+            with trial_actors_inherit_env():
+                tuner.fit()
             interrupts.python_handles()  # Tune leaves its handler: the study's end must hear a Ctrl-C
             # Tune takes the first Ctrl-C (SIGINT) itself: it stops the trials and returns as if the run
             # had ended. A trial it stopped never reported an end, and one it never started has no status.

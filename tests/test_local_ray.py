@@ -81,6 +81,68 @@ def test_local_head_starts_no_idle_workers_api_server_or_monitors(monkeypatch, a
         ray.shutdown()
 
 
+def test_tune_trials_on_the_local_head_start_without_a_runtime_env_and_with_tune_s_environment(monkeypatch, tmp_path):
+    """lean_tune.trial_actors_inherit_env: on the local head init_ray started, Tune's trial actors carry
+    no runtime_env (so Ray boots them without setup_worker.py, one Python start less each) and still
+    see what Tune's env_vars would have set; outside the block Tune's runtime_env is back."""
+    import ray
+    from ray import tune
+    from ray.tune.execution import class_cache
+
+    from scaling.lean_tune import TUNE_ACTOR_ENV, trial_actors_inherit_env
+    from scaling.local_ray import init_ray
+
+    assert class_cache.DEFAULT_ENV_VARS == TUNE_ACTOR_ENV  # this Ray's defaults are the ones init_ray sets
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    for key in ("RAY_AIR_NEW_OUTPUT", "RAY_DEDUP_LOGS", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "PL_DISABLE_FORK",
+                "RAY_ENABLE_UV_RUN_RUNTIME_ENV", "TUNE_GLOBAL_CHECKPOINT_S", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        monkeypatch.delenv(key, raising=False)
+
+    def trial_env(config: dict) -> None:  # defined here: pickled by value
+        tune.report({"runtime_env": ray.get_runtime_context().get_runtime_env_string(),
+                     "pl_disable_fork": os.environ.get("PL_DISABLE_FORK", "unset"), "pid": os.getpid()})
+
+    def run(name: str) -> dict:
+        tuner = tune.Tuner(trial_env, run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0))
+        [result] = tuner.fit()
+        return result.metrics
+
+    init_ray(None, 1, 0)
+    try:
+        with trial_actors_inherit_env():
+            assert class_cache.DEFAULT_ENV_VARS == {}
+            lean = run("lean")
+        assert class_cache.DEFAULT_ENV_VARS == TUNE_ACTOR_ENV  # restored
+        tunes = run("tunes")
+    finally:
+        ray.shutdown()
+    assert (json.loads(lean["runtime_env"]), lean["pl_disable_fork"]) == ({}, "1")
+    assert json.loads(tunes["runtime_env"]).get("env_vars") == TUNE_ACTOR_ENV and tunes["pl_disable_fork"] == "1"
+    assert not psutil.pid_exists(lean["pid"]) or "setup_worker" not in " ".join(psutil.Process(lean["pid"]).cmdline())
+
+
+def test_tune_s_runtime_env_stays_whole_where_the_workers_did_not_inherit_it(monkeypatch):
+    """A Ray this process did not start as a local head (a cluster joined, or one started by other
+    code) gives its workers no environment of the driver's: Tune's env_vars stay in the block."""
+    import ray
+    from ray.tune.execution import class_cache
+
+    from scaling import lean_tune
+
+    monkeypatch.setattr(lean_tune, "_local_head", {})
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        with lean_tune.trial_actors_inherit_env():
+            assert class_cache.DEFAULT_ENV_VARS == lean_tune.TUNE_ACTOR_ENV
+        # a local head started here earlier, then stopped: its note does not hold for this Ray
+        monkeypatch.setattr(lean_tune, "_local_head", {"node_id": "f" * 56, "inherited": dict(lean_tune.TUNE_ACTOR_ENV)})
+        with lean_tune.trial_actors_inherit_env():
+            assert class_cache.DEFAULT_ENV_VARS == lean_tune.TUNE_ACTOR_ENV
+    finally:
+        ray.shutdown()
+
+
 def test_tune_tags_its_callbacks_as_before_without_importing_other_tools(monkeypatch):
     """count_callbacks_by_name: Tune's usage tag for a run's callbacks, counted by class name, equals
     what Tune's own count (which imports MLflow, W&B, Comet and Aim's integrations) gives."""
@@ -88,7 +150,7 @@ def test_tune_tags_its_callbacks_as_before_without_importing_other_tools(monkeyp
     from ray.tune import Callback
     from ray.tune.logger import CSVLoggerCallback, LoggerCallback
 
-    from scaling.local_ray import count_callbacks_by_name
+    from scaling.lean_tune import count_callbacks_by_name
 
     class MLflowLoggerCallback(LoggerCallback):  # a name Tune counts as its own integration
         pass
