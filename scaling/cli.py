@@ -93,9 +93,12 @@ def record_trial(cfg: Any, *, progress: bool = True, parent_run_id: Optional[str
 
     ref_lr replaces scaling.ref_lr (an LR range test's result); tags go onto the trial's run.
     """
-    from scaling.devices import check_device
-    from scaling.reporters import MultiReporter, ProgressReporter
-    from scaling.train import TrialResult, run_trial
+    from scaling.heap import imports_without_gc
+
+    with imports_without_gc():  # torch
+        from scaling.devices import check_device
+        from scaling.reporters import MultiReporter, ProgressReporter
+        from scaling.train import TrialResult, run_trial
 
     check_device(cfg)  # a trial that cannot run on this machine: one line, before MLflow opens its store
     reporters = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import subprocess
 import sys
 import threading
@@ -20,14 +21,36 @@ def collector_on():
     (gc.enable if was else gc.disable)()
 
 
-def test_the_collector_is_paused_in_the_block_and_what_it_allocated_is_frozen_after():
+def _new_module(tmp_path, monkeypatch, name: str) -> str:
+    """Write a module that allocates 5,000 tracked objects at import, importable by `name`."""
+    (tmp_path / f"{name}.py").write_text("KEPT = [[i] for i in range(5000)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)  # and gone again after the test
+    return name
+
+
+def test_the_collector_is_paused_in_the_block_and_what_an_import_loaded_is_frozen_after(tmp_path, monkeypatch):
+    name = _new_module(tmp_path, monkeypatch, "heap_probe_import")
     before = gc.get_freeze_count()
     with imports_without_gc():
         assert not gc.isenabled()
-        kept = [[i] for i in range(5000)]  # tracked objects, as an import's are
+        kept = importlib.import_module(name).KEPT
     assert gc.isenabled()
     assert gc.get_freeze_count() >= before + len(kept)
-    assert all(not any(x is k for x in gc.get_objects()) for k in kept[:3])  # frozen: out of every generation
+    assert not any(any(x is k for k in kept[:3]) for x in gc.get_objects())  # frozen: out of every generation
+
+
+def test_a_block_that_imports_nothing_new_freezes_nothing():
+    """A notebook's second MLflow client, a reused worker's next trial: the library is loaded already,
+    and what the session holds now must stay collectable when it is dropped later."""
+    import json  # noqa: F401 - loaded already, as a second block finds its library
+
+    before = gc.get_freeze_count()
+    with imports_without_gc():
+        import json  # noqa: F401,F811
+        made = [[i] for i in range(5000)]
+    assert gc.isenabled() and gc.get_freeze_count() == before
+    assert any(x is made[0] for x in gc.get_objects())
 
 
 def test_a_block_that_raises_still_turns_the_collector_back_on():
