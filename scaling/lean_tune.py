@@ -55,7 +55,8 @@ def trial_actors_inherit_env() -> Iterator[None]:
         from ray.tune.execution import class_cache
 
         defaults = class_cache.DEFAULT_ENV_VARS
-        ours = bool(_local_head) and ray.get_runtime_context().get_node_id() == _local_head["node_id"]
+        ours = (bool(_local_head) and ray.is_initialized()
+                and ray.get_runtime_context().get_node_id() == _local_head["node_id"])
     except (ImportError, AttributeError):  # a Ray without these internals (the project allows ray>=2.9)
         defaults, ours = {}, False
     inherited = _local_head.get("inherited", {}) if ours and isinstance(defaults, dict) else {}

@@ -49,8 +49,9 @@ def test_a_block_that_imports_nothing_new_freezes_nothing():
     with imports_without_gc():
         import json  # noqa: F401,F811
         made = [[i] for i in range(5000)]
-    assert gc.isenabled() and gc.get_freeze_count() == before
-    assert any(x is made[0] for x in gc.get_objects())
+    # the count may fall (a frozen object freed meanwhile), never rise by what the block made
+    assert gc.isenabled() and gc.get_freeze_count() <= before
+    assert any(x is made[0] for x in gc.get_objects())  # still in a generation the collector scans
 
 
 def test_a_block_that_raises_still_turns_the_collector_back_on():
