@@ -21,16 +21,16 @@ TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}
 _local_head: dict = {}  # the local head this process started last: its node id and what its workers inherit
 
 
-def env_for_local_head() -> dict[str, str]:
-    """Put TUNE_ACTOR_ENV in this process's environment (where not set) before it starts a local head;
-    return the values that head's workers inherit."""
-    return {key: os.environ.setdefault(key, value) for key, value in TUNE_ACTOR_ENV.items()}
+@contextlib.contextmanager
+def local_head_env() -> Iterator[None]:
+    """Around this process's start of a local head: put TUNE_ACTOR_ENV in the environment its workers
+    inherit (where not set), and once it has started, note it (its node id) and the values they inherit."""
+    inherited = {key: os.environ.setdefault(key, value) for key, value in TUNE_ACTOR_ENV.items()}
+    yield
+    import ray
 
-
-def local_head_started(node_id: str, inherited: dict[str, str]) -> None:
-    """Note the local head this process has just started (its node id) and env_for_local_head's values."""
     _local_head.clear()
-    _local_head.update(node_id=node_id, inherited=dict(inherited))
+    _local_head.update(node_id=ray.get_runtime_context().get_node_id(), inherited=inherited)
 
 
 @contextlib.contextmanager
@@ -43,7 +43,7 @@ def trial_actors_inherit_env() -> Iterator[None]:
     as `python setup_worker.py`, which imports Ray and execs bash, which execs the worker: one more
     Python start per worker before its first trial (a scratch script: an actor ready 0.75 s after it
     was asked for, against 0.50 s with no runtime_env). A local head's workers inherit the
-    environment the driver had at its start, which held TUNE_ACTOR_ENV (env_for_local_head): each of
+    environment the driver had at its start, which held TUNE_ACTOR_ENV (local_head_env): each of
     Tune's defaults that they inherit with the same value leaves the actors' env_vars for the block,
     which changes no trial's environment. With none left and nothing to propagate, the runtime_env is
     empty and Ray starts the actors without setup_worker.py. Elsewhere (a cluster joined, a Ray this

@@ -11,7 +11,7 @@ import sys
 from concurrent.futures import Future
 from typing import Any, Optional
 
-from scaling.lean_tune import env_for_local_head, local_head_started
+from scaling.lean_tune import local_head_env
 
 
 # The raylet connects to its own object store, which a thread of its own is still starting, and retries
@@ -66,11 +66,10 @@ def init_ray(address: Optional[str], num_cpus: Optional[int], num_gpus: Optional
         # CPU the driver needs on a small machine, and Ray places actors before the pair has
         # registered in some starts (benchmarks/README.md, "Tried the same evening").
         system_config = {"prestart_worker_first_driver": False, **CONNECT_RETRY}
-        inherited = env_for_local_head()  # Tune's trial actors then start without a runtime_env
-        with _lean_head(), _prompt_node_wait(), _own_session():
+        # local_head_env: Tune's trial actors then start without a runtime_env (lean_tune)
+        with _lean_head(), _prompt_node_wait(), _own_session(), local_head_env():
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, _node_ip_address="127.0.0.1",
                      _system_config=system_config, **kwargs)
-        local_head_started(ray.get_runtime_context().get_node_id(), inherited)
 
 
 @contextlib.contextmanager
